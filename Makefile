@@ -1,0 +1,56 @@
+# flynn-host: developer entry points. Every target that needs the environment runs `dev` first,
+# which installs what a fresh Debian 12 machine lacks (apt packages, the virtualenv, test image).
+
+PYTHON ?= /usr/bin/python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+IMAGES ?= $(CURDIR)/var/images
+APT_PACKAGES := runc squashfs-tools busybox-static tini iproute2 iptables util-linux \
+                e2fsprogs python3-venv python3-dev procps curl
+
+.PHONY: dev apt venv images demo test test-slow bench lint format clean
+
+dev: apt venv images
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(BIN)/flynn-host
+
+$(BIN)/flynn-host: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+images: venv
+	@$(BIN)/python -m flynn_host.images build-busybox --dir $(IMAGES) >/dev/null
+
+demo: dev
+	$(BIN)/python -m flynn_host.demo --images $(IMAGES)
+
+test: dev
+	$(BIN)/python -m pytest -q
+
+test-slow: dev
+	$(BIN)/python -m pytest -q -m slow
+
+bench: dev
+	$(BIN)/python bench/job_start.py --images $(IMAGES)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) var build dist *.egg-info
