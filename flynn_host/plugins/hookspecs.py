@@ -1,0 +1,118 @@
+"""The hooks of flynn-host: every extension point a plugin can implement, grouped by phase.
+
+Hooks are synchronous and cheap (pluggy cannot await): they return objects — a component
+factory, an aiohttp application, an async context manager — and the daemon awaits those.
+The built-in plugins (`flynn_host.plugins.builtin`) implement these hooks exactly as a vendor's
+plugin would; `docs/plugin_hooks.md` documents each one and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from flynn_host.config import HostConfig
+    from flynn_host.daemon import Host
+
+PROJECT = "flynn"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One implementation of a swappable part of the host.
+
+    `kind` names the part (`container_backend`, `volumes`, ...), `name` the implementation
+    (`runc`, `directory`, ...). The host config's `components` map chooses the implementation of
+    each kind; without a choice the one marked `default` wins. `factory(host)` builds it once
+    the daemon's paths and stores exist.
+    """
+
+    kind: str
+    name: str
+    factory: Callable[[Host], Any]
+    default: bool = False
+    description: str = ""
+
+
+# --- registration: while the plugin manager is built -------------------------------------------
+
+
+@hookspec
+def flynn_host_components(config: HostConfig) -> list[Component]:
+    """Offer component implementations.
+
+    Fires once at start-up, before any service starts, with the host's configuration.
+    Returns a list of `Component`s (may be empty). All results are collected; for each kind the
+    daemon picks the implementation the host config names, else the default one.
+    """
+
+
+# --- start-up: while the daemon starts ---------------------------------------------------------
+
+
+@hookspec
+def flynn_host_services(host: Host) -> list[AbstractAsyncContextManager[None]]:
+    """Offer long-running services that live as long as the daemon.
+
+    Fires once after the daemon's components exist and before the API listens. Returns async
+    context managers: each is entered in plugin order and exited in reverse at shutdown (an
+    `AsyncExitStack`), so start-up and clean-up are written together. A service whose entry
+    fails stops the daemon's start, after the ones already entered are exited.
+    """
+
+
+@hookspec
+def flynn_host_http_apps(host: Host) -> list[tuple[str, web.Application]]:
+    """Offer HTTP sub-applications mounted in the host API.
+
+    Fires once while the host API is built. Returns `(prefix, app)` pairs; each app is mounted
+    with `add_subapp(prefix, app)` (a prefix such as `/myplugin`, not `/host`). Errors they raise
+    go through the same Flynn error JSON middleware as the host's own handlers.
+    """
+
+
+# --- jobs: while jobs run ----------------------------------------------------------------------
+
+
+@hookspec
+def flynn_host_job_event(host: Host, event: dict[str, Any]) -> None:
+    """Observe a job event.
+
+    Fires for every event the host publishes (`create`, `start`, `stop`, `error`, `cleanup`),
+    with Flynn's event JSON `{"event", "job_id", "job": ActiveJob}`. Return value is ignored.
+    Must not block: queue work on the event loop if it is slow.
+    """
+
+
+@hookspec
+def flynn_host_job_log(host: Host, job_id: str, entry: dict[str, Any]) -> None:
+    """Observe one line a job wrote.
+
+    Fires for each line of each job's stdout and stderr, in order, after it was written to the
+    job's log file. `entry` is `{"n": seq, "t": RFC3339 time, "s": "stdout"|"stderr", "m": text,
+    "p": true if the line had no newline}`. Delivery is at least once: after a daemon restart a
+    few lines may be offered again (compare `n`). Must not block. Return value is ignored.
+    The host only follows job output when at least one plugin implements this hook.
+    """
+
+
+# --- command line: while `flynn-host` parses its arguments -------------------------------------
+
+
+@hookspec
+def flynn_host_commands() -> dict[str, Callable[[list[str]], int]]:
+    """Offer extra `flynn-host` subcommands.
+
+    Fires when the `flynn-host` command starts. Returns a map of subcommand name to a function
+    taking the remaining arguments and returning the exit status. A built-in command of the same
+    name wins.
+    """
