@@ -1,0 +1,331 @@
+"""Flynn images: the image manifest, its canonical-JSON id, squashfs layers, and the small
+"busybox" test image built from the host's own static busybox.
+
+A Flynn image (facts §3.7) is a manifest `application/vnd.flynn.image.manifest.v1+json` listing
+entrypoints and, per platform, squashfs layers named by their sha512_256. The image id is the
+sha512_256 of the manifest's canonical JSON, so the same manifest has the same id everywhere.
+Jobs do not see manifests: they get `mountspecs`, which `mountspecs_for` derives from one.
+
+Run `python -m flynn_host.images build-busybox --dir DIR` to build (or find cached) the test
+image; it prints the manifest path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from flynn_host.errors import not_found
+
+MANIFEST_TYPE = "application/vnd.flynn.image.manifest.v1+json"
+LAYER_TYPE = "application/vnd.flynn.image.squashfs.v1"
+PLATFORM = {"architecture": "amd64", "os": "linux"}
+
+# Bump when the busybox rootfs recipe below changes, so cached images are rebuilt.
+RECIPE_VERSION = "1"
+BUSYBOX = Path("/bin/busybox")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# --- canonical JSON and ids -------------------------------------------------------------------
+
+
+def _encode(obj: Any, out: list[str]) -> None:
+    # go-tuf's canonical encoding: object keys sorted, no whitespace, strings escape only `"` and
+    # `\` (control characters and non-ASCII are emitted raw), floats are refused.
+    if obj is None:
+        out.append("null")
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif isinstance(obj, int):
+        out.append(str(obj))
+    elif isinstance(obj, str):
+        out.append('"' + obj.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    elif isinstance(obj, dict):
+        out.append("{")
+        for i, key in enumerate(sorted(obj)):
+            if not isinstance(key, str):
+                raise TypeError(f"canonical JSON object keys must be strings, not {key!r}")
+            if i:
+                out.append(",")
+            _encode(key, out)
+            out.append(":")
+            _encode(obj[key], out)
+        out.append("}")
+    elif isinstance(obj, list | tuple):
+        out.append("[")
+        for i, item in enumerate(obj):
+            if i:
+                out.append(",")
+            _encode(item, out)
+        out.append("]")
+    elif isinstance(obj, float):
+        raise TypeError("canonical JSON cannot encode floats")
+    else:
+        raise TypeError(f"cannot encode {type(obj).__name__} as canonical JSON")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical JSON bytes of `obj` (sorted keys, no insignificant whitespace, UTF-8)."""
+    out: list[str] = []
+    _encode(obj, out)
+    return "".join(out).encode()
+
+
+def sha512_256(data: bytes = b"") -> Any:
+    """A sha512/256 hash object (Flynn's layer and image hash)."""
+    return hashlib.new("sha512_256", data)
+
+
+def image_id(manifest: dict[str, Any]) -> str:
+    """The image id: hex sha512_256 of the manifest's canonical JSON."""
+    return sha512_256(canonical_json(manifest)).hexdigest()
+
+
+def file_sha512_256(path: Path) -> str:
+    h = sha512_256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+def _manifest_file(ref: str, images_dir: Path) -> tuple[Path, str]:
+    """The manifest file `ref` names, and how to name it in a not-found message."""
+    if ref.startswith("file://"):
+        return Path(unquote(urlparse(ref).path)), "image manifest"
+    if "://" in ref:
+        raise ValueError(f"image reference {ref!r}: only file:// URLs are supported here")
+    if "/" in ref or ref.endswith(".json"):
+        return Path(ref), "image manifest"
+    if not ref or ref.startswith("."):
+        raise ValueError(f"invalid image name {ref!r}")
+    return images_dir / ref / "manifest.json", f"image {ref!r}"
+
+
+def load_manifest(ref: str, images_dir: Path) -> tuple[dict[str, Any], str]:
+    """Load an image manifest from a path, a `file://` URL or a bare image name (resolved as
+    `<images_dir>/<name>/manifest.json`). Return it and the `file://` URL of its directory
+    (ending in `/`), against which relative layer URLs resolve."""
+    path, what = _manifest_file(ref, images_dir)
+    path = path.absolute()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise not_found(f"{what} not found: no {path}") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("_type") != MANIFEST_TYPE:
+        raise ValueError(f"{path}: not a Flynn image manifest (_type must be {MANIFEST_TYPE})")
+    return manifest, f"file://{path.parent}/"
+
+
+def entrypoint(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `_default` entrypoint (env, cwd, args, ...)."""
+    ep = (manifest.get("entrypoints") or {}).get("_default")
+    if not isinstance(ep, dict):
+        raise ValueError("image manifest has no _default entrypoint")
+    return ep
+
+
+def mountspecs_for(manifest: dict[str, Any], layer_url_template: str) -> list[dict[str, Any]]:
+    """Job mountspecs (Flynn's JSON) for the manifest's linux/amd64 layers, bottom layer first;
+    each url is `layer_url_template` with `{id}` replaced by the layer id."""
+    for rootfs in manifest.get("rootfs") or []:
+        if rootfs.get("platform") == PLATFORM:
+            break
+    else:
+        raise ValueError("image manifest has no rootfs for linux/amd64")
+    specs = []
+    for i, layer in enumerate(rootfs.get("layers") or []):
+        digest = (layer.get("hashes") or {}).get("sha512_256")
+        if not digest or not layer.get("length"):
+            raise ValueError(f"image manifest layer {i} has no sha512_256 hash or length")
+        layer_id = layer.get("id") or digest
+        specs.append(
+            {
+                "type": "squashfs",
+                "id": layer_id,
+                "url": layer_url_template.replace("{id}", layer_id),
+                "size": layer["length"],
+                "hashes": {"sha512_256": digest},
+                "meta": layer.get("meta") or {},
+            }
+        )
+    if not specs:
+        raise ValueError("image manifest has no layers for linux/amd64")
+    return specs
+
+
+def local_layer_template(images_dir: Path) -> str:
+    """Layer URL template for images built into `images_dir` (layers in `layers/`)."""
+    return f"file://{images_dir.absolute()}/layers/{{id}}.squashfs"
+
+
+# --- squashfs ---------------------------------------------------------------------------------
+
+
+def make_squashfs(rootfs_dir: Path, out: Path) -> None:
+    """Write `rootfs_dir` as a squashfs to `out`, byte-identical for identical input: owners,
+    timestamps and xattrs are not taken from the build machine."""
+    args = [
+        "mksquashfs",
+        str(rootfs_dir),
+        str(out),
+        "-noappend",
+        "-quiet",
+        "-no-progress",
+        "-comp",
+        "gzip",
+        "-all-root",
+        "-no-xattrs",
+        "-mkfs-time",
+        "0",
+        "-all-time",
+        "0",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"mksquashfs {rootfs_dir} failed: {result.stderr.strip()}")
+
+
+# --- the busybox test image -------------------------------------------------------------------
+
+_PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+_GROUP = "root:x:0:\nnogroup:x:65534:\n"
+
+
+def _busybox_rootfs(root: Path, busybox: Path) -> None:
+    # Modes are set explicitly: they go into the image, and must not depend on the umask.
+    root.chmod(0o755)
+    for name, mode in (
+        ("bin", 0o755),
+        ("etc", 0o755),
+        ("dev", 0o755),
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("root", 0o700),
+        ("tmp", 0o1777),
+    ):
+        (root / name).mkdir()
+        (root / name).chmod(mode)
+    shutil.copyfile(busybox, root / "bin/busybox")
+    (root / "bin/busybox").chmod(0o755)
+    listing = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True)
+    for applet in sorted(set(listing.stdout.split())):
+        if applet != "busybox" and "/" not in applet:
+            (root / "bin" / applet).symlink_to("busybox")
+    for name, text in (("passwd", _PASSWD), ("group", _GROUP), ("resolv.conf", "")):
+        (root / "etc" / name).write_text(text)
+        (root / "etc" / name).chmod(0o644)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _build_lock(images_dir: Path) -> Iterator[None]:
+    # Two builders (make, a test run, the daemon) must not swap directories under each other.
+    with open(images_dir / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _cached(image_dir: Path, key: str, images_dir: Path) -> bool:
+    try:
+        if (image_dir / "key").read_text().strip() != key:
+            return False
+        manifest = json.loads((image_dir / "manifest.json").read_text())
+        layers = manifest["rootfs"][0]["layers"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+    return all((images_dir / "layers" / f"{layer['id']}.squashfs").exists() for layer in layers)
+
+
+def build_busybox_image(images_dir: Path, force: bool = False, busybox: Path = BUSYBOX) -> Path:
+    """Build the "busybox" test image into `images_dir` (layer in `layers/<sha512_256>.squashfs`,
+    manifest, id and cache key in `busybox/`) and return the manifest path. Reuses the existing
+    image when the busybox binary and the recipe are unchanged, unless `force`."""
+    images_dir = images_dir.absolute()
+    image_dir = images_dir / "busybox"
+    key = hashlib.sha256(busybox.read_bytes() + b"\0" + RECIPE_VERSION.encode()).hexdigest()
+    (images_dir / "layers").mkdir(parents=True, exist_ok=True)
+    with _build_lock(images_dir):
+        if not force and _cached(image_dir, key, images_dir):
+            return image_dir / "manifest.json"
+        with tempfile.TemporaryDirectory(dir=images_dir, prefix=".build-busybox-") as tmp:
+            work = Path(tmp)
+            (work / "rootfs").mkdir()
+            _busybox_rootfs(work / "rootfs", busybox)
+            squashfs = work / "layer.squashfs"
+            make_squashfs(work / "rootfs", squashfs)
+            digest = file_sha512_256(squashfs)
+            layer = {
+                "id": digest,
+                "type": LAYER_TYPE,
+                "length": squashfs.stat().st_size,
+                "hashes": {"sha512_256": digest},
+                "meta": {},
+            }
+            manifest = {
+                "_type": MANIFEST_TYPE,
+                "meta": {},
+                "entrypoints": {
+                    "_default": {"env": {"PATH": DEFAULT_PATH}, "cwd": "/", "args": ["/bin/sh"]}
+                },
+                "rootfs": [{"platform": dict(PLATFORM), "layers": [layer]}],
+            }
+            # The layer goes in first (content-addressed, so replacing it is harmless), then the
+            # image directory is swapped in whole: a crash leaves the old image or none.
+            os.replace(squashfs, images_dir / "layers" / f"{digest}.squashfs")
+            new = work / "image"
+            new.mkdir()
+            (new / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            (new / "id").write_text(image_id(manifest) + "\n")
+            (new / "key").write_text(key + "\n")
+            if image_dir.exists():
+                image_dir.rename(work / "old")
+            new.rename(image_dir)
+    return image_dir / "manifest.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flynn_host.images")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build-busybox", help="build the busybox test image")
+    build.add_argument("--dir", required=True, type=Path, help="images directory")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--busybox", type=Path, default=BUSYBOX, help="static busybox binary")
+    args = parser.parse_args(argv)
+    try:
+        path = build_busybox_image(args.dir, force=args.force, busybox=args.busybox)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
