@@ -1,0 +1,760 @@
+"""The per-job shim: owns one container so it outlives restarts of the daemon.
+
+The daemon prepares a job directory (`bundle/` and `shim.json`) and runs
+`python -m flynn_host.shim JOBDIR` in a new session. The shim makes itself a child subreaper,
+starts the container with `runc run --detach`, reports `{"pid": N}` (or `{"error": "..."}`) as
+one JSON line on its stdout, and then, until the container's init exits: logs its output
+(`logs.LogWriter`), and serves `JOBDIR/attach.sock`, where each client sends one JSON request
+line (`attach`, `follow_logs`, `wait`, `signal` or `status`). On exit it drains the output,
+writes `JOBDIR/exit.json` atomically, tells its clients, and exits; the daemon removes the
+container with `runc delete` after reading its cgroup. Stdlib only, so it starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flynn_host import attach
+from flynn_host.logs import LogWriter, encode_entry, format_entry, read_entries
+
+PR_SET_CHILD_SUBREAPER = 36
+RUNC_TIMEOUT = 60.0  # runc run --detach takes well under a second; a hang must not block forever
+DRAIN_TIMEOUT = 2.0  # grandchildren may keep the output pipes open after init exits
+CLIENT_FLUSH_TIMEOUT = 5.0  # how long clients get to take the last output before the shim exits
+CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # a client this far behind is dropped, not waited for
+READ_SIZE = 64 * 1024
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+STREAM_NUMBERS = {"stdout": attach.STDOUT, "stderr": attach.STDERR}
+
+
+@dataclass
+class ShimConfig:
+    """`shim.json`, written by the daemon."""
+
+    job_id: str
+    runc: str
+    runc_root: str
+    bundle: str
+    log_file: str
+    log_max_bytes: int
+    tty: bool = False
+    stdin: bool = False
+    height: int = 0
+    width: int = 0
+
+    @classmethod
+    def load(cls, path: str) -> ShimConfig:
+        with open(path) as f:
+            raw = json.load(f)
+        return cls(
+            job_id=raw["job_id"],
+            runc=raw["runc"],
+            runc_root=raw["runc_root"],
+            bundle=raw["bundle"],
+            log_file=raw["log_file"],
+            log_max_bytes=int(raw["log_max_bytes"]),
+            tty=bool(raw.get("tty", False)),
+            stdin=bool(raw.get("stdin", False)),
+            height=int(raw.get("height") or 0),
+            width=int(raw.get("width") or 0),
+        )
+
+
+class StartError(Exception):
+    """The container could not be started; the message goes to the daemon as `{"error"}`."""
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def set_subreaper() -> None:
+    """Become the parent of the container's init once runc (its real parent) exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old file or the whole new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def unix_path(path: str) -> Iterator[str]:
+    """A name for `path` usable with bind/connect even past the 107-byte sun_path limit.
+
+    Job directories can be deep (job ids are up to 128 characters); a long path is reached
+    through an O_PATH descriptor of its directory, `/proc/self/fd/N/name`.
+    """
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        yield path
+        return
+    dir_fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
+    finally:
+        os.close(dir_fd)
+
+
+def listen_unix(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with unix_path(path) as name:
+            sock.bind(name)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_tty_size(fd: int, height: int, width: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+def get_tty_size(fd: int) -> tuple[int, int]:
+    height, width, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+    return height, width
+
+
+def exit_info(wait_status: int) -> dict[str, int | None]:
+    """`{"status", "signal"}` from a waitpid status; a signal death is status 128+signal."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code < 0:
+        return {"status": 128 - code, "signal": -code}
+    return {"status": code, "signal": None}
+
+
+def _read_available(fd: int, limit: int = 1024 * 1024) -> bytes:
+    """Whatever can be read from a non-blocking `fd` right now, up to `limit` bytes."""
+    out = bytearray()
+    while len(out) < limit:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except (BlockingIOError, OSError):
+            break
+        if not data:
+            break
+        out += data
+    return bytes(out)
+
+
+def _json_line(obj: Any) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+# --- clients ------------------------------------------------------------------------------
+
+
+class Subscriber:
+    """A client that receives output as it happens.
+
+    While its replay (log entries from the files) is being written, live data is held back so
+    it cannot overtake the replay. A client that falls too far behind is disconnected rather
+    than slowing the container down or growing the shim without bound; one that closes its
+    end is gone too (Flynn clients end their stdin with an empty frame, not by shutting down).
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.held: list[bytes] | None = []
+        self.held_bytes = 0
+        self.gone = asyncio.Event()
+
+    def send(self, data: bytes) -> None:
+        if self.gone.is_set():
+            return
+        if self.writer.is_closing():
+            self.gone.set()
+            return
+        if self.held is not None:
+            self.held.append(data)
+            self.held_bytes += len(data)
+            behind = self.held_bytes
+        else:
+            self.writer.write(data)
+            behind = self.writer.transport.get_write_buffer_size()
+        if behind > CLIENT_BUFFER_LIMIT:
+            self.writer.transport.abort()
+            self.gone.set()
+
+    async def release(self) -> None:
+        """The replay is written: send what was held and from now on write directly."""
+        held, self.held = self.held or [], None
+        if not self.gone.is_set():
+            for data in held:
+                self.writer.write(data)
+            await self.writer.drain()
+
+    async def wait_for(self, finished: asyncio.Event) -> bool:
+        """Wait until `finished` is set or the client is gone; True if it is still there."""
+        waiters = [asyncio.ensure_future(finished.wait()), asyncio.ensure_future(self.gone.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return not self.gone.is_set()
+
+
+async def _write_all(writer: asyncio.StreamWriter, chunks: Iterator[bytes]) -> None:
+    """Write `chunks`, waiting for the client now and then so a big replay is not all in memory."""
+    pending = 0
+    for chunk in chunks:
+        writer.write(chunk)
+        pending += len(chunk)
+        if pending >= READ_SIZE:
+            await writer.drain()
+            pending = 0
+    await writer.drain()
+
+
+# --- the shim -----------------------------------------------------------------------------
+
+
+class Shim:
+    """One job's container: started by `start()` (blocking), then served by `serve()`."""
+
+    def __init__(self, job_dir: str, config: ShimConfig) -> None:
+        self.job_dir = job_dir
+        self.config = config
+        self.pid = 0
+        self.log: LogWriter | None = None
+        self.server_sock: socket.socket | None = None
+        # our ends of the container's stdio
+        self.outputs: dict[int, str] = {}  # fd -> stream name
+        self.stdin_fd: int | None = None
+        self._ours: set[int] = set()  # every descriptor above, to close if the start fails
+        self.master: int | None = None  # pty master, tty jobs only
+        self.stdin: asyncio.StreamWriter | None = None  # writes to the stdin pipe or the pty
+        self.exit: dict[str, int | None] | None = None  # {"status", "signal"} once init exited
+        self.exited = asyncio.Event()  # init has exited
+        self.outputs_done = asyncio.Event()  # every output reached EOF
+        self.finished = asyncio.Event()  # output drained, log closed, exit.json written
+        self.watchers: list[tuple[Subscriber, frozenset[str]]] = []
+        self.followers: list[tuple[Subscriber, int]] = []
+        self.clients: set[asyncio.Task[Any]] = set()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.job_dir, name)
+
+    # --- start ----------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start the container; return its init pid or raise StartError, leaving nothing behind."""
+        cfg = self.config
+        theirs: list[int] = []  # runc's ends of the stdio pipes, closed once runc has run
+        console_sock = console_path = None
+        try:
+            self.log = LogWriter(cfg.log_file, cfg.log_max_bytes)
+            self.server_sock = listen_unix(self.path("attach.sock"))
+            if cfg.tty:
+                console_path = self.path("console.sock")
+                if len(os.fsencode(console_path)) > UNIX_PATH_MAX:
+                    # runc connects by name, so a deep job directory needs a short private one
+                    console_path = os.path.join(tempfile.mkdtemp(prefix="flynn-shim-"), "c.sock")
+                console_sock = listen_unix(console_path)
+
+            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            theirs.append(devnull)
+            # Without a tty runc's stdio becomes the container's; with one, runc's stderr
+            # only carries its error message.
+            err_r, err_w = self._pipe(theirs, ours_reads=True)
+            if cfg.tty:
+                stdio = (devnull, devnull, err_w)
+            else:
+                out_r, out_w = self._pipe(theirs, ours_reads=True)
+                self.outputs = {out_r: "stdout", err_r: "stderr"}
+                in_r = devnull
+                if cfg.stdin:
+                    in_r, self.stdin_fd = self._pipe(theirs, ours_reads=False)
+                stdio = (in_r, out_w, err_w)
+            returncode = self._run_runc(stdio, console_path)
+            # the container holds its own copies now; ours would keep the pipes from EOF
+            for fd in theirs:
+                os.close(fd)
+            theirs.clear()
+
+            if returncode != 0:
+                os.set_blocking(err_r, False)
+                raise StartError(self._runc_error(returncode, _read_available(err_r)))
+            with open(self.path("container.pid")) as f:
+                self.pid = int(f.read().strip())
+            if console_sock is not None:
+                self.master = self._receive_console(console_sock)
+                self._close(err_r)
+        except BaseException:
+            for fd in theirs:
+                os.close(fd)
+            self._abandon_start()
+            raise
+        finally:
+            if console_sock is not None and console_path is not None:
+                console_sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(console_path)
+                if os.path.dirname(console_path) != self.job_dir:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.dirname(console_path))
+        return self.pid
+
+    def _run_runc(self, stdio: tuple[int, int, int], console_path: str | None) -> int | None:
+        cfg = self.config
+        args = [cfg.runc, "--root", cfg.runc_root, "--log", self.path("runc.log")]
+        args += ["--log-format", "json", "run", "--detach"]
+        args += ["--pid-file", self.path("container.pid"), "--bundle", cfg.bundle]
+        if console_path is not None:
+            args += ["--console-socket", console_path]
+        args.append(cfg.job_id)
+        try:
+            proc = subprocess.run(
+                args, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], timeout=RUNC_TIMEOUT
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        return proc.returncode
+
+    def _runc_error(self, returncode: int | None, stderr: bytes) -> str:
+        """The best description of a failed `runc run`: runc's own log, else its stderr."""
+        last = last_error = None
+        with contextlib.suppress(OSError), open(self.path("runc.log"), "rb") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and entry.get("msg"):
+                    last = entry["msg"]
+                    if entry.get("level") in ("error", "fatal", "panic"):
+                        last_error = entry["msg"]
+        if last_error or last:
+            return str(last_error or last)
+        lines = stderr.decode("utf-8", errors="replace").strip().splitlines()
+        if lines:
+            return lines[-1]
+        if returncode is None:
+            return f"runc run did not finish within {RUNC_TIMEOUT:.0f}s"
+        return f"runc run exited with status {returncode}"
+
+    def _receive_console(self, sock: socket.socket) -> int:
+        """The pty master runc sent over the console socket (it is queued there already)."""
+        sock.settimeout(10)
+        try:
+            conn, _ = sock.accept()
+            with conn:
+                _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        except OSError as e:
+            raise StartError(f"receiving the container's console: {e}") from e
+        if not fds:
+            raise StartError("runc did not send the container's console")
+        master = fds[0]
+        if self.config.height > 0 and self.config.width > 0:
+            set_tty_size(master, self.config.height, self.config.width)
+        elif get_tty_size(master) == (0, 0):
+            set_tty_size(master, 24, 80)
+        self.outputs = {master: "stdout"}
+        return master
+
+    def _pipe(self, theirs: list[int], ours_reads: bool) -> tuple[int, int]:
+        """A pipe between the shim and runc: our end is kept in `_ours`, runc's in `theirs`."""
+        r, w = os.pipe()
+        mine, other = (r, w) if ours_reads else (w, r)
+        self._ours.add(mine)
+        theirs.append(other)
+        return r, w
+
+    def _close(self, fd: int) -> None:
+        self._ours.discard(fd)
+        os.close(fd)
+
+    def _abandon_start(self) -> None:
+        """Undo a failed start: remove whatever runc created, close and unlink our ends."""
+        subprocess.run(
+            [self.config.runc, "--root", self.config.runc_root, "delete", "--force"]
+            + [self.config.job_id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        for fd in list(self._ours):
+            self._close(fd)
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
+        if self.server_sock is not None:
+            self.server_sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path("attach.sock"))
+        if self.log is not None:
+            self.log.close()
+
+    # --- run ------------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Run until the container has exited and its exit has been recorded and announced."""
+        assert self.log is not None and self.server_sock is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        self._reap()  # init may have exited before runc did
+
+        for fd, stream in self.outputs.items():
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._read_output, fd, stream)
+        if not self.outputs:
+            self.outputs_done.set()
+        stdin_fd = self.stdin_fd if self.master is None else os.dup(self.master)
+        if stdin_fd is not None:
+            self.stdin = await _pipe_writer(stdin_fd)
+        self.log.listeners.append(self._log_entry)
+
+        server = await asyncio.start_unix_server(self._client, sock=self.server_sock)
+        await self.exited.wait()
+        assert self.exit is not None
+        try:
+            await asyncio.wait_for(self.outputs_done.wait(), DRAIN_TIMEOUT)
+        except TimeoutError:
+            for fd in list(self.outputs):
+                self._read_output(fd, self.outputs[fd], final=True)
+        self.log.close()
+        write_atomic(self.path("exit.json"), _json_line(self.exit))
+        if self.stdin is not None and not self.stdin.is_closing():
+            self.stdin.transport.abort()
+        self.finished.set()
+
+        if self.clients:
+            _, stuck = await asyncio.wait(self.clients, timeout=CLIENT_FLUSH_TIMEOUT)
+            for task in stuck:
+                task.cancel()
+        server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path("attach.sock"))
+        if self.master is not None:
+            os.close(self.master)
+        return 0
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid and not self.exited.is_set():
+                self.exit = exit_info(status)
+                self.exited.set()
+
+    def _read_output(self, fd: int, stream: str, final: bool = False) -> None:
+        try:
+            data = _read_available(fd) if final else os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # EIO from a pty master once every slave is closed: the end of output
+        if data:
+            frame = attach.data_frame(STREAM_NUMBERS[stream], data)
+            for sub, streams in list(self.watchers):
+                if stream in streams:
+                    sub.send(frame)
+            assert self.log is not None
+            self.log.write(stream, data)
+        if not data or final:
+            asyncio.get_running_loop().remove_reader(fd)
+            del self.outputs[fd]
+            if fd != self.master:
+                self._close(fd)
+            if not self.outputs:
+                self.outputs_done.set()
+
+    def _log_entry(self, entry: dict[str, Any]) -> None:
+        if not self.followers:
+            return
+        line = encode_entry(entry)
+        for sub, since in list(self.followers):
+            if entry["n"] > since:
+                sub.send(line)
+
+    # --- clients ------------------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve_client(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        except Exception:
+            traceback.print_exc()  # a bug in one client's handling must not end the shim
+        finally:
+            writer.close()
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            request = json.loads(line)
+            if not isinstance(request, dict) or len(request) != 1:
+                raise ValueError("request must be an object with exactly one key")
+        except ValueError as e:
+            writer.write(_json_line({"error": f"invalid request: {e}"}))
+            await writer.drain()
+            return
+        ((kind, arg),) = request.items()
+        # only clients with a request are waited for at exit; idle connections are not
+        task = asyncio.current_task()
+        assert task is not None
+        self.clients.add(task)
+        task.add_done_callback(self.clients.discard)
+        try:
+            if kind == "attach":
+                await self._attach(arg, reader, writer)
+            elif kind == "follow_logs":
+                await self._follow_logs(arg, reader, writer)
+            elif kind == "wait":
+                await self.finished.wait()
+                writer.write(_json_line({"exit": self.exit}))
+            elif kind == "signal":
+                writer.write(_json_line(self._signal(arg)))
+            elif kind == "status":
+                writer.write(_json_line({"pid": self.pid, "running": not self.exited.is_set()}))
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+        except (ValueError, TypeError, KeyError) as e:
+            writer.write(_json_line({"error": f"invalid {kind} request: {e}"}))
+        await writer.drain()
+
+    def _signal(self, sig: Any) -> dict[str, Any]:
+        if not isinstance(sig, int) or isinstance(sig, bool) or not 0 < sig < signal.NSIG:
+            raise ValueError(f"{sig!r} is not a signal number")
+        if self.exited.is_set():
+            return {"error": "the job has exited"}
+        try:
+            os.kill(self.pid, sig)
+        except OSError as e:
+            return {"error": f"signalling pid {self.pid}: {e.strerror}"}
+        return {"ok": True}
+
+    async def _follow_logs(
+        self, arg: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        since = arg.get("since", 0) if isinstance(arg, dict) else None
+        if not isinstance(since, int) or since < 0:
+            raise ValueError("since must be a non-negative integer")
+        assert self.log is not None
+        # reading the files and subscribing happen without a yield in between: no gap
+        entries = read_entries(self.config.log_file, since=since)
+        sub = Subscriber(writer)
+        entry = (sub, since)
+        self.followers.append(entry)
+        hangup = asyncio.create_task(_watch_hangup(reader, sub))
+        try:
+            await _write_all(writer, map(encode_entry, entries))
+            await sub.release()
+            if not await sub.wait_for(self.finished):
+                return
+        finally:
+            self.followers.remove(entry)
+            hangup.cancel()
+        writer.write(_json_line({"exit": self.exit}))
+
+    async def _attach(
+        self, arg: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not isinstance(arg, dict):
+            raise ValueError("attach must be an object")
+        flags, height, width = (arg.get(k) or 0 for k in ("flags", "height", "width"))
+        lines = arg.get("lines")
+        for name, value in (("flags", flags), ("height", height), ("width", width)):
+            if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+                raise ValueError(f"{name} must be an integer from 0 to 65535")
+        if lines is not None and not isinstance(lines, int):
+            raise ValueError("lines must be an integer or null")
+        streams = frozenset(
+            name
+            for name, flag in (("stdout", attach.ATTACH_STDOUT), ("stderr", attach.ATTACH_STDERR))
+            if flags & flag
+        )
+        if self.master is not None and height > 0 and width > 0:
+            set_tty_size(self.master, height, width)
+
+        assert self.log is not None
+        entries: list[dict[str, Any]] = []
+        if flags & attach.ATTACH_LOGS and streams:
+            # a pending partial line goes into the log now, so it is replayed exactly once
+            self.log.flush_partial()
+            entries = read_entries(self.config.log_file, lines=lines, streams=set(streams))
+        sub = Subscriber(writer)
+        watcher = (sub, streams)
+        streaming = bool(flags & attach.ATTACH_STREAM)
+        if streaming:
+            self.watchers.append(watcher)
+        use_stdin = bool(flags & attach.ATTACH_STDIN) and self.stdin is not None
+        inputs = asyncio.create_task(self._client_input(reader, use_stdin, sub))
+        try:
+            await _write_all(
+                writer,
+                (attach.data_frame(STREAM_NUMBERS[e["s"]], format_entry(e)) for e in entries),
+            )
+            if not streaming:
+                return
+            await sub.release()
+            if not await sub.wait_for(self.finished):
+                return
+        finally:
+            if streaming:
+                self.watchers.remove(watcher)
+            inputs.cancel()
+        for name in ("stdout", "stderr"):
+            if name in streams:
+                writer.write(attach.data_frame(STREAM_NUMBERS[name], b""))
+        assert self.exit is not None
+        writer.write(attach.exit_frame(self.exit["status"] or 0))
+
+    async def _client_input(
+        self, reader: asyncio.StreamReader, use_stdin: bool, sub: Subscriber
+    ) -> None:
+        """Apply the frames an attach client sends: stdin data, resizes and signals."""
+        try:
+            while True:
+                frame = await attach.read_frame(reader)
+                if frame is None:
+                    sub.gone.set()
+                    return
+                if frame.kind == "data" and frame.stream == attach.STDIN and use_stdin:
+                    await self._write_stdin(frame.data)
+                elif frame.kind == "resize" and self.master is not None:
+                    set_tty_size(self.master, frame.height or 0, frame.width or 0)
+                elif frame.kind == "signal" and frame.signal:
+                    with contextlib.suppress(ValueError):
+                        self._signal(frame.signal)
+        except (ValueError, OSError, asyncio.IncompleteReadError):
+            sub.gone.set()  # a broken client only loses its own connection
+
+    async def _write_stdin(self, data: bytes) -> None:
+        stdin = self.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        if not data:
+            if self.master is not None:
+                stdin.write(b"\x04")  # a tty has no EOF of its own: send ^D, as a terminal does
+            else:
+                stdin.close()
+                self.stdin = None
+                return
+        else:
+            stdin.write(data)
+        with contextlib.suppress(ConnectionError):
+            await stdin.drain()
+
+
+async def _watch_hangup(reader: asyncio.StreamReader, sub: Subscriber) -> None:
+    """Notice when a client that only listens closes its connection."""
+    with contextlib.suppress(OSError):
+        while await reader.read(READ_SIZE):
+            pass
+    sub.gone.set()
+
+
+async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
+    """An asyncio writer for the container's stdin (a pipe, or a dup of the pty master)."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.streams.FlowControlMixin(loop=loop), os.fdopen(fd, "wb", buffering=0)
+    )
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+# --- clients of the shim (used by the daemon) ---------------------------------------------
+
+
+async def connect_shim(job_dir: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a job's shim socket (also when the job directory's path is long)."""
+    with unix_path(os.path.join(job_dir, "attach.sock")) as name:
+        return await asyncio.open_unix_connection(name)
+
+
+async def shim_request(job_dir: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Send a one-reply request (`wait`, `signal`, `status`) and return the reply."""
+    reader, writer = await connect_shim(job_dir)
+    try:
+        writer.write(_json_line(request))
+        await writer.drain()
+        line = await reader.readline()
+    finally:
+        writer.close()
+    if not line:
+        raise ConnectionError("the shim closed the connection without replying")
+    return json.loads(line)
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+def _report(message: dict[str, Any]) -> None:
+    """Tell the daemon how the start went, then let go of stdout (the daemon may go away)."""
+    with contextlib.suppress(OSError):
+        os.write(1, _json_line(message))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m flynn_host.shim JOBDIR", file=sys.stderr)
+        return 2
+    job_dir = os.path.abspath(args[0])
+    # tracebacks go to the job directory, where the daemon's operator can find them
+    with contextlib.suppress(OSError):
+        err = os.open(os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(err, 2)
+        os.close(err)
+    os.chdir("/")  # do not keep whatever directory the daemon ran in busy
+    try:
+        config = ShimConfig.load(os.path.join(job_dir, "shim.json"))
+        set_subreaper()
+        write_atomic(os.path.join(job_dir, "shim.pid"), f"{os.getpid()}\n".encode())
+        shim = Shim(job_dir, config)
+        pid = shim.start()
+    except StartError as e:
+        _report({"error": str(e)})
+        return 1
+    except Exception as e:
+        traceback.print_exc()
+        _report({"error": f"shim: {e}"})
+        return 1
+    _report({"pid": pid})
+    return asyncio.run(shim.serve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
