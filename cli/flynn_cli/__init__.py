@@ -1,0 +1,1 @@
+"""`flynn`: the command-line client of a Flynn cluster's controller."""

@@ -1,0 +1,374 @@
+"""The host API (port 1113): Flynn's paths and JSON (facts §3.2–§3.4).
+
+Jobs (`/host/jobs`), their event streams (SSE), signals, host status, resource checks, attach
+(`POST /attach`, upgraded to Flynn's framing and proxied to the job's shim), volumes
+(`/storage/...`), plugins (`/plugins`) and `/.well-known/status`. Errors are Flynn's JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from flynn_host import __version__, attach, logs
+from flynn_host.errors import FlynnError, ValidationError
+from flynn_host.plugins.manager import list_plugins
+from flynn_host.types import RUNNING, STARTING, Job, parse_signal
+
+if TYPE_CHECKING:
+    from flynn_host.daemon import Host
+
+log = logging.getLogger(__name__)
+
+HOST: web.AppKey[Host] = web.AppKey("host")
+SSE_KEEPALIVE = 30.0
+MAX_BODY = 16 * 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(err: FlynnError) -> web.Response:
+    return json_response(err.to_json(), status=err.status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except FlynnError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response(FlynnError("not_found", f"no route for {request.path}"))
+        if exc.status == 405:
+            return json_response(
+                {"code": "method_not_allowed", "message": f"{request.method} not allowed"}, 405
+            )
+        if exc.status == 413:
+            return error_response(FlynnError("request_body_too_big", "request body too big"))
+        raise
+    except Exception as exc:  # anything else is our bug: say so, never a bare 500
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(FlynnError("unknown_error", f"internal error: {exc}"))
+
+
+async def read_json(request: web.Request) -> Any:
+    body = await request.read()
+    if not body.strip():
+        raise FlynnError("syntax_error", "request body is empty: expected JSON")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FlynnError("syntax_error", f"invalid JSON: {exc}") from exc
+
+
+def wants_stream(request: web.Request) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+async def sse_events(
+    request: web.Request,
+    queue: asyncio.Queue[dict[str, Any] | None],
+    until: Callable[[dict[str, Any]], bool] | None = None,
+) -> web.StreamResponse:
+    """Flynn's SSE framing: `data: <json>` per event, `:` keep-alive after 30 s of silence."""
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+            except TimeoutError:
+                await resp.write(b":\n")
+                continue
+            if event is None:
+                break
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if until is not None and until(event):
+                break
+    return resp
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+
+async def list_jobs(request: web.Request) -> web.StreamResponse:
+    host = request.app[HOST]
+    if wants_stream(request):
+        async with host.jobs.subscribe() as queue:
+            return await sse_events(request, queue)
+    active = request.query.get("active") == "true"
+    return json_response({j.job.id: j.to_json() for j in host.jobs.list(active_only=active)})
+
+
+async def get_job(request: web.Request) -> web.StreamResponse:
+    host = request.app[HOST]
+    job_id = request.match_info["id"]
+    if wants_stream(request):
+        async with host.jobs.subscribe(job_id) as queue:
+            job = host.jobs.jobs.get(job_id)
+            if job is not None and job.ended:
+                # a stream of a finished job says how it ended, then closes
+                queue.put_nowait({"event": "stop", "job_id": job_id, "job": job.to_json()})
+                queue.put_nowait(None)
+            return await sse_events(request, queue, until=lambda e: e["event"] == "cleanup")
+    return json_response(host.jobs.get(job_id).to_json())
+
+
+async def put_job(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    raw = await read_json(request)
+    job = Job.from_json(raw, request.match_info["id"])
+    host.jobs.add(job)
+    return json_response({})
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    request.app[HOST].jobs.stop(request.match_info["id"])
+    return json_response({})
+
+
+async def signal_job(request: web.Request) -> web.Response:
+    try:
+        sig = parse_signal(request.match_info["signal"])
+    except ValueError as exc:
+        raise ValidationError("signal", str(exc)) from exc
+    await request.app[HOST].jobs.signal(request.match_info["id"], sig)
+    return json_response({})
+
+
+# --- host -------------------------------------------------------------------------------------
+
+
+async def host_status(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    return json_response(host.status())
+
+
+def port_in_use(port: int, proto: str, ip: str) -> bool:
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((ip or "0.0.0.0", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+async def resource_check(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    raw = await read_json(request)
+    ports = raw.get("ports") if isinstance(raw, dict) else None
+    if not isinstance(ports, list):
+        raise ValidationError("ports", "must be an array")
+    conflicts = []
+    for i, p in enumerate(ports):
+        if not isinstance(p, dict) or not isinstance(p.get("port"), int):
+            raise ValidationError(f"ports[{i}].port", "must be an integer")
+        proto = p.get("proto") or "tcp"
+        if proto not in ("tcp", "udp"):
+            raise ValidationError(f"ports[{i}].proto", "must be tcp or udp")
+        if port_in_use(p["port"], proto, host.config.listen_ip):
+            conflicts.append({"port": p["port"], "proto": proto})
+    if conflicts:
+        raise FlynnError("conflict", "ports are in use", {"ports": conflicts})
+    return json_response({})
+
+
+async def well_known_status(request: web.Request) -> web.Response:
+    return json_response({"data": {"status": "healthy", "version": __version__}})
+
+
+async def plugins(request: web.Request) -> web.Response:
+    return json_response(list_plugins(request.app[HOST].pm))
+
+
+# --- volumes ----------------------------------------------------------------------------------
+
+
+async def create_volume(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    provider = request.match_info["provider"]
+    if provider != "default":
+        raise FlynnError("not_found", f"volume provider {provider} not found")
+    raw = await request.read()
+    body = json.loads(raw) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise ValidationError("", "body must be a JSON object")
+    meta = body.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValidationError("meta", "must be an object")
+    return json_response(host.volumes.create(meta, body.get("id") or None))
+
+
+async def list_volumes(request: web.Request) -> web.Response:
+    return json_response(request.app[HOST].volumes.list())
+
+
+async def get_volume(request: web.Request) -> web.Response:
+    return json_response(request.app[HOST].volumes.get(request.match_info["id"]))
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    vid = request.match_info["id"]
+    host.volumes.get(vid)
+    for job in host.jobs.list(active_only=True):
+        if any(v.get("volume") == vid for v in job.job.config.get("volumes") or []):
+            raise FlynnError("conflict", f"volume {vid} is in use by job {job.job.id}")
+    host.volumes.delete(vid)
+    return json_response({})
+
+
+# --- attach -----------------------------------------------------------------------------------
+
+
+class _Feeder:
+    """Receives the bytes of an upgraded connection (aiohttp's payload-parser interface)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.reader.feed_data(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.reader.feed_eof()
+
+
+async def attach_job(request: web.Request) -> web.StreamResponse:
+    host = request.app[HOST]
+    req = await read_json(request)
+    if not isinstance(req, dict) or not isinstance(req.get("job_id"), str):
+        raise ValidationError("job_id", "must be a string")
+    flags = req.get("flags", 0)
+    if not isinstance(flags, int) or flags < 0:
+        raise ValidationError("flags", "must be a non-negative integer")
+    job = host.jobs.get(req["job_id"])
+    resp = web.StreamResponse(
+        status=101, headers={"Upgrade": "flynn-attach/0", "Connection": "Upgrade"}
+    )
+    await resp.prepare(request)
+    client = asyncio.StreamReader()
+    assert request.protocol is not None
+    request.protocol.set_parser(_Feeder(client))  # type: ignore[arg-type]
+    resp.force_close()
+    try:
+        if job.status == STARTING:
+            await resp.write(bytes([attach.STATUS_WAITING]))
+            await host.jobs.wait_started(job.job.id)
+        shim = None
+        if job.status == RUNNING:
+            with contextlib.suppress(OSError):
+                shim = await host.backend.open_attach(job.job.id, req)
+        if shim is not None:
+            await resp.write(bytes([attach.STATUS_SUCCESS]))
+            await _proxy(client, resp, *shim)
+        else:
+            await _attach_ended(host, job, req, flags, resp)
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    except Exception as exc:
+        # past the upgrade, an HTTP error response would corrupt the stream: send a frame
+        log.exception("attach to %s failed", job.job.id)
+        with contextlib.suppress(Exception):
+            await resp.write(attach.error_frame(f"attach failed: {exc}"))
+    return resp
+
+
+async def _attach_ended(host: Host, job: Any, req: dict[str, Any], flags: int,
+                        resp: web.StreamResponse) -> None:  # fmt: skip
+    """Attach to a job that is no longer running: replay its log, then how it ended."""
+    if job.status == RUNNING:  # ended between our checks; let the manager catch up
+        await asyncio.sleep(0.5)
+    if job.error and job.status == "failed" and not flags & attach.ATTACH_LOGS:
+        # the error frame's type byte (2) is also the status byte Flynn's clients read
+        await resp.write(attach.error_frame(job.error))
+        return
+    await resp.write(bytes([attach.STATUS_SUCCESS]))
+    streams = set()
+    if flags & attach.ATTACH_STDOUT:
+        streams.add("stdout")
+    if flags & attach.ATTACH_STDERR:
+        streams.add("stderr")
+    if flags & attach.ATTACH_LOGS:
+        entries = logs.read_entries(
+            str(host.backend.log_path(job.job.id)), lines=req.get("lines"), streams=streams
+        )
+        for entry in entries:
+            stream = 1 if entry["s"] == "stdout" else 2
+            await resp.write(attach.data_frame(stream, logs.format_entry(entry)))
+    if flags & attach.ATTACH_STREAM:
+        for stream in sorted({1 if s == "stdout" else 2 for s in streams}):
+            await resp.write(attach.data_frame(stream, b""))
+        if job.status == "failed":
+            await resp.write(attach.error_frame(job.error or "job failed"))
+        else:
+            await resp.write(attach.exit_frame(job.exit_status or 0))
+
+
+async def _proxy(
+    client: asyncio.StreamReader,
+    resp: web.StreamResponse,
+    shim_reader: asyncio.StreamReader,
+    shim_writer: asyncio.StreamWriter,
+) -> None:
+    """Copy bytes both ways: the shim already speaks Flynn's attach frames."""
+
+    async def upstream() -> None:
+        while data := await client.read(65536):
+            shim_writer.write(data)
+            await shim_writer.drain()
+        # client finished sending: nothing more to forward, but keep reading its output
+
+    async def downstream() -> None:
+        while data := await shim_reader.read(65536):
+            await resp.write(data)
+
+    up = asyncio.create_task(upstream())
+    try:
+        await downstream()
+    finally:
+        up.cancel()
+        with contextlib.suppress(BaseException):
+            await up
+        shim_writer.close()
+
+
+def make_app(host: Host) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    app[HOST] = host
+    r = app.router
+    r.add_get("/host/jobs", list_jobs)
+    r.add_get("/host/jobs/{id}", get_job)
+    r.add_put("/host/jobs/{id}", put_job)
+    r.add_delete("/host/jobs/{id}", delete_job)
+    r.add_put("/host/jobs/{id}/signal/{signal}", signal_job)
+    r.add_get("/host/status", host_status)
+    r.add_post("/host/resource-check", resource_check)
+    r.add_post("/attach", attach_job)
+    r.add_post("/storage/providers/{provider}/volumes", create_volume)
+    r.add_get("/storage/volumes", list_volumes)
+    r.add_get("/storage/volumes/{id}", get_volume)
+    r.add_delete("/storage/volumes/{id}", delete_volume)
+    r.add_get("/plugins", plugins)
+    r.add_get("/.well-known/status", well_known_status)
+    for prefix, sub in host.plugin_apps():
+        sub.middlewares.append(errors_middleware)
+        app.add_subapp(prefix, sub)
+    return app

@@ -1,0 +1,177 @@
+"""From a Flynn job to an OCI runtime spec: the environment flynn-host injects (facts §2.4),
+namespaces, mounts, capabilities, cgroup resources and rlimits.
+
+A pure function of the job and the host's settings, so it is tested without starting anything.
+PID 1 in every container is tini (Debian's `tini-static`, bind-mounted read-only at
+`/.containerinit` as Flynn mounted its own init): it forwards signals to the job's process and
+reaps zombies, so a plain `sleep` stops on SIGTERM instead of waiting for SIGKILL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flynn_host.types import Job
+
+CONTAINER_INIT = "/.containerinit"
+
+# Flynn's default capability set (host/types/defaults.go); host-network jobs add NET_ADMIN.
+DEFAULT_CAPABILITIES = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "TERM": "xterm",
+    "HOME": "/",
+}
+
+SHM_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class HostSettings:
+    """What the bundle needs to know about the host running the job."""
+
+    host_id: str
+    cgroup_parent: str
+    init_path: str
+    external_ip: str = ""
+    listen_ip: str = ""
+    job_ip: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def job_env(job: Job, host: HostSettings) -> dict[str, str]:
+    """Flynn's order: base, host defaults, job env, then HOSTNAME and the port variables."""
+    env = dict(BASE_ENV)
+    env.update(host.env)
+    if host.external_ip:
+        env["EXTERNAL_IP"] = host.external_ip
+    if host.listen_ip:
+        env["LISTEN_IP"] = host.listen_ip
+    if host.job_ip and not job.config.get("host_network"):
+        env["EXTERNAL_IP"] = host.job_ip
+    env.update(job.config.get("env") or {})
+    env["HOSTNAME"] = job.hostname
+    for i, port in enumerate(job.config.get("ports") or []):
+        number = port.get("port") or 5000 + i
+        port["port"] = number
+        if i == 0:
+            env["PORT"] = str(number)
+        env[f"PORT_{i}"] = str(number)
+    return env
+
+
+def _mount(dest: str, mtype: str, source: str, options: list[str]) -> dict[str, Any]:
+    return {"destination": dest, "type": mtype, "source": source, "options": options}
+
+
+def _base_mounts() -> list[dict[str, Any]]:
+    return [
+        _mount("/proc", "proc", "proc", []),
+        _mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
+        _mount("/dev/pts", "devpts", "devpts",
+               ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]),
+        _mount("/dev/shm", "tmpfs", "shm",
+               ["nosuid", "noexec", "nodev", "mode=1777", f"size={SHM_BYTES}"]),
+        _mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
+        _mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
+        _mount("/sys/fs/cgroup", "cgroup", "cgroup",
+               ["nosuid", "noexec", "nodev", "relatime", "ro"]),
+    ]  # fmt: skip
+
+
+def oci_spec(
+    job: Job,
+    host: HostSettings,
+    rootfs: str,
+    volume_paths: dict[str, str],
+    extra_mounts: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The runc `config.json` for `job`; `volume_paths` maps volume id to its host directory."""
+    cfg = job.config
+    env = job_env(job, host)
+    caps = list(DEFAULT_CAPABILITIES)
+    if cfg.get("host_network"):
+        caps.append("CAP_NET_ADMIN")
+    caps += [c for c in cfg.get("linux_capabilities") or [] if c not in caps]
+
+    mounts = _base_mounts()
+    mounts.append(_mount(CONTAINER_INIT, "bind", host.init_path, ["bind", "ro"]))
+    for m in cfg.get("mounts") or []:
+        opts = ["rbind", "rw" if m.get("writeable") else "ro"]
+        mounts.append(_mount(m["target"], "bind", m["location"], opts))
+    for v in cfg.get("volumes") or []:
+        opts = ["rbind", "rw" if v.get("writeable", True) else "ro"]
+        mounts.append(_mount(v["target"], "bind", volume_paths[v["volume"]], opts))
+    mounts += extra_mounts or []
+
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if not cfg.get("host_network"):
+        namespaces.append({"type": "network"})
+
+    resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    memory = job.limit("memory")
+    if memory:
+        # no swap: the limit is what the job gets, as Flynn's memory limit was
+        resources["memory"] = {"limit": memory, "swap": memory}
+    cpu = job.limit("cpu")
+    if cpu:
+        resources["cpu"] = {"shares": max(2, cpu * 1024 // 1000)}
+    max_procs = job.limit("max_procs")
+    if max_procs:
+        resources["pids"] = {"limit": max_procs}
+
+    rlimits = []
+    max_fd = job.limit("max_fd")
+    if max_fd:
+        rlimits.append({"type": "RLIMIT_NOFILE", "hard": max_fd, "soft": max_fd})
+    if max_procs:
+        rlimits.append({"type": "RLIMIT_NPROC", "hard": max_procs, "soft": max_procs})
+
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": bool(cfg.get("tty")),
+            # a program that asks its size at once must not see 0x0; attach resizes later
+            **({"consoleSize": {"height": 24, "width": 80}} if cfg.get("tty") else {}),
+            "user": {"uid": cfg.get("uid") or 0, "gid": cfg.get("gid") or 0},
+            "args": [CONTAINER_INIT, "--", *cfg["args"]],
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": cfg.get("working_dir") or "/",
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": rlimits,
+            "noNewPrivileges": False,
+        },
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": job.hostname,
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": f"/{host.cgroup_parent}/{job.partition}/{job.id}",
+            "resources": resources,
+            "namespaces": namespaces,
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            ],
+        },
+    }  # fmt: skip

@@ -1,0 +1,103 @@
+"""`flynn-host daemon`: parse Flynn's flags (after the host config file's `args`), set up
+logging, build the plugin manager and run the host until a signal stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flynn_host.cli.usage import Parser
+from flynn_host.config import DAEMON_USAGE, HostConfig, load_config_file, parse_tags
+
+
+def parse_daemon_args(argv: list[str]) -> HostConfig:
+    file_conf = load_config_file()
+    for key, value in (file_conf.get("env") or {}).items():
+        os.environ.setdefault(str(key), str(value))
+    p = Parser(DAEMON_USAGE)
+    p.add_argument("--http-port", type=int, default=1113)
+    p.add_argument("--external-ip", default="")
+    p.add_argument("--listen-ip", default="")
+    p.add_argument("--state", default="/var/lib/flynn/host-state.json")
+    p.add_argument("--id", default=None)
+    p.add_argument("--tags", default="")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--volpath", default="/var/lib/flynn/volumes")
+    p.add_argument("--work-dir", default="/var/lib/flynn/work")
+    p.add_argument("--run-dir", default="/run/flynn")
+    p.add_argument("--log-dir", default="/var/log/flynn")
+    p.add_argument("--log-file", default=None)
+    p.add_argument("--bridge-name", default="flynnbr0")
+    p.add_argument("--max-job-concurrency", type=int, default=4)
+    p.add_argument("--stop-timeout", type=float, default=30.0)
+    p.add_argument("--log-max-bytes", type=int, default=10 * 1024 * 1024)
+    p.add_argument("--disable-plugin", action="append", default=[])
+    p.add_argument("--component", action="append", default=[])
+    # the config file's args come first so the command line overrides them
+    args = p.parse([str(a) for a in file_conf.get("args") or []] + argv)
+
+    plugins = file_conf.get("plugins") or {}
+    disabled = list(plugins.get("disable") or [])
+    for item in args.disable_plugin:
+        disabled += [n.strip() for n in item.split(",") if n.strip()]
+    components = dict(plugins.get("components") or {})
+    for item in args.component:
+        kind, sep, name = item.partition("=")
+        if not sep or not kind or not name:
+            raise ValueError(f"--component {item!r}: expected KIND=NAME")
+        components[kind] = name
+    if args.max_job_concurrency < 1:
+        raise ValueError("--max-job-concurrency must be at least 1")
+    extra = {}
+    if args.id:
+        extra["id"] = args.id
+    return HostConfig(
+        http_port=args.http_port,
+        external_ip=args.external_ip,
+        listen_ip=args.listen_ip,
+        state=Path(args.state),
+        volpath=Path(args.volpath),
+        work_dir=Path(args.work_dir),
+        run_dir=Path(args.run_dir),
+        log_dir=Path(args.log_dir),
+        log_file=Path(args.log_file) if args.log_file else None,
+        bridge_name=args.bridge_name,
+        force=args.force,
+        max_job_concurrency=args.max_job_concurrency,
+        stop_timeout=args.stop_timeout,
+        log_max_bytes=args.log_max_bytes,
+        tags=parse_tags(args.tags),
+        disabled_plugins=disabled,
+        components=components,
+        **extra,
+    )
+
+
+def cmd_daemon(argv: list[str]) -> int:
+    config = parse_daemon_args(argv)
+    if os.geteuid() != 0:
+        print("flynn-host daemon: must run as root (it mounts filesystems and runs runc)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    handler: logging.Handler
+    if config.log_file:
+        config.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(config.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+    from flynn_host.daemon import Host
+    from flynn_host.plugins.manager import make_plugin_manager
+
+    pm = make_plugin_manager(config.disabled_plugins)
+    host = Host(config, pm)
+    try:
+        return asyncio.run(host.serve())
+    except OSError as exc:
+        print(f"flynn-host daemon: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,411 @@
+"""The operator's job commands: `ps`, `log`, `inspect`, `stop`, `signal`, `run`, `plugins`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import termios
+import threading
+import tty
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flynn_host import attach, images
+from flynn_host.cli.usage import Parser
+from flynn_host.client import HostClient
+from flynn_host.types import parse_limits, parse_signal
+
+DEFAULT_IMAGES = "/var/lib/flynn/images"
+
+
+def human_duration(seconds: float) -> str:
+    """Docker's units.HumanDuration, which Flynn's `ps` prints ("About a minute", ...)."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = int(seconds // 60)
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{hours // 24 // 365} years"
+
+
+def parse_time(value: str) -> datetime | None:
+    if not value or value.startswith("0001-"):
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def ago(value: str) -> str:
+    t = parse_time(value)
+    if t is None:
+        return ""
+    return human_duration((datetime.now(UTC) - t).total_seconds()) + " ago"
+
+
+def table(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell plus two spaces (Go's tabwriter, as Flynn used)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+# --- ps ---------------------------------------------------------------------------------------
+
+PS_USAGE = """\
+usage: flynn-host ps [-a|--all] [-q|--quiet]
+
+List jobs on this host.
+
+options:
+  -a, --all     show all jobs (default only shows running jobs)
+  -q, --quiet   only show job IDs
+"""
+
+
+def cmd_ps(argv: list[str]) -> int:
+    p = Parser(PS_USAGE)
+    p.add_argument("-a", "--all", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse(argv)
+    jobs = list(HostClient().list_jobs().values())
+    jobs.sort(key=lambda j: j.get("created_at", ""))
+    if not args.all:
+        jobs = [j for j in jobs if j["status"] in ("starting", "running")]
+    if args.quiet:
+        for j in jobs:
+            print(j["job"]["id"])
+        return 0
+    rows = [["ID", "STATE", "STARTED", "CONTROLLER APP", "CONTROLLER TYPE"]]
+    for j in jobs:
+        meta = j["job"].get("metadata") or {}
+        started = j.get("started_at") or ""
+        rows.append(
+            [
+                j["job"]["id"],
+                j["status"],
+                ago(started) or ago(j.get("created_at", "")),
+                meta.get("flynn-controller.app_name", ""),
+                meta.get("flynn-controller.type", ""),
+            ]
+        )
+    print(table(rows))
+    return 0
+
+
+# --- inspect ----------------------------------------------------------------------------------
+
+INSPECT_USAGE = """\
+usage: flynn-host inspect [options] ID
+
+Get low-level information about a job.
+
+options:
+  --omit-env          don't include the job environment
+  --redact-env ENVS   don't show the values of these comma separated environment variables
+"""
+
+
+def go_time(value: str) -> str:
+    """Go's time.Time String() form, which Flynn's inspect prints."""
+    t = parse_time(value)
+    if t is None:
+        return "0001-01-01 00:00:00 +0000 UTC"
+    return t.strftime("%Y-%m-%d %H:%M:%S.%f +0000 UTC")
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    p = Parser(INSPECT_USAGE)
+    p.add_argument("--omit-env", action="store_true")
+    p.add_argument("--redact-env", default="")
+    p.add_argument("ID")
+    args = p.parse(argv)
+    j = HostClient().get_job(args.ID)
+    job = j["job"]
+    rows = [
+        ["ID", job["id"]],
+        ["Status", j["status"]],
+        ["CreatedAt", go_time(j.get("created_at", ""))],
+        ["StartedAt", go_time(j.get("started_at", ""))],
+        ["EndedAt", go_time(j.get("ended_at", ""))],
+        ["ExitStatus", str(j.get("exit_status") if j.get("exit_status") is not None else "")],
+        ["IP Address", j.get("internal_ip") or ""],
+        ["Args", " ".join(job["config"].get("args") or [])],
+    ]
+    if j.get("error"):
+        rows.append(["Error", j["error"]])
+    for k, v in sorted((job.get("metadata") or {}).items()):
+        rows.append([k, v])
+    if not args.omit_env:
+        redact = {e.strip() for e in args.redact_env.split(",") if e.strip()}
+        for k, v in sorted((job["config"].get("env") or {}).items()):
+            rows.append([f"ENV[{k}]", "***" if k in redact else v])
+    print(table(rows))
+    return 0
+
+
+# --- stop / signal ----------------------------------------------------------------------------
+
+
+def cmd_stop(argv: list[str]) -> int:
+    p = Parser("usage: flynn-host stop ID...\n\nStop running jobs.\n")
+    p.add_argument("ID", nargs="+")
+    args = p.parse(argv)
+    client = HostClient()
+    for job_id in args.ID:
+        client.stop_job(job_id)
+    return 0
+
+
+def cmd_signal(argv: list[str]) -> int:
+    p = Parser("usage: flynn-host signal ID SIGNAL\n\nSend a signal to a running job.\n")
+    p.add_argument("ID")
+    p.add_argument("SIGNAL")
+    args = p.parse(argv)
+    HostClient().signal_job(args.ID, parse_signal(args.SIGNAL))
+    return 0
+
+
+# --- log --------------------------------------------------------------------------------------
+
+LOG_USAGE = """\
+usage: flynn-host log [-f|--follow] [--lines=<number>] [--split-stderr] ID
+
+Get the logs of a job.
+
+options:
+  -f, --follow         follow log output
+  --lines=<number>     only show the last N lines
+  --split-stderr       send stderr lines to stderr
+"""
+
+
+async def _print_attach(url: str, request: dict[str, Any], split_stderr: bool) -> int:
+    reader, writer = await attach.attach_host(url, request)
+    status = 0
+    try:
+        while (frame := await attach.read_frame(reader)) is not None:
+            if frame.kind == "data" and frame.data:
+                out = sys.stderr if frame.stream == 2 and split_stderr else sys.stdout
+                out.buffer.write(frame.data)
+                out.flush()
+            elif frame.kind == "exit":
+                status = frame.status or 0
+            elif frame.kind == "error":
+                print(f"error: {frame.message}", file=sys.stderr)
+                return 1
+    finally:
+        writer.close()
+    return status
+
+
+def cmd_log(argv: list[str]) -> int:
+    p = Parser(LOG_USAGE)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--lines", type=int, default=None)
+    p.add_argument("--split-stderr", action="store_true")
+    p.add_argument("--init", action="store_true")
+    p.add_argument("ID")
+    args = p.parse(argv)
+    flags = attach.ATTACH_LOGS | attach.ATTACH_STDOUT | attach.ATTACH_STDERR
+    if args.follow:
+        flags |= attach.ATTACH_STREAM
+    request = {"job_id": args.ID, "flags": flags, "lines": args.lines}
+    asyncio.run(_print_attach(HostClient().url, request, args.split_stderr))
+    return 0
+
+
+# --- run --------------------------------------------------------------------------------------
+
+RUN_USAGE = """\
+usage: flynn-host run [options] [--] <artifact> <command> [<argument>...]
+
+Run a job on a host. <artifact> is an image name (from $FLYNN_IMAGES, default
+/var/lib/flynn/images), a path to a Flynn image manifest, or a file:// URL of one.
+
+options:
+  --host=<host>          the host to run the job on (ip[:port]; default the local host)
+  --bind=<mountspecs>    bind mount directories: HOSTPATH:CONTAINERPATH[:rw],...
+  --volume=<path>        create a data volume and mount it at <path>
+  --limits=<limits>      resource limits, e.g. memory=32M,max_fd=100,temp_disk=200MB
+  --workdir=<dir>        working directory
+  --hostnet              use the host network
+"""
+
+
+def build_run_job(args: Any, host_id: str, is_tty: bool) -> dict[str, Any]:
+    images_dir = Path(os.environ.get("FLYNN_IMAGES", DEFAULT_IMAGES))
+    manifest, base = images.load_manifest(args.artifact, images_dir)
+    # an image directory keeps its layers beside its manifests: <images>/layers/<id>.squashfs
+    layers_dir = Path(base.removeprefix("file://")).parent / "layers"
+    template = f"file://{layers_dir}/{{id}}.squashfs"
+    mountspecs = images.mountspecs_for(manifest, template)
+    entry = images.entrypoint(manifest)
+    env = dict(entry.get("env") or {})
+    if is_tty:
+        env["TERM"] = os.environ.get("TERM", "xterm")
+    config: dict[str, Any] = {
+        "args": [args.command, *args.argument],
+        "env": env,
+        "tty": is_tty,
+        "stdin": True,
+        "working_dir": args.workdir or entry.get("cwd") or "/",
+        "host_network": bool(args.hostnet),
+        "mounts": [],
+        "volumes": [],
+    }
+    for item in filter(None, (args.bind or "").split(",")):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("rw", "ro")):
+            raise ValueError(f"--bind {item!r}: expected HOSTPATH:CONTAINERPATH[:rw]")
+        config["mounts"].append(
+            {"location": parts[0], "target": parts[1], "writeable": parts[2:] == ["rw"]}
+        )
+    return {
+        "id": f"{host_id}-{uuid.uuid4()}",
+        "mountspecs": mountspecs,
+        "config": config,
+        "resources": parse_limits(args.limits) if args.limits else {},
+    }
+
+
+class _Terminal:
+    """Raw mode for the local terminal while a TTY job runs; restored whatever happens."""
+
+    def __init__(self) -> None:
+        self.saved = termios.tcgetattr(0)
+
+    def __enter__(self) -> _Terminal:
+        tty.setraw(0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        termios.tcsetattr(0, termios.TCSADRAIN, self.saved)
+
+
+async def _run_attached(url: str, job_id: str, is_tty: bool) -> int:
+    loop = asyncio.get_running_loop()
+    height, width = (0, 0)
+    if is_tty:
+        size = os.get_terminal_size(0)
+        height, width = size.lines, size.columns
+    flags = (
+        attach.ATTACH_STDOUT | attach.ATTACH_STDERR | attach.ATTACH_STDIN
+        | attach.ATTACH_LOGS | attach.ATTACH_STREAM
+    )  # fmt: skip
+    request = {"job_id": job_id, "flags": flags, "height": height, "width": width}
+    reader, writer = await attach.attach_host(url, request)
+
+    def send(frame: bytes) -> None:
+        if not writer.is_closing():
+            writer.write(frame)
+
+    def pump_stdin() -> None:
+        # a thread: stdin may be a file, a pipe or a terminal, which asyncio reads differently
+        while True:
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            loop.call_soon_threadsafe(send, attach.data_frame(0, data))
+            if not data:
+                return
+
+    threading.Thread(target=pump_stdin, daemon=True).start()
+    if is_tty:
+
+        def on_winch() -> None:
+            size = os.get_terminal_size(0)
+            send(attach.resize_frame(size.lines, size.columns))
+
+        loop.add_signal_handler(signal.SIGWINCH, on_winch)
+    else:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, send, attach.signal_frame(sig))
+    status = 1
+    while (frame := await attach.read_frame(reader)) is not None:
+        if frame.kind == "data" and frame.data:
+            out = sys.stderr if frame.stream == 2 else sys.stdout
+            out.buffer.write(frame.data)
+            out.flush()
+        elif frame.kind == "exit":
+            status = frame.status or 0
+            break
+        elif frame.kind == "error":
+            print(f"error: {frame.message}", file=sys.stderr)
+            break
+    writer.close()
+    return status
+
+
+def cmd_run(argv: list[str]) -> int:
+    p = Parser(RUN_USAGE)
+    p.add_argument("--host", default=None)
+    p.add_argument("--bind", default=None)
+    p.add_argument("--volume", default=None)
+    p.add_argument("--limits", default=None)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--hostnet", action="store_true")
+    p.add_argument("artifact")
+    p.add_argument("command")
+    p.add_argument("argument", nargs=argparse.REMAINDER)
+    args = p.parse(argv)
+    client = HostClient(args.host)
+    host_id = client.status()["id"]
+    is_tty = os.isatty(0) and os.isatty(1)
+    job = build_run_job(args, host_id, is_tty)
+    if args.volume:
+        vol = client.request("POST", "/storage/providers/default/volumes", {})
+        job["config"]["volumes"].append(
+            # a volume only this run can name: it goes when the job ends
+            {"target": args.volume, "volume": vol["id"], "writeable": True, "delete_on_stop": True}
+        )
+    client.add_job(job)
+    if is_tty:
+        with _Terminal():
+            return asyncio.run(_run_attached(client.url, job["id"], True))
+    return asyncio.run(_run_attached(client.url, job["id"], False))
+
+
+# --- plugins ----------------------------------------------------------------------------------
+
+
+def cmd_plugins(argv: list[str]) -> int:
+    p = Parser("usage: flynn-host plugins [--json]\n\nList the plugins the daemon loaded.\n")
+    p.add_argument("--json", action="store_true")
+    args = p.parse(argv)
+    plugins = HostClient().plugins()
+    if args.json:
+        import json
+
+        print(json.dumps(plugins, indent=2))
+        return 0
+    rows = [["NAME", "VERSION", "SOURCE", "HOOKS"]]
+    for plugin in plugins:
+        rows.append(
+            [plugin["name"], plugin["version"], plugin["source"], ", ".join(plugin["hooks"])]
+        )
+    print(table(rows))
+    return 0

@@ -1,0 +1,117 @@
+"""`flynn-host`: the daemon and the operator's commands (Flynn's usage texts, facts §3.8).
+
+Every command but `daemon` is a client of a host API (the local one by default; set
+`FLYNN_HOST_ADDR=ip:port` to talk to another). Errors print a message and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from flynn_host import __version__
+from flynn_host.cli.usage import Parser, UsageError
+
+USAGE = """\
+usage: flynn-host [-h|--help] [--version] <command> [<args>...]
+
+Commands:
+    help       show usage for a specific command
+    daemon     start the daemon
+    ps         list jobs
+    log        get the logs of a job
+    inspect    get low-level information about a job
+    stop       stop running jobs
+    signal     signal a job
+    run        run a job on a host
+    plugins    list the plugins of the daemon
+    version    show current version
+
+See 'flynn-host help <command>' for more information on a specific command.
+"""
+
+
+def commands() -> dict[str, Callable[[list[str]], int]]:
+    from flynn_host.cli import daemon, jobs
+
+    return {
+        "daemon": daemon.cmd_daemon,
+        "ps": jobs.cmd_ps,
+        "log": jobs.cmd_log,
+        "inspect": jobs.cmd_inspect,
+        "stop": jobs.cmd_stop,
+        "signal": jobs.cmd_signal,
+        "run": jobs.cmd_run,
+        "plugins": jobs.cmd_plugins,
+        "version": cmd_version,
+        "shim": cmd_shim,
+    }
+
+
+def cmd_version(argv: list[str]) -> int:
+    Parser("usage: flynn-host version [--release]\n").parse(argv)
+    print(__version__)
+    return 0
+
+
+def cmd_shim(argv: list[str]) -> int:
+    """Internal: the per-job shim (the daemon runs it; listed nowhere)."""
+    from flynn_host import shim
+
+    return shim.main(argv)
+
+
+def plugin_commands() -> dict[str, Callable[[list[str]], int]]:
+    from flynn_host.plugins.manager import make_plugin_manager
+
+    out: dict[str, Callable[[list[str]], int]] = {}
+    try:
+        pm = make_plugin_manager()
+    except Exception:
+        return out
+    for batch in pm.hook.flynn_host_commands():
+        out.update(batch or {})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 1
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    table = commands()
+    if name == "help":
+        if not rest:
+            print(USAGE, end="")
+            return 0
+        name, rest = rest[0], ["--help"]
+    func = table.get(name) or plugin_commands().get(name)
+    if func is None:
+        print(f"flynn-host: '{name}' is not a flynn-host command. See 'flynn-host help'.",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        return func(rest)
+    except UsageError as exc:
+        print(f"flynn-host {name}: {exc}", file=sys.stderr, end="")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (ConnectionError, ValueError, OSError) as exc:
+        print(f"flynn-host {name}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from flynn_host.client import HostAPIError
+
+        if isinstance(exc, HostAPIError):
+            print(f"flynn-host {name}: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The daemon's configuration: Flynn's `flynn-host daemon` flags, the host config file
+(`/etc/flynn/host.json`, or `FLYNN_HOST_CONFIG`), and every path the daemon writes.
+
+Every path is configurable so several daemons (the "hosts" of a test cluster, each in its own
+network namespace) run side by side on one machine without touching each other's files, runc
+state or cgroups: runc state and cgroups are also namespaced by the host id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = "/etc/flynn/host.json"
+
+# Flynn's default CPU shares of the mandatory partitions (facts §3.1).
+DEFAULT_PARTITIONS = {"system": 4096, "background": 4096, "user": 8192}
+
+DAEMON_USAGE = """\
+usage: flynn-host daemon [options]
+
+options:
+  --http-port=PORT           HTTP port [default: 1113]
+  --external-ip=IP           external IP of host
+  --listen-ip=IP             bind host network services to this IP
+  --state=PATH               path to state file [default: /var/lib/flynn/host-state.json]
+  --id=ID                    host id
+  --tags=TAGS                host tags (comma separated list of KEY=VAL pairs)
+  --force                    kill all containers booted by flynn-host before starting
+  --volpath=PATH             directory to create volumes in [default: /var/lib/flynn/volumes]
+  --work-dir=PATH            job bundles and layer mounts [default: /var/lib/flynn/work]
+  --run-dir=PATH             directory for runc state [default: /run/flynn]
+  --log-dir=DIR              directory to store job logs [default: /var/log/flynn]
+  --log-file=FILE            custom log file path
+  --bridge-name=NAME         network bridge name [default: flynnbr0]
+  --max-job-concurrency=NUM  maximum number of jobs to start concurrently [default: 4]
+  --stop-timeout=SECS        seconds between SIGTERM and SIGKILL when stopping a job [default: 30]
+  --log-max-bytes=BYTES      size at which a job's log file is rotated [default: 10485760]
+  --disable-plugin=NAMES     comma separated plugin names not to load
+  --component=KIND=NAME      choose the implementation of a component (repeatable)
+"""
+
+
+def default_host_id() -> str:
+    """Flynn's default: the hostname with dashes removed (job ids are `<host>-<uuid>`)."""
+    return socket.gethostname().split(".")[0].replace("-", "")
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"invalid tag {part!r}: expected KEY=VAL")
+        tags[key] = value
+    return tags
+
+
+@dataclass
+class HostConfig:
+    id: str = field(default_factory=default_host_id)
+    http_port: int = 1113
+    external_ip: str = ""
+    listen_ip: str = ""
+    state: Path = Path("/var/lib/flynn/host-state.json")
+    volpath: Path = Path("/var/lib/flynn/volumes")
+    work_dir: Path = Path("/var/lib/flynn/work")
+    run_dir: Path = Path("/run/flynn")
+    log_dir: Path = Path("/var/log/flynn")
+    log_file: Path | None = None
+    bridge_name: str = "flynnbr0"
+    force: bool = False
+    max_job_concurrency: int = 4
+    stop_timeout: float = 30.0
+    log_max_bytes: int = 10 * 1024 * 1024
+    tags: dict[str, str] = field(default_factory=dict)
+    partitions: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PARTITIONS))
+    disabled_plugins: list[str] = field(default_factory=list)
+    components: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-zA-Z0-9_.]{1,64}", self.id):
+            raise ValueError(
+                f"invalid host id {self.id!r}: use letters, digits, '_' or '.', no '-' "
+                "(job ids are <host id>-<uuid>)"
+            )
+
+    # --- derived paths ----------------------------------------------------------------------
+    @property
+    def jobs_dir(self) -> Path:
+        return self.work_dir / "jobs"
+
+    @property
+    def layer_cache(self) -> Path:
+        return self.volpath / "layers"
+
+    @property
+    def layer_mounts(self) -> Path:
+        return self.work_dir / "layers"
+
+    @property
+    def runc_root(self) -> Path:
+        return self.run_dir / self.id / "runc"
+
+    @property
+    def cgroup_parent(self) -> str:
+        """cgroup path (relative to each hierarchy's root) under which this host's jobs live."""
+        return f"flynn/{self.id}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.external_ip or '127.0.0.1'}:{self.http_port}"
+
+
+def load_config_file(path: str | None = None) -> dict[str, Any]:
+    """Read Flynn's host config `{"args": [...], "env": {...}}` (plus our `plugins` section).
+
+    A missing default file is fine (a host needs no config); a missing file named explicitly
+    through `FLYNN_HOST_CONFIG` is an error, as is a malformed one.
+    """
+    explicit = path or os.environ.get("FLYNN_HOST_CONFIG")
+    target = Path(explicit or DEFAULT_CONFIG_FILE)
+    if not target.exists():
+        if explicit:
+            raise ValueError(f"host config {target} does not exist")
+        return {}
+    try:
+        data = json.loads(target.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read host config {target}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"host config {target}: expected a JSON object")
+    if not isinstance(data.get("args", []), list) or not isinstance(data.get("env", {}), dict):
+        raise ValueError(f"host config {target}: 'args' must be a list and 'env' an object")
+    return data

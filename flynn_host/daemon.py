@@ -1,0 +1,151 @@
+"""The flynn-host daemon: builds the host from its plugins' components, adopts the jobs a
+previous daemon left running, serves the host API, and shuts down in reverse order.
+
+Signals: SIGTERM and SIGINT stop every job (SIGTERM, then SIGKILL after `--stop-timeout`) and
+leave nothing behind; SIGQUIT exits at once and leaves jobs running under their shims for the
+next daemon to adopt (a restart in place; a crashed daemon's jobs are adopted the same way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pluggy
+from aiohttp import web
+
+from flynn_host import __version__
+from flynn_host.api import make_app
+from flynn_host.config import HostConfig
+from flynn_host.jobs import JobManager
+from flynn_host.layers import LayerStore
+from flynn_host.plugins.manager import choose_components
+
+log = logging.getLogger("flynn_host")
+
+
+class Host:
+    """Everything one daemon owns; what plugin hooks receive as `host`."""
+
+    def __init__(self, config: HostConfig, pm: pluggy.PluginManager) -> None:
+        self.config = config
+        self.pm = pm
+        self.layers = LayerStore(config.layer_cache, config.layer_mounts)
+        self.components = choose_components(pm, config, config.components)
+        for kind in ("container_backend", "volumes"):
+            if kind not in self.components:
+                raise RuntimeError(f"no plugin provides a {kind} component")
+        self.backend = self.components["container_backend"].factory(self)
+        self.volumes = self.components["volumes"].factory(self)
+        has_log_hook = bool(pm.hook.flynn_host_job_log.get_hookimpls())
+        self.jobs = JobManager(
+            config.id,
+            config.state,
+            self.backend,
+            self.volumes,
+            max_concurrency=config.max_job_concurrency,
+            stop_timeout=config.stop_timeout,
+            on_event=self._on_event,
+            on_log=self._on_log if has_log_hook else None,
+        )
+        self.keep_jobs = False
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self.pm.hook.flynn_host_job_event(host=self, event=event)
+
+    def _on_log(self, job_id: str, entry: dict[str, Any]) -> None:
+        self.pm.hook.flynn_host_job_log(host=self, job_id=job_id, entry=entry)
+
+    def plugin_apps(self) -> list[tuple[str, web.Application]]:
+        return [pair for batch in self.pm.hook.flynn_host_http_apps(host=self) for pair in batch]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.config.id,
+            "tags": self.config.tags,
+            "pid": os.getpid(),
+            "url": self.config.url,
+            "discoverd": None,
+            "network": None,
+            "version": __version__,
+            "flags": {
+                "http_port": self.config.http_port,
+                "external_ip": self.config.external_ip,
+                "listen_ip": self.config.listen_ip,
+                "state": str(self.config.state),
+                "volpath": str(self.config.volpath),
+                "log_dir": str(self.config.log_dir),
+                "bridge_name": self.config.bridge_name,
+                "max_job_concurrency": self.config.max_job_concurrency,
+            },
+            "components": {k: c.name for k, c in self.components.items()},
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def _stop_all_jobs(self) -> None:
+        for job in self.jobs.list(active_only=True):
+            self.jobs.stop(job.job.id)
+        pending = [t for t in self.jobs._tasks.values()]
+        if pending:
+            log.info("stopping %d jobs", len(pending))
+            await asyncio.wait(pending, timeout=self.config.stop_timeout + 10)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        """Start everything; on exit, tear down in reverse order (collecting errors)."""
+        async with AsyncExitStack() as stack:
+            await self.backend.setup()
+            stack.push_async_callback(self.backend.teardown)
+            if self.config.force:
+                log.info("--force: killing containers left by an earlier daemon")
+                await self.backend.kill_all()
+
+            @stack.push_async_callback
+            async def _layers_down() -> None:
+                if not self.keep_jobs:
+                    await self.layers.close()
+
+            await self.jobs.recover()
+            await self.backend.cleanup_orphans(set(self.jobs.jobs))
+            held = {lid for ids in self.backend.held.values() for lid in ids}
+            await self.layers.cleanup_stale(held)
+
+            @stack.push_async_callback
+            async def _jobs_down() -> None:
+                if not self.keep_jobs:
+                    await self._stop_all_jobs()
+                await self.jobs.shutdown()
+
+            for batch in self.pm.hook.flynn_host_services(host=self):
+                for service in batch or []:
+                    await stack.enter_async_context(service)
+
+            runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, self.config.listen_ip or None, self.config.http_port,
+                               reuse_address=True)  # fmt: skip
+            await site.start()
+            log.info("flynn-host %s listening on port %d", self.config.id, self.config.http_port)
+            yield self
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            action = "leaving jobs running" if sig == signal.SIGQUIT else "stopping jobs"
+            log.info("received %s: %s", sig.name, action)
+            self.keep_jobs = sig == signal.SIGQUIT
+            done.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        async with self.running():
+            await done.wait()
+        return 0

@@ -1,0 +1,286 @@
+"""Jobs on this host: the state machine `starting → running → done | crashed`,
+`starting → failed`, persisted in the state file so a restarted daemon adopts running jobs
+instead of losing or duplicating them.
+
+The manager owns each job's life: it starts the container through the backend, waits for it,
+records how it ended, cleans up (container, `delete_on_stop` volumes) and publishes Flynn's job
+events (`create`, `start`, `stop`, `error`, `cleanup`) to API streams and plugins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from flynn_host.errors import FlynnError, ValidationError, conflict, not_found
+from flynn_host.runc import RuncBackend, StartError
+from flynn_host.types import CRASHED, DONE, FAILED, RUNNING, STARTING, ActiveJob, Job
+
+log = logging.getLogger(__name__)
+
+# Ended jobs stay listed (`flynn-host ps -a`) with their logs until this many newer ones ended.
+KEEP_ENDED_JOBS = 500
+
+
+class JobManager:
+    def __init__(
+        self,
+        host_id: str,
+        state_file: Path,
+        backend: RuncBackend,
+        volumes: Any,
+        max_concurrency: int = 4,
+        stop_timeout: float = 30.0,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_log: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.host_id = host_id
+        self.state_file = state_file
+        self.backend = backend
+        self.volumes = volumes
+        self.max_concurrency = max_concurrency
+        self.stop_timeout = stop_timeout
+        self.on_event = on_event
+        self.on_log = on_log
+        self.jobs: dict[str, ActiveJob] = {}
+        self.log_seq: dict[str, int] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stoppers: dict[str, asyncio.Task[None]] = {}
+        self._subscribers: list[tuple[str | None, asyncio.Queue[dict[str, Any] | None]]] = []
+        self._started = asyncio.Event
+        self._running_events: dict[str, asyncio.Event] = {}
+
+    # --- persistence --------------------------------------------------------------------------
+    def save(self) -> None:
+        data = {
+            "jobs": {
+                jid: {**j.to_json(), "seq": j.seq, "log_seq": self.log_seq.get(jid, 0)}
+                for jid, j in self.jobs.items()
+            }
+        }
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.state_file)
+
+    def load(self) -> list[ActiveJob]:
+        if not self.state_file.exists():
+            return []
+        data = json.loads(self.state_file.read_text())
+        out = []
+        for jid, raw in data.get("jobs", {}).items():
+            try:
+                job = ActiveJob.from_json(raw)
+            except (FlynnError, KeyError) as exc:
+                log.warning("dropping unreadable job %s from state: %s", jid, exc)
+                continue
+            self.jobs[jid] = job
+            self.log_seq[jid] = raw.get("log_seq", 0)
+            out.append(job)
+        return out
+
+    async def recover(self) -> None:
+        """Adopt jobs that were running when the daemon stopped; settle those that ended."""
+        for job in self.load():
+            if job.ended:
+                continue
+            if job.status == STARTING:
+                # the daemon died mid-start: whatever was half made goes, the job failed
+                await self.backend.destroy(job)
+                job.set_state(FAILED)
+                job.error = "host restarted while the job was starting"
+                self._publish("error", job)
+                continue
+            alive = await self.backend.recover(job)
+            self._running_events[job.job.id] = ev = asyncio.Event()
+            ev.set()
+            log.info("job %s: %s", job.job.id, "adopted" if alive else "ended while host was down")
+            self._tasks[job.job.id] = asyncio.create_task(self._supervise(job))
+        self.save()
+
+    # --- queries ------------------------------------------------------------------------------
+    def get(self, job_id: str) -> ActiveJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise not_found(f"job {job_id} not found")
+        return job
+
+    def list(self, active_only: bool = False) -> list[ActiveJob]:
+        jobs = sorted(self.jobs.values(), key=lambda j: j.seq)
+        return [j for j in jobs if not (active_only and j.ended)]
+
+    # --- events -------------------------------------------------------------------------------
+    def _publish(self, name: str, job: ActiveJob) -> None:
+        event = {"event": name, "job_id": job.job.id, "job": job.to_json()}
+        for job_filter, queue in list(self._subscribers):
+            if job_filter in (None, job.job.id):
+                queue.put_nowait(event)
+        if self.on_event:
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("job event hook failed")
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, job_id: str | None = None
+    ) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        entry = (job_id, queue)
+        self._subscribers.append(entry)
+        try:
+            yield queue
+        finally:
+            self._subscribers.remove(entry)
+
+    # --- commands -----------------------------------------------------------------------------
+    def add(self, job: Job) -> ActiveJob:
+        """Accept a job and start it in the background (Flynn's `PUT /host/jobs/:id`)."""
+        if job.id in self.jobs:
+            raise conflict(f"job {job.id} already exists")
+        starting = sum(1 for j in self.jobs.values() if j.status == STARTING)
+        if self.max_concurrency and starting >= self.max_concurrency:
+            raise FlynnError(
+                "ratelimited",
+                f"too many jobs starting (limit {self.max_concurrency}), retry shortly",
+                retry=True,
+            )
+        for i, vol in enumerate(job.config.get("volumes") or []):
+            try:
+                self.volumes.get(vol["volume"])
+            except FlynnError as exc:
+                raise ValidationError(f"config.volumes[{i}].volume", "does not exist") from exc
+        active = ActiveJob(job=job, host_id=self.host_id)
+        self.jobs[job.id] = active
+        self._running_events[job.id] = asyncio.Event()
+        self.save()
+        self._publish("create", active)
+        self._tasks[job.id] = asyncio.create_task(self._run(active))
+        return active
+
+    async def wait_started(self, job_id: str) -> None:
+        ev = self._running_events.get(job_id)
+        if ev is not None:
+            await ev.wait()
+
+    async def _run(self, job: ActiveJob) -> None:
+        jid = job.job.id
+        volume_paths = {
+            v["volume"]: str(self.volumes.path(v["volume"]))
+            for v in job.job.config.get("volumes") or []
+        }
+        try:
+            job.pid = await self.backend.start(job, volume_paths)
+        except Exception as exc:
+            job.set_state(FAILED)
+            job.error = str(exc) if isinstance(exc, StartError) else f"start failed: {exc}"
+            if not isinstance(exc, StartError):
+                log.exception("job %s failed to start", jid)
+            self._running_events[jid].set()
+            self._publish("error", job)
+            await self._finish(job)
+            return
+        job.set_state(RUNNING)
+        self._running_events[jid].set()
+        self.save()
+        self._publish("start", job)
+        if job.force_stop:
+            self._stoppers[jid] = asyncio.create_task(self._stop(job))
+        await self._supervise(job)
+
+    async def _supervise(self, job: ActiveJob) -> None:
+        """Wait for a running job to end, feeding its log to plugins meanwhile."""
+        jid = job.job.id
+        follower = None
+        if self.on_log is not None:
+            follower = asyncio.create_task(self._follow_logs(jid))
+        info = await self.backend.wait(job)
+        if follower is not None:
+            # the shim ends the feed after the last line; give it a moment to get there
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(follower, 5)
+        job.exit_status = info.status
+        job.error = info.error
+        job.set_state(DONE if info.status == 0 and not info.error else CRASHED)
+        self._publish("stop", job)
+        await self._finish(job)
+
+    async def _follow_logs(self, jid: str) -> None:
+        assert self.on_log is not None
+        with contextlib.suppress(OSError, ConnectionError):
+            async for entry in self.backend.follow_logs(jid, self.log_seq.get(jid, 0)):
+                self.log_seq[jid] = entry.get("n", 0)
+                try:
+                    self.on_log(jid, entry)
+                except Exception:
+                    log.exception("job log hook failed")
+
+    async def _finish(self, job: ActiveJob) -> None:
+        jid = job.job.id
+        stopper = self._stoppers.pop(jid, None)
+        if stopper is not None and stopper is not asyncio.current_task():
+            stopper.cancel()
+        await self.backend.destroy(job)
+        for vol in job.job.config.get("volumes") or []:
+            if vol.get("delete_on_stop"):
+                with contextlib.suppress(FlynnError, OSError):
+                    self.volumes.delete(vol["volume"])
+        self._tasks.pop(jid, None)
+        self._prune()
+        self.save()
+        self._publish("cleanup", job)
+
+    def _prune(self) -> None:
+        ended = [j for j in self.list() if j.ended]
+        for job in ended[: max(0, len(ended) - KEEP_ENDED_JOBS)]:
+            del self.jobs[job.job.id]
+            self._running_events.pop(job.job.id, None)
+            self.log_seq.pop(job.job.id, None)
+            for path in (self.backend.log_path(job.job.id),):
+                for p in (path, Path(f"{path}.1")):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+
+    def stop(self, job_id: str) -> None:
+        """Flynn's `DELETE /host/jobs/:id`: starting → marked force-stop; running → SIGTERM,
+        then SIGKILL after the stop timeout."""
+        job = self.get(job_id)
+        if job.ended:
+            return
+        job.force_stop = True
+        if job.status == RUNNING and job_id not in self._stoppers:
+            self._stoppers[job_id] = asyncio.create_task(self._stop(job))
+
+    async def _stop(self, job: ActiveJob) -> None:
+        jid = job.job.id
+        with contextlib.suppress(Exception):
+            await self.backend.signal(job, signal.SIGTERM)
+        task = self._tasks.get(jid)
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+        if not done and not job.ended:
+            log.info("job %s ignored SIGTERM for %ss: SIGKILL", jid, self.stop_timeout)
+            with contextlib.suppress(Exception):
+                await self.backend.signal(job, signal.SIGKILL)
+
+    async def signal(self, job_id: str, sig: int) -> None:
+        job = self.get(job_id)
+        if job.status != RUNNING:
+            raise FlynnError("conflict", f"job {job_id} is {job.status}, not running")
+        await self.backend.signal(job, sig)
+
+    async def shutdown(self) -> None:
+        """Stop supervising (jobs keep running under their shims and are adopted later)."""
+        tasks = list(self._tasks.values()) + list(self._stoppers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.save()

@@ -1,0 +1,426 @@
+"""The runc container backend: one OCI bundle per job, run under a per-job shim.
+
+For each job the backend mounts the job's squashfs layers (shared, reference-counted, through
+the `LayerStore`), makes a writable layer on an ext2 image bounded by `temp_disk`, joins them
+with overlayfs as the bundle's root filesystem, writes `config.json` and starts the shim
+(`flynn_host.shim`), which runs `runc run --detach`, owns the container's stdio and writes its
+log. Shims outlive the daemon, so a restarted daemon adopts running jobs through their sockets.
+
+Where things live, per job (`<key>` is a short hash of the job id, to keep unix socket paths
+under the kernel's 108-byte limit):
+  <work-dir>/jobs/<key>/disk.img, disk/{upper,work}, bundle/{config.json,rootfs}
+  <run-dir>/<host id>/jobs/<key>/shim.json, shim.pid, container.pid, attach.sock, exit.json
+  cgroup /flynn/<host id>/<partition>/<job id> in every hierarchy
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flynn_host import bundle
+from flynn_host.config import HostConfig
+from flynn_host.layers import LayerStore
+from flynn_host.types import ActiveJob
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SHIM_START_TIMEOUT = 60.0
+MAX_SOCKET_PATH = 100
+
+
+class StartError(Exception):
+    """The container could not be started; the message is what the job's `error` says."""
+
+
+@dataclass
+class ExitInfo:
+    status: int
+    error: str | None = None
+
+
+def find_init() -> str:
+    """tini-static from Debian's `tini` package: static, so it runs in any image."""
+    for candidate in ("/usr/bin/tini-static", "/usr/local/bin/tini-static"):
+        if os.path.exists(candidate):
+            return candidate
+    raise RuntimeError("tini-static not found: install Debian's 'tini' package")
+
+
+async def run(*args: str, check: bool = True) -> tuple[int, str]:
+    """Run a command (argument list, no shell); return its status and combined output."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace").strip()
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {text or f'exit status {proc.returncode}'}")
+    return proc.returncode or 0, text
+
+
+def mounted_paths() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {line.split()[1].replace("\\040", " ") for line in f}
+
+
+async def unmount(path: Path, detach_loop: bool = False) -> None:
+    if str(path) in mounted_paths():
+        await run("umount", *(["-d"] if detach_loop else []), str(path))
+
+
+def job_key(job_id: str) -> str:
+    return hashlib.sha256(job_id.encode()).hexdigest()[:16]
+
+
+def _pid_alive(pid: int, needle: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return needle.encode() in cmdline
+
+
+class RuncBackend:
+    """Runs jobs as runc containers. Constructed once by the daemon from its config."""
+
+    name = "runc"
+
+    def __init__(self, config: HostConfig, layers: LayerStore) -> None:
+        self.config = config
+        self.layers = layers
+        self.init_path = find_init()
+        self.runc = shutil.which("runc") or "/usr/sbin/runc"
+        self.shim_command = (
+            [sys.executable, "shim"] if getattr(sys, "frozen", False)
+            else [sys.executable, "-m", "flynn_host.shim"]
+        )  # fmt: skip
+        self.run_jobs = config.run_dir / config.id / "jobs"
+        # layers each job holds a reference to, so destroy releases exactly those
+        self.held: dict[str, list[str]] = {}
+        longest = self.run_jobs / ("x" * 16) / "console.sock"
+        if len(str(longest)) > MAX_SOCKET_PATH:
+            raise ValueError(f"--run-dir {config.run_dir} is too long for unix socket paths")
+
+    # --- paths --------------------------------------------------------------------------------
+    def work_dir(self, job_id: str) -> Path:
+        return self.config.jobs_dir / job_key(job_id)
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.run_jobs / job_key(job_id)
+
+    def log_path(self, job_id: str) -> Path:
+        return self.config.log_dir / f"{job_id}.log"
+
+    def cgroup_dirs(self, job: ActiveJob) -> list[Path]:
+        rel = f"{self.config.cgroup_parent}/{job.job.partition}/{job.job.id}"
+        return [h / rel for h in _hierarchies()]
+
+    # --- host set-up and tear-down ------------------------------------------------------------
+    async def setup(self) -> None:
+        for path in (self.config.jobs_dir, self.run_jobs, self.config.log_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        setup_partitions(self.config)
+
+    async def teardown(self) -> None:
+        remove_empty_cgroups(self.config)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self, job: ActiveJob, volume_paths: dict[str, str]) -> int:
+        """Start the container; return its pid. On failure everything is undone."""
+        jid = job.job.id
+        work, rund = self.work_dir(jid), self.run_dir(jid)
+        try:
+            work.mkdir(parents=True)
+            rund.mkdir(parents=True)
+        except FileExistsError as exc:
+            raise StartError(f"job {jid} already has a container directory") from exc
+        try:
+            return await self._start(job, work, rund, volume_paths)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.destroy(job)
+            raise
+
+    async def _start(
+        self, job: ActiveJob, work: Path, rund: Path, volume_paths: dict[str, str]
+    ) -> int:
+        held = self.held.setdefault(job.job.id, [])
+        lowers = []
+        for spec in job.job.mountspecs:
+            lowers.append(await self.layers.acquire(spec))
+            held.append(spec.id)
+        disk_img, disk = work / "disk.img", work / "disk"
+        disk.mkdir()
+        size = job.job.limit("temp_disk") or bundle_default_disk()
+        disk_img.touch()
+        os.truncate(disk_img, size)  # sparse: the disk only takes what the job writes
+        await run("mkfs.ext2", "-q", "-F", "-m", "0", str(disk_img))
+        await run("mount", "-o", "loop", str(disk_img), str(disk))
+        (disk / "upper").mkdir()
+        (disk / "work").mkdir()
+        rootfs = work / "bundle" / "rootfs"
+        rootfs.mkdir(parents=True)
+        # overlayfs lists the top layer first; mountspecs are given bottom first
+        lowerdir = ":".join(str(p) for p in reversed(lowers))
+        opts = f"lowerdir={lowerdir},upperdir={disk / 'upper'},workdir={disk / 'work'}"
+        await run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
+
+        settings = bundle.HostSettings(
+            host_id=self.config.id,
+            cgroup_parent=self.config.cgroup_parent,
+            init_path=self.init_path,
+            external_ip=self.config.external_ip,
+            listen_ip=self.config.listen_ip,
+            env=self.config.env,
+        )
+        spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths)
+        (work / "bundle" / "config.json").write_text(json.dumps(spec))
+        shim_conf = {
+            "job_id": job.job.id,
+            "runc": self.runc,
+            "runc_root": str(self.config.runc_root),
+            "bundle": str(work / "bundle"),
+            "log_file": str(self.log_path(job.job.id)),
+            "log_max_bytes": self.config.log_max_bytes,
+            "tty": bool(job.job.config.get("tty")),
+            "stdin": bool(job.job.config.get("stdin")),
+            "height": 0,
+            "width": 0,
+        }
+        (rund / "shim.json").write_text(json.dumps(shim_conf))
+        return await self._spawn_shim(rund)
+
+    async def _spawn_shim(self, rund: Path) -> int:
+        err = os.open(rund / "shim.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.shim_command,
+                str(rund),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,  # the shim must outlive a daemon restart
+            )
+        finally:
+            os.close(err)
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), SHIM_START_TIMEOUT)
+        except TimeoutError as exc:
+            proc.kill()
+            raise StartError("timed out starting the container") from exc
+        # the shim is not the daemon's child to wait for: reap it in the background so it
+        # leaves no zombie, without tying its life to ours
+        asyncio.get_running_loop().create_task(proc.wait())
+        try:
+            reply = json.loads(line)
+        except json.JSONDecodeError:
+            detail = (rund / "shim.err").read_text(errors="replace").strip()[-500:]
+            raise StartError(f"container shim failed: {detail or 'no output'}") from None
+        if "error" in reply:
+            raise StartError(str(reply["error"]))
+        return int(reply["pid"])
+
+    async def _request(self, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(
+            str(self.run_dir(job_id) / "attach.sock")
+        )
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+        if not line:
+            raise ConnectionError("shim closed the connection")
+        return json.loads(line)
+
+    async def wait(self, job: ActiveJob) -> ExitInfo:
+        """Wait until the container exits; its exit status, and an error for an OOM kill."""
+        jid = job.job.id
+        exit_file = self.run_dir(jid) / "exit.json"
+        info: dict[str, Any] | None = None
+        while info is None:
+            try:
+                reply = await self._request(jid, {"wait": True})
+                info = reply.get("exit")
+            except (OSError, ConnectionError, json.JSONDecodeError):
+                pass
+            if info is None:
+                if exit_file.exists():
+                    info = json.loads(exit_file.read_text())
+                elif not self.shim_alive(jid):
+                    # a shim that vanished without an exit record: its container is lost
+                    return ExitInfo(status=-1, error="container shim died unexpectedly")
+                else:
+                    await asyncio.sleep(0.2)
+        status = int(info["status"])
+        error = None
+        if self.oom_killed(job):
+            error = "out of memory: the job exceeded its memory limit and was killed"
+        elif info.get("signal"):
+            error = f"killed by signal {signal.Signals(info['signal']).name}"
+        return ExitInfo(status=status, error=error)
+
+    def shim_alive(self, job_id: str) -> bool:
+        try:
+            pid = int((self.run_dir(job_id) / "shim.pid").read_text())
+        except (OSError, ValueError):
+            return False
+        return _pid_alive(pid, "shim")
+
+    def oom_killed(self, job: ActiveJob) -> bool:
+        for d in self.cgroup_dirs(job):
+            for name in ("memory.oom_control", "memory.events"):
+                with contextlib.suppress(OSError):
+                    for line in (d / name).read_text().splitlines():
+                        key, _, value = line.partition(" ")
+                        if key == "oom_kill" and int(value) > 0:
+                            return True
+        return False
+
+    async def signal(self, job: ActiveJob, sig: int) -> None:
+        reply = await self._request(job.job.id, {"signal": sig})
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+
+    async def open_attach(
+        self, job_id: str, request: dict[str, Any]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_unix_connection(
+            str(self.run_dir(job_id) / "attach.sock")
+        )
+        writer.write(json.dumps({"attach": request}).encode() + b"\n")
+        await writer.drain()
+        return reader, writer
+
+    async def follow_logs(self, job_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
+        """Log entries after `since`, live, until the container exits."""
+        reader, writer = await asyncio.open_unix_connection(
+            str(self.run_dir(job_id) / "attach.sock"), limit=1 << 20
+        )
+        try:
+            writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
+            await writer.drain()
+            while line := await reader.readline():
+                item = json.loads(line)
+                if "exit" in item or "error" in item:
+                    return
+                yield item
+        finally:
+            writer.close()
+
+    async def destroy(self, job: ActiveJob) -> None:
+        """Remove every trace of the container: runc state, mounts, loop devices, dirs."""
+        jid = job.job.id
+        work, rund = self.work_dir(jid), self.run_dir(jid)
+        with contextlib.suppress(Exception):
+            pid = int((rund / "shim.pid").read_text())
+            if _pid_alive(pid, "shim"):
+                os.kill(pid, signal.SIGKILL)
+        await run(self.runc, "--root", str(self.config.runc_root), "delete", "--force", jid,
+                  check=False)  # fmt: skip
+        await unmount(work / "bundle" / "rootfs")
+        await unmount(work / "disk", detach_loop=True)
+        for layer_id in self.held.pop(jid, []):
+            with contextlib.suppress(Exception):
+                await self.layers.release(layer_id)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(rund, ignore_errors=True)
+        for d in self.cgroup_dirs(job):  # runc removes them; an interrupted start may not
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    async def recover(self, job: ActiveJob) -> bool:
+        """After a daemon restart: True if the job's shim still runs (the job is adopted)."""
+        ids = [s.id for s in job.job.mountspecs]
+        await self.layers.adopt(ids)
+        self.held[job.job.id] = ids
+        return self.shim_alive(job.job.id)
+
+    async def cleanup_orphans(self, known: set[str]) -> None:
+        """Remove containers and job directories that belong to no job in the state file
+        (left by a daemon that died in the middle of starting or cleaning up a job)."""
+        _, out = await run(self.runc, "--root", str(self.config.runc_root), "list", "-q",
+                           check=False)  # fmt: skip
+        for cid in out.split():
+            if cid not in known:
+                log.info("removing orphaned container %s", cid)
+                await run(self.runc, "--root", str(self.config.runc_root), "delete", "--force",
+                          cid, check=False)  # fmt: skip
+        keys = {job_key(j) for j in known}
+        for base in (self.config.jobs_dir, self.run_jobs):
+            if not base.exists():
+                continue
+            for d in base.iterdir():
+                if d.name in keys:
+                    continue
+                log.info("removing orphaned job directory %s", d)
+                await unmount(d / "bundle" / "rootfs")
+                await unmount(d / "disk", detach_loop=True)
+                shutil.rmtree(d, ignore_errors=True)
+
+    async def kill_all(self) -> None:
+        """`--force`: kill every container this host's runc root knows, before starting."""
+        _, out = await run(self.runc, "--root", str(self.config.runc_root), "list", "-q",
+                           check=False)  # fmt: skip
+        for cid in out.split():
+            await run(self.runc, "--root", str(self.config.runc_root), "kill", cid, "KILL",
+                      check=False)  # fmt: skip
+
+
+def bundle_default_disk() -> int:
+    from flynn_host.types import RESOURCE_DEFAULTS
+
+    return RESOURCE_DEFAULTS["temp_disk"]
+
+
+def _hierarchies() -> list[Path]:
+    """Every cgroup hierarchy a job's cgroup appears in (v1 controllers, or the v2 root)."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return [CGROUP_ROOT]
+    out = []
+    for entry in sorted(CGROUP_ROOT.iterdir()):
+        if entry.is_dir() and (entry / "cgroup.procs").exists() and entry.name != "unified":
+            out.append(entry)
+    return out
+
+
+def setup_partitions(config: HostConfig) -> None:
+    """Flynn's mandatory partitions, as cgroups with their CPU shares (weight on cgroup v2)."""
+    for name, shares in config.partitions.items():
+        for h in _hierarchies():
+            d = h / config.cgroup_parent / name
+            d.mkdir(parents=True, exist_ok=True)
+            if (d / "cpu.shares").exists():
+                (d / "cpu.shares").write_text(str(shares))
+            elif (d / "cpu.weight").exists():
+                (d / "cpu.weight").write_text(str(max(1, min(10000, shares * 100 // 1024))))
+
+
+def remove_empty_cgroups(config: HostConfig) -> None:
+    """Remove this host's partition cgroups (and the shared `flynn` parent) where empty."""
+    for h in _hierarchies():
+        base = h / config.cgroup_parent
+        if not base.exists():
+            continue
+        for d in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir():
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        for d in (base, base.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
