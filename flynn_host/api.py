@@ -276,11 +276,15 @@ async def attach_job(request: web.Request) -> web.StreamResponse:
         if job.status == RUNNING:
             with contextlib.suppress(OSError):
                 shim = await host.backend.open_attach(job.job.id, req)
+        sent_status = False
         if shim is not None:
             await resp.write(bytes([attach.STATUS_SUCCESS]))
-            await _proxy(client, resp, *shim)
-        else:
-            await _attach_ended(host, job, req, flags, resp)
+            sent_status = True
+            if await _proxy(client, resp, *shim):
+                return resp
+            # the shim was exiting as we connected and sent nothing: serve from the log file
+        await asyncio.wait_for(host.jobs.wait_ended(job.job.id), 30)
+        await _attach_ended(host, job, req, flags, resp, sent_status)
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     except Exception as exc:
@@ -292,15 +296,14 @@ async def attach_job(request: web.Request) -> web.StreamResponse:
 
 
 async def _attach_ended(host: Host, job: Any, req: dict[str, Any], flags: int,
-                        resp: web.StreamResponse) -> None:  # fmt: skip
+                        resp: web.StreamResponse, sent_status: bool) -> None:  # fmt: skip
     """Attach to a job that is no longer running: replay its log, then how it ended."""
-    if job.status == RUNNING:  # ended between our checks; let the manager catch up
-        await asyncio.sleep(0.5)
     if job.error and job.status == "failed" and not flags & attach.ATTACH_LOGS:
         # the error frame's type byte (2) is also the status byte Flynn's clients read
         await resp.write(attach.error_frame(job.error))
         return
-    await resp.write(bytes([attach.STATUS_SUCCESS]))
+    if not sent_status:
+        await resp.write(bytes([attach.STATUS_SUCCESS]))
     streams = set()
     if flags & attach.ATTACH_STDOUT:
         streams.add("stdout")
@@ -327,8 +330,9 @@ async def _proxy(
     resp: web.StreamResponse,
     shim_reader: asyncio.StreamReader,
     shim_writer: asyncio.StreamWriter,
-) -> None:
-    """Copy bytes both ways: the shim already speaks Flynn's attach frames."""
+) -> bool:
+    """Copy bytes both ways: the shim already speaks Flynn's attach frames. False if the
+    shim closed without sending anything (it was exiting when we connected)."""
 
     async def upstream() -> None:
         while data := await client.read(65536):
@@ -336,13 +340,18 @@ async def _proxy(
             await shim_writer.drain()
         # client finished sending: nothing more to forward, but keep reading its output
 
+    received = 0
+
     async def downstream() -> None:
+        nonlocal received
         while data := await shim_reader.read(65536):
+            received += len(data)
             await resp.write(data)
 
     up = asyncio.create_task(upstream())
     try:
         await downstream()
+        return received > 0
     finally:
         up.cancel()
         with contextlib.suppress(BaseException):

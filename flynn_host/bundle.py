@@ -135,14 +135,14 @@ def oci_spec(
         resources["cpu"] = {"shares": max(2, cpu * 1024 // 1000)}
     max_procs = job.limit("max_procs")
     if max_procs:
+        # the pids cgroup, not RLIMIT_NPROC: that rlimit counts every process of the uid on
+        # the whole host, so for a root container it would refuse even the first fork
         resources["pids"] = {"limit": max_procs}
 
     rlimits = []
     max_fd = job.limit("max_fd")
     if max_fd:
         rlimits.append({"type": "RLIMIT_NOFILE", "hard": max_fd, "soft": max_fd})
-    if max_procs:
-        rlimits.append({"type": "RLIMIT_NPROC", "hard": max_procs, "soft": max_procs})
 
     return {
         "ociVersion": "1.0.2",

@@ -54,8 +54,8 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stoppers: dict[str, asyncio.Task[None]] = {}
         self._subscribers: list[tuple[str | None, asyncio.Queue[dict[str, Any] | None]]] = []
-        self._started = asyncio.Event
         self._running_events: dict[str, asyncio.Event] = {}
+        self._ended_events: dict[str, asyncio.Event] = {}
 
     # --- persistence --------------------------------------------------------------------------
     def save(self) -> None:
@@ -94,8 +94,8 @@ class JobManager:
             if job.status == STARTING:
                 # the daemon died mid-start: whatever was half made goes, the job failed
                 await self.backend.destroy(job)
-                job.set_state(FAILED)
                 job.error = "host restarted while the job was starting"
+                self._mark_ended(job, FAILED)
                 self._publish("error", job)
                 continue
             alive = await self.backend.recover(job)
@@ -170,6 +170,18 @@ class JobManager:
         if ev is not None:
             await ev.wait()
 
+    async def wait_ended(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job.ended:
+            return
+        await self._ended_events.setdefault(job_id, asyncio.Event()).wait()
+
+    def _mark_ended(self, job: ActiveJob, state: str) -> None:
+        job.set_state(state)
+        ev = self._ended_events.pop(job.job.id, None)
+        if ev is not None:
+            ev.set()
+
     async def _run(self, job: ActiveJob) -> None:
         jid = job.job.id
         volume_paths = {
@@ -179,8 +191,8 @@ class JobManager:
         try:
             job.pid = await self.backend.start(job, volume_paths)
         except Exception as exc:
-            job.set_state(FAILED)
             job.error = str(exc) if isinstance(exc, StartError) else f"start failed: {exc}"
+            self._mark_ended(job, FAILED)
             if not isinstance(exc, StartError):
                 log.exception("job %s failed to start", jid)
             self._running_events[jid].set()
@@ -208,7 +220,7 @@ class JobManager:
                 await asyncio.wait_for(follower, 5)
         job.exit_status = info.status
         job.error = info.error
-        job.set_state(DONE if info.status == 0 and not info.error else CRASHED)
+        self._mark_ended(job, DONE if info.status == 0 and not info.error else CRASHED)
         self._publish("stop", job)
         await self._finish(job)
 

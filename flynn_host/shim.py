@@ -447,12 +447,14 @@ class Shim:
         if self.stdin is not None and not self.stdin.is_closing():
             self.stdin.transport.abort()
         self.finished.set()
+        # no new clients from here: one accepted now would be cut off when the shim exits;
+        # refused, it falls back to the log file and exit record the daemon keeps
+        server.close()
 
         if self.clients:
             _, stuck = await asyncio.wait(self.clients, timeout=CLIENT_FLUSH_TIMEOUT)
             for task in stuck:
                 task.cancel()
-        server.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path("attach.sock"))
         if self.master is not None:
