@@ -33,7 +33,7 @@ images: venv
 	@$(BIN)/python -m flynn_host.images build-busybox --dir $(IMAGES) >/dev/null
 
 demo: dev
-	$(BIN)/python -m flynn_host.demo --images $(IMAGES)
+	FLYNN_IMAGES=$(IMAGES) $(BIN)/python script/demo.py
 
 test: dev
 	$(BIN)/python -m pytest -q

@@ -178,6 +178,7 @@ class JobManager:
 
     def _mark_ended(self, job: ActiveJob, state: str) -> None:
         job.set_state(state)
+        job.pid = None  # as Flynn: an ended job has no process
         ev = self._ended_events.pop(job.job.id, None)
         if ev is not None:
             ev.set()

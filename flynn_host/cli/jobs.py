@@ -284,7 +284,7 @@ def build_run_job(args: Any, host_id: str, is_tty: bool) -> dict[str, Any]:
             {"location": parts[0], "target": parts[1], "writeable": parts[2:] == ["rw"]}
         )
     return {
-        "id": f"{host_id}-{uuid.uuid4()}",
+        "id": f"{host_id}-{uuid.uuid4().hex}",
         "mountspecs": mountspecs,
         "config": config,
         "resources": parse_limits(args.limits) if args.limits else {},

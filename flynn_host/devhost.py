@@ -1,0 +1,190 @@
+"""A throwaway flynn-host daemon with all its paths under one temporary directory, for tests,
+the demo and benchmarks: started as a real `flynn-host daemon` process and, whatever happened,
+removed completely (jobs stopped, shims killed, runc state deleted, mounts, loop devices and
+cgroups removed)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flynn_host import images
+from flynn_host.client import HostAPIError, HostClient
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = Path(os.environ.get("FLYNN_IMAGES", ROOT / "var" / "images"))
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def busybox_job(job_id: str, args: list[str], **config: Any) -> dict[str, Any]:
+    manifest, _ = images.load_manifest(str(IMAGES / "busybox" / "manifest.json"), IMAGES)
+    resources = config.pop("resources", {})
+    return {
+        "id": job_id,
+        "mountspecs": images.mountspecs_for(manifest, images.local_layer_template(IMAGES)),
+        "config": {"args": args, **config},
+        "resources": resources,
+    }
+
+
+@dataclass
+class Daemon:
+    """One running `flynn-host daemon` with everything under `base`."""
+
+    host_id: str
+    port: int
+    base: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def client(self) -> HostClient:
+        return HostClient(f"127.0.0.1:{self.port}")
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        return {**os.environ, "FLYNN_HOST_ADDR": f"127.0.0.1:{self.port}",
+                "FLYNN_IMAGES": str(IMAGES)}  # fmt: skip
+
+    def args(self) -> list[str]:
+        b = self.base
+        return [
+            sys.executable, "-m", "flynn_host.cli.main", "daemon",
+            "--id", self.host_id, "--http-port", str(self.port), "--listen-ip", "127.0.0.1",
+            "--state", str(b / "state.json"), "--volpath", str(b / "vol"),
+            "--work-dir", str(b / "work"), "--run-dir", str(b / "run"),
+            "--log-dir", str(b / "log"), "--log-file", str(b / "daemon.log"),
+            "--stop-timeout", "3", *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 20.0) -> None:
+        env = {**os.environ, "FLYNN_HOST_CONFIG": str(self.base / "host.json"), **self.env}
+        if not (self.base / "host.json").exists():
+            (self.base / "host.json").write_text("{}")
+        self.proc = subprocess.Popen(self.args(), env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
+            with contextlib.suppress(OSError, ConnectionError):
+                self.client.status()
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not answer in {timeout}s: {self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.base / "daemon.log").read_text()[-3000:]
+        return ""
+
+    def run_cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "flynn_host.cli.main", *args],
+            env=self.cli_env, capture_output=True, text=True, timeout=kw.pop("timeout", 60),
+            cwd=ROOT, **kw,
+        )  # fmt: skip
+
+    def wait_job(self, job_id: str, states: tuple[str, ...] = ("done", "crashed", "failed"),
+                 timeout: float = 30.0) -> dict[str, Any]:  # fmt: skip
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(HostAPIError):
+                job = self.client.get_job(job_id)
+                if job["status"] in states:
+                    return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
+
+    def new_job_id(self) -> str:
+        return f"{self.host_id}-{uuid.uuid4().hex}"
+
+    def cleanup(self) -> None:
+        """Whatever happened: no process, container, mount, loop device or cgroup left."""
+        self.stop()
+        run_dir = self.base / "run"
+        runc_root = run_dir / self.host_id / "runc"
+        # shims of this host (they carry their job dir, under our run dir, on the command line)
+        out = subprocess.run(["pgrep", "-f", f"flynn_host.shim {run_dir}"],
+                             capture_output=True, text=True).stdout  # fmt: skip
+        for pid in out.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        if runc_root.exists():
+            ids = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
+                                 capture_output=True, text=True).stdout.split()  # fmt: skip
+            for cid in ids:
+                subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", cid],
+                               capture_output=True)  # fmt: skip
+        for mnt in sorted(mounts_under(self.base), key=len, reverse=True):
+            subprocess.run(["umount", "-d", "-l", mnt], capture_output=True)
+        remove_cgroups(f"flynn/{self.host_id}")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def mounts_under(base: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(base))]
+
+
+def cgroups_of(rel: str) -> list[Path]:
+    found = []
+    for h in CGROUP_ROOT.iterdir():
+        d = h / rel
+        if d.exists():
+            found += [p for p in d.rglob("*") if p.is_dir()] + [d]
+    return found
+
+
+def remove_cgroups(rel: str) -> None:
+    for d in sorted(cgroups_of(rel), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    for h in CGROUP_ROOT.iterdir():
+        with contextlib.suppress(OSError):
+            (h / "flynn").rmdir()
+
+
+def make_daemon(host_id: str | None = None, start: bool = True, **kw: Any) -> Daemon:
+    """A daemon under a fresh short directory in /tmp (unix socket paths must stay short)."""
+    base = Path(tempfile.mkdtemp(prefix="fh-", dir="/tmp"))
+    d = Daemon(host_id or f"h{uuid.uuid4().hex[:8]}", free_port(), base, **kw)
+    if start:
+        try:
+            d.start()
+        except BaseException:
+            d.cleanup()
+            raise
+    return d
