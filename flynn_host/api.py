@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 HOST: web.AppKey[Host] = web.AppKey("host")
 SSE_KEEPALIVE = 30.0
 MAX_BODY = 16 * 1024 * 1024
+ATTACH_LINGER = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -237,6 +238,11 @@ async def delete_volume(request: web.Request) -> web.Response:
 # --- attach -----------------------------------------------------------------------------------
 
 
+async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
 class _Feeder:
     """Receives the bytes of an upgraded connection (aiohttp's payload-parser interface)."""
 
@@ -276,49 +282,62 @@ async def attach_job(request: web.Request) -> web.StreamResponse:
         if job.status == RUNNING:
             with contextlib.suppress(OSError):
                 shim = await host.backend.open_attach(job.job.id, req)
-        sent_status = False
+        sent = None
         if shim is not None:
             await resp.write(bytes([attach.STATUS_SUCCESS]))
-            sent_status = True
-            if await _proxy(client, resp, *shim):
+            sent = await _proxy(client, resp, *shim)
+            if sent["exit"] or not flags & attach.ATTACH_STREAM and sent["frames"]:
                 return resp
-            # the shim was exiting as we connected and sent nothing: serve from the log file
+        # the job ended while we attached (or its shim went away): finish from the job's
+        # record and log file, replaying the log only if the shim sent nothing of it
         await asyncio.wait_for(host.jobs.wait_ended(job.job.id), 30)
-        await _attach_ended(host, job, req, flags, resp, sent_status)
+        await _attach_ended(host, job, req, flags, resp, sent)
     except (ConnectionResetError, asyncio.CancelledError):
-        pass
+        return resp
     except Exception as exc:
         # past the upgrade, an HTTP error response would corrupt the stream: send a frame
         log.exception("attach to %s failed", job.job.id)
         with contextlib.suppress(Exception):
             await resp.write(attach.error_frame(f"attach failed: {exc}"))
+    # a lingering close: closing with the client's last frames unread would make the kernel
+    # reset the connection, and a reset makes the client drop what it has not read yet (the
+    # exit frame). Half-close, then read until the client closes.
+    with contextlib.suppress(Exception):
+        transport = request.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        await asyncio.wait_for(_discard_until_eof(client), ATTACH_LINGER)
     return resp
 
 
-async def _attach_ended(host: Host, job: Any, req: dict[str, Any], flags: int,
-                        resp: web.StreamResponse, sent_status: bool) -> None:  # fmt: skip
-    """Attach to a job that is no longer running: replay its log, then how it ended."""
-    if job.error and job.status == "failed" and not flags & attach.ATTACH_LOGS:
-        # the error frame's type byte (2) is also the status byte Flynn's clients read
-        await resp.write(attach.error_frame(job.error))
-        return
-    if not sent_status:
+async def _attach_ended(
+    host: Host,
+    job: Any,
+    req: dict[str, Any],
+    flags: int,
+    resp: web.StreamResponse,
+    sent: dict[str, Any] | None,
+) -> None:
+    """Attach to a job that is no longer running: replay its log, then how it ended. `sent`
+    is what a shim connection already delivered (None: not even the status byte)."""
+    if sent is None:
+        if job.error and job.status == "failed" and not flags & attach.ATTACH_LOGS:
+            # the error frame's type byte (2) is also the status byte Flynn's clients read
+            await resp.write(attach.error_frame(job.error))
+            return
         await resp.write(bytes([attach.STATUS_SUCCESS]))
-    streams = set()
-    if flags & attach.ATTACH_STDOUT:
-        streams.add("stdout")
-    if flags & attach.ATTACH_STDERR:
-        streams.add("stderr")
-    if flags & attach.ATTACH_LOGS:
-        entries = logs.read_entries(
-            str(host.backend.log_path(job.job.id)), lines=req.get("lines"), streams=streams
-        )
-        for entry in entries:
-            stream = 1 if entry["s"] == "stdout" else 2
+    streams = {s for s, f in (("stdout", attach.ATTACH_STDOUT), ("stderr", attach.ATTACH_STDERR))
+               if flags & f}  # fmt: skip
+    if flags & attach.ATTACH_LOGS and not (sent and sent["frames"]):
+        path = str(host.backend.log_path(job.job.id))
+        for entry in logs.read_entries(path, lines=req.get("lines"), streams=streams):
+            stream = attach.STDOUT if entry["s"] == "stdout" else attach.STDERR
             await resp.write(attach.data_frame(stream, logs.format_entry(entry)))
     if flags & attach.ATTACH_STREAM:
-        for stream in sorted({1 if s == "stdout" else 2 for s in streams}):
-            await resp.write(attach.data_frame(stream, b""))
+        ended = sent["eof"] if sent else set()
+        for stream in sorted({attach.STDOUT if s == "stdout" else attach.STDERR for s in streams}):
+            if stream not in ended:
+                await resp.write(attach.data_frame(stream, b""))
         if job.status == "failed":
             await resp.write(attach.error_frame(job.error or "job failed"))
         else:
@@ -330,33 +349,35 @@ async def _proxy(
     resp: web.StreamResponse,
     shim_reader: asyncio.StreamReader,
     shim_writer: asyncio.StreamWriter,
-) -> bool:
-    """Copy bytes both ways: the shim already speaks Flynn's attach frames. False if the
-    shim closed without sending anything (it was exiting when we connected)."""
+) -> dict[str, Any]:
+    """Forward frames both ways between the client and the job's shim, which already speaks
+    Flynn's attach framing. Returns what reached the client: whether any frame did, which
+    streams were ended, and whether the exit frame was sent."""
+    sent: dict[str, Any] = {"frames": 0, "eof": set(), "exit": False}
 
     async def upstream() -> None:
         while data := await client.read(65536):
             shim_writer.write(data)
             await shim_writer.drain()
-        # client finished sending: nothing more to forward, but keep reading its output
-
-    received = 0
-
-    async def downstream() -> None:
-        nonlocal received
-        while data := await shim_reader.read(65536):
-            received += len(data)
-            await resp.write(data)
 
     up = asyncio.create_task(upstream())
     try:
-        await downstream()
-        return received > 0
+        while (frame := await attach.read_frame(shim_reader)) is not None:
+            await resp.write(attach.encode_frame(frame))
+            sent["frames"] += 1
+            if frame.kind == "data" and not frame.data:
+                sent["eof"].add(frame.stream)
+            elif frame.kind in ("exit", "error"):
+                sent["exit"] = True
+                break
+    except (OSError, ValueError, asyncio.IncompleteReadError):
+        pass  # the shim went away: the caller finishes the stream from the job's record
     finally:
         up.cancel()
         with contextlib.suppress(BaseException):
             await up
         shim_writer.close()
+    return sent
 
 
 def make_app(host: Host) -> web.Application:

@@ -93,6 +93,21 @@ def error_frame(message: str) -> bytes:
     return bytes([FRAME_ERROR]) + _U32.pack(len(payload)) + payload
 
 
+def encode_frame(frame: Frame) -> bytes:
+    """The bytes of a decoded frame (what `read_frame` read), for forwarding it."""
+    if frame.kind == "data":
+        return data_frame(frame.stream or 0, frame.data)
+    if frame.kind == "signal":
+        return signal_frame(frame.signal or 0)
+    if frame.kind == "exit":
+        return exit_frame(frame.status or 0)
+    if frame.kind == "resize":
+        return resize_frame(frame.height or 0, frame.width or 0)
+    if frame.kind == "error":
+        return error_frame(frame.message or "")
+    raise ValueError(f"unknown frame kind {frame.kind!r}")
+
+
 async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     """The next frame, or None if the connection ended cleanly between frames.
 

@@ -36,6 +36,7 @@ from flynn_host.logs import LogWriter, encode_entry, format_entry, read_entries
 PR_SET_CHILD_SUBREAPER = 36
 RUNC_TIMEOUT = 60.0  # runc run --detach takes well under a second; a hang must not block forever
 DRAIN_TIMEOUT = 2.0  # grandchildren may keep the output pipes open after init exits
+CLIENT_LINGER = 2.0  # how long an attach client may take to close after its exit frame
 CLIENT_FLUSH_TIMEOUT = 5.0  # how long clients get to take the last output before the shim exits
 CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # a client this far behind is dropped, not waited for
 READ_SIZE = 64 * 1024
@@ -506,6 +507,12 @@ class Shim:
     # --- clients ------------------------------------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # every accepted connection is waited for at exit, also one whose request is still
+        # unread: cut off, it would lose the end of its replay and the exit status
+        task = asyncio.current_task()
+        assert task is not None
+        self.clients.add(task)
+        task.add_done_callback(self.clients.discard)
         try:
             await self._serve_client(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -530,11 +537,6 @@ class Shim:
             await writer.drain()
             return
         ((kind, arg),) = request.items()
-        # only clients with a request are waited for at exit; idle connections are not
-        task = asyncio.current_task()
-        assert task is not None
-        self.clients.add(task)
-        task.add_done_callback(self.clients.discard)
         try:
             if kind == "attach":
                 await self._attach(arg, reader, writer)
@@ -639,6 +641,13 @@ class Shim:
                 writer.write(attach.data_frame(STREAM_NUMBERS[name], b""))
         assert self.exit is not None
         writer.write(attach.exit_frame(self.exit["status"] or 0))
+        # half-close and read what the client still sends until it closes: closing with its
+        # input unread would reset the connection and could lose the frames just written
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            await asyncio.wait_for(_discard_until_eof(reader), CLIENT_LINGER)
 
     async def _client_input(
         self, reader: asyncio.StreamReader, use_stdin: bool, sub: Subscriber
@@ -675,6 +684,11 @@ class Shim:
             stdin.write(data)
         with contextlib.suppress(ConnectionError):
             await stdin.drain()
+
+
+async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(READ_SIZE):
+        pass
 
 
 async def _watch_hangup(reader: asyncio.StreamReader, sub: Subscriber) -> None:
