@@ -87,14 +87,6 @@ class Host:
         }
 
     # --- lifecycle ----------------------------------------------------------------------------
-    async def _stop_all_jobs(self) -> None:
-        for job in self.jobs.list(active_only=True):
-            self.jobs.stop(job.job.id)
-        pending = [t for t in self.jobs._tasks.values()]
-        if pending:
-            log.info("stopping %d jobs", len(pending))
-            await asyncio.wait(pending, timeout=self.config.stop_timeout + 10)
-
     @contextlib.asynccontextmanager
     async def running(self) -> Any:
         """Start everything; on exit, tear down in reverse order (collecting errors)."""
@@ -110,20 +102,21 @@ class Host:
                 if not self.keep_jobs:
                     await self.layers.close()
 
+            # plugin services start before jobs are adopted and stop after jobs have stopped:
+            # a service may provide what jobs use (a volume provider's mounts, say)
+            for batch in self.pm.hook.flynn_host_services(host=self):
+                for service in batch or []:
+                    await stack.enter_async_context(service)
+
             await self.jobs.recover()
             await self.backend.cleanup_orphans(set(self.jobs.jobs))
-            held = {lid for ids in self.backend.held.values() for lid in ids}
-            await self.layers.cleanup_stale(held)
+            await self.layers.cleanup_stale(self.backend.layers_in_use())
 
             @stack.push_async_callback
             async def _jobs_down() -> None:
                 if not self.keep_jobs:
-                    await self._stop_all_jobs()
+                    await self.jobs.stop_all(self.config.stop_timeout + 10)
                 await self.jobs.shutdown()
-
-            for batch in self.pm.hook.flynn_host_services(host=self):
-                for service in batch or []:
-                    await stack.enter_async_context(service)
 
             runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
             await runner.setup()

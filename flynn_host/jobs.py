@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from flynn_host import logs
 from flynn_host.errors import FlynnError, ValidationError, conflict, not_found
 from flynn_host.runc import RuncBackend, StartError
 from flynn_host.types import CRASHED, DONE, FAILED, RUNNING, STARTING, ActiveJob, Job
@@ -219,6 +220,7 @@ class JobManager:
             # the shim ends the feed after the last line; give it a moment to get there
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(follower, 5)
+            self._deliver_rest_of_log(jid)
         job.exit_status = info.status
         job.error = info.error
         self._mark_ended(job, DONE if info.status == 0 and not info.error else CRASHED)
@@ -226,14 +228,24 @@ class JobManager:
         await self._finish(job)
 
     async def _follow_logs(self, jid: str) -> None:
-        assert self.on_log is not None
         with contextlib.suppress(OSError, ConnectionError):
             async for entry in self.backend.follow_logs(jid, self.log_seq.get(jid, 0)):
-                self.log_seq[jid] = entry.get("n", 0)
-                try:
-                    self.on_log(jid, entry)
-                except Exception:
-                    log.exception("job log hook failed")
+                self._deliver_log(jid, entry)
+
+    def _deliver_log(self, jid: str, entry: dict[str, Any]) -> None:
+        assert self.on_log is not None
+        self.log_seq[jid] = entry.get("n", 0)
+        try:
+            self.on_log(jid, entry)
+        except Exception:
+            log.exception("job log hook failed")
+
+    def _deliver_rest_of_log(self, jid: str) -> None:
+        """Lines the live feed missed (a job that ended before we connected to its shim, or
+        that ended while the daemon was down) come from the log file."""
+        path = str(self.backend.log_path(jid))
+        for entry in logs.read_entries(path, since=self.log_seq.get(jid, 0)):
+            self._deliver_log(jid, entry)
 
     async def _finish(self, job: ActiveJob) -> None:
         jid = job.job.id
@@ -289,6 +301,15 @@ class JobManager:
         if job.status != RUNNING:
             raise FlynnError("conflict", f"job {job_id} is {job.status}, not running")
         await self.backend.signal(job, sig)
+
+    async def stop_all(self, grace: float) -> None:
+        """Stop every active job and wait (up to `grace` seconds) until they have ended."""
+        for job in self.list(active_only=True):
+            self.stop(job.job.id)
+        pending = list(self._tasks.values())
+        if pending:
+            log.info("stopping %d jobs", len(pending))
+            await asyncio.wait(pending, timeout=grace)
 
     async def shutdown(self) -> None:
         """Stop supervising (jobs keep running under their shims and are adopted later)."""

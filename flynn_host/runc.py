@@ -344,6 +344,9 @@ class RuncBackend:
             with contextlib.suppress(OSError):
                 d.rmdir()
 
+    def layers_in_use(self) -> set[str]:
+        return {layer_id for ids in self.held.values() for layer_id in ids}
+
     async def recover(self, job: ActiveJob) -> bool:
         """After a daemon restart: True if the job's shim still runs (the job is adopted)."""
         ids = [s.id for s in job.job.mountspecs]

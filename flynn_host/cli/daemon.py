@@ -91,13 +91,17 @@ def cmd_daemon(argv: list[str]) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
-    from flynn_host.daemon import Host
-    from flynn_host.plugins.manager import make_plugin_manager
+    from pluggy import PluginValidationError
 
-    pm = make_plugin_manager(config.disabled_plugins)
-    host = Host(config, pm)
+    from flynn_host.daemon import Host
+    from flynn_host.plugins.manager import PluginError, make_plugin_manager
+
     try:
+        pm = make_plugin_manager(config.disabled_plugins)
+        host = Host(config, pm)
         return asyncio.run(host.serve())
-    except OSError as exc:
+    except (PluginError, PluginValidationError, RuntimeError, ValueError, OSError) as exc:
+        # a configuration the daemon cannot start with: say why, in its log and to the operator
+        logging.getLogger("flynn_host").error("cannot start: %s", exc)
         print(f"flynn-host daemon: {exc}", file=sys.stderr)
         return 1

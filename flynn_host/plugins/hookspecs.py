@@ -2,8 +2,9 @@
 
 Hooks are synchronous and cheap (pluggy cannot await): they return objects — a component
 factory, an aiohttp application, an async context manager — and the daemon awaits those.
-The built-in plugins (`flynn_host.plugins.builtin`) implement these hooks exactly as a vendor's
-plugin would; `docs/plugin_hooks.md` documents each one and a test keeps the two in step.
+The built-in plugins (`BUILTIN_PLUGINS` in `flynn_host.plugins.manager`) implement these hooks
+exactly as a vendor's plugin would; `docs/plugin_hooks.md` documents each one and a test keeps
+the two in step.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def flynn_host_job_log(host: Host, job_id: str, entry: dict[str, Any]) -> None:
 def flynn_host_commands() -> dict[str, Callable[[list[str]], int]]:
     """Offer extra `flynn-host` subcommands.
 
-    Fires when the `flynn-host` command starts. Returns a map of subcommand name to a function
-    taking the remaining arguments and returning the exit status. A built-in command of the same
-    name wins.
+    Fires when `flynn-host` is given a command that is not built in. Returns a map of
+    subcommand name to a function taking the remaining arguments and returning the exit status.
+    A built-in command of the same name wins.
     """

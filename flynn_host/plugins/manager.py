@@ -99,7 +99,13 @@ def choose_components(
         if len(defaults) > 1:
             names = ", ".join(c.name for c in defaults)
             raise PluginError(f"several default {kind} implementations ({names}): choose one")
-        chosen[kind] = defaults[0] if defaults else comps[0]
+        if not defaults:
+            names = ", ".join(sorted(c.name for c in comps))
+            raise PluginError(
+                f"no default {kind} implementation is loaded: choose one of {names} "
+                f"with --component {kind}=NAME"
+            )
+        chosen[kind] = defaults[0]
     for kind in choices:
         if kind not in offered:
             raise PluginError(f"no plugin offers a component of kind {kind!r}")
