@@ -41,6 +41,7 @@ options:
   --max-job-concurrency=NUM  maximum number of jobs to start concurrently [default: 4]
   --stop-timeout=SECS        seconds between SIGTERM and SIGKILL when stopping a job [default: 30]
   --log-max-bytes=BYTES      size at which a job's log file is rotated [default: 10485760]
+  --shim-pool=NUM            job shims kept started ahead, to start jobs faster [default: 2]
   --disable-plugin=NAMES     comma separated plugin names not to load
   --component=KIND=NAME      choose the implementation of a component (repeatable)
 """
@@ -78,6 +79,7 @@ class HostConfig:
     max_job_concurrency: int = 4
     stop_timeout: float = 30.0
     log_max_bytes: int = 10 * 1024 * 1024
+    shim_pool: int = 2
     tags: dict[str, str] = field(default_factory=dict)
     partitions: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PARTITIONS))
     disabled_plugins: list[str] = field(default_factory=list)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flynn_host import bundle
+from flynn_host import bundle, shim
 from flynn_host.config import HostConfig
 from flynn_host.layers import LayerStore
 from flynn_host.types import ActiveJob
@@ -93,6 +93,61 @@ def _pid_alive(pid: int, needle: str) -> bool:
     return needle.encode() in cmdline
 
 
+class ShimPool:
+    """A few shims started ahead of time, already past Python's start-up and imports (most
+    of a shim's start cost), each waiting on its stdin for the job directory it will own.
+    An idle shim whose stdin closes exits, so none outlives the daemon that started it."""
+
+    def __init__(self, command: list[str], jobs_dir: Path, size: int) -> None:
+        self.command = [*command, str(jobs_dir), "--idle"]
+        self.size = size
+        self.idle: list[asyncio.subprocess.Process] = []
+        self._filling: asyncio.Task[None] | None = None
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *self.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # once it owns a job, it must outlive a daemon restart
+        )
+
+    async def _fill(self) -> None:
+        while len(self.idle) < self.size:
+            self.idle.append(await self._spawn())
+
+    def refill(self) -> None:
+        if self.size and (self._filling is None or self._filling.done()):
+            self._filling = asyncio.get_running_loop().create_task(self._fill())
+
+    def take(self) -> asyncio.subprocess.Process | None:
+        """An idle shim that is still alive, or None (the caller starts one cold)."""
+        while self.idle:
+            proc = self.idle.pop(0)
+            if proc.returncode is None:
+                self.refill()
+                return proc
+        self.refill()
+        return None
+
+    async def close(self) -> None:
+        if self._filling is not None:
+            self._filling.cancel()
+            with contextlib.suppress(BaseException):
+                await self._filling
+        idle, self.idle = self.idle, []
+        for proc in idle:
+            if proc.stdin is not None:
+                proc.stdin.close()  # EOF: no job is coming, the shim exits
+        for proc in idle:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 class RuncBackend:
     """Runs jobs as runc containers. Constructed once by the daemon from its config."""
 
@@ -108,6 +163,7 @@ class RuncBackend:
             else [sys.executable, "-m", "flynn_host.shim"]
         )  # fmt: skip
         self.run_jobs = config.run_dir / config.id / "jobs"
+        self.pool = ShimPool(self.shim_command, self.run_jobs, config.shim_pool)
         # layers each job holds a reference to, so destroy releases exactly those
         self.held: dict[str, list[str]] = {}
         longest = self.run_jobs / ("x" * 16) / "console.sock"
@@ -133,8 +189,10 @@ class RuncBackend:
         for path in (self.config.jobs_dir, self.run_jobs, self.config.log_dir):
             path.mkdir(parents=True, exist_ok=True)
         setup_partitions(self.config)
+        self.pool.refill()
 
     async def teardown(self) -> None:
+        await self.pool.close()
         remove_empty_cgroups(self.config)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -204,18 +262,23 @@ class RuncBackend:
         return await self._spawn_shim(rund)
 
     async def _spawn_shim(self, rund: Path) -> int:
-        err = os.open(rund / "shim.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.shim_command,
-                str(rund),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,  # the shim must outlive a daemon restart
-            )
-        finally:
-            os.close(err)
+        proc = self.pool.take()
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.write(f"{rund}\n".encode())
+            proc.stdin.close()
+        else:
+            err = os.open(rund / "shim.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.shim_command,
+                    str(rund),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=err,
+                    start_new_session=True,  # the shim must outlive a daemon restart
+                )
+            finally:
+                os.close(err)
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), SHIM_START_TIMEOUT)
@@ -235,18 +298,7 @@ class RuncBackend:
         return int(reply["pid"])
 
     async def _request(self, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        reader, writer = await asyncio.open_unix_connection(
-            str(self.run_dir(job_id) / "attach.sock")
-        )
-        try:
-            writer.write(json.dumps(request).encode() + b"\n")
-            await writer.drain()
-            line = await reader.readline()
-        finally:
-            writer.close()
-        if not line:
-            raise ConnectionError("shim closed the connection")
-        return json.loads(line)
+        return await shim.shim_request(str(self.run_dir(job_id)), request)
 
     async def wait(self, job: ActiveJob) -> ExitInfo:
         """Wait until the container exits; its exit status, and an error for an OOM kill."""
@@ -300,18 +352,14 @@ class RuncBackend:
     async def open_attach(
         self, job_id: str, request: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_unix_connection(
-            str(self.run_dir(job_id) / "attach.sock")
-        )
+        reader, writer = await shim.connect_shim(str(self.run_dir(job_id)))
         writer.write(json.dumps({"attach": request}).encode() + b"\n")
         await writer.drain()
         return reader, writer
 
     async def follow_logs(self, job_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         """Log entries after `since`, live, until the container exits."""
-        reader, writer = await asyncio.open_unix_connection(
-            str(self.run_dir(job_id) / "attach.sock"), limit=1 << 20
-        )
+        reader, writer = await shim.connect_shim(str(self.run_dir(job_id)))
         try:
             writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
             await writer.drain()

@@ -12,26 +12,38 @@ container with `runc delete` after reading its cgroup. Stdlib only, so it starts
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flynn_host import attach
 from flynn_host.logs import LogWriter, encode_entry, format_entry, read_entries
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from flynn_host import attach
+
+
+def load_serving_modules() -> None:
+    """Import what serving needs. asyncio alone costs ~35 ms, so it is imported after the
+    container has started and its pid is reported, off the job's start latency."""
+    global asyncio, attach
+    import asyncio
+
+    from flynn_host import attach
+
 
 PR_SET_CHILD_SUBREAPER = 36
 RUNC_TIMEOUT = 60.0  # runc run --detach takes well under a second; a hang must not block forever
@@ -42,7 +54,7 @@ CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # a client this far behind is dropped, no
 READ_SIZE = 64 * 1024
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
-STREAM_NUMBERS = {"stdout": attach.STDOUT, "stderr": attach.STDERR}
+STREAM_NUMBERS = {"stdout": 1, "stderr": 2}  # attach.STDOUT, attach.STDERR
 
 
 @dataclass
@@ -255,9 +267,10 @@ class Shim:
         self.master: int | None = None  # pty master, tty jobs only
         self.stdin: asyncio.StreamWriter | None = None  # writes to the stdin pipe or the pty
         self.exit: dict[str, int | None] | None = None  # {"status", "signal"} once init exited
-        self.exited = asyncio.Event()  # init has exited
-        self.outputs_done = asyncio.Event()  # every output reached EOF
-        self.finished = asyncio.Event()  # output drained, log closed, exit.json written
+        # made in serve(): asyncio is only imported once the container runs
+        self.exited: asyncio.Event  # init has exited
+        self.outputs_done: asyncio.Event  # every output reached EOF
+        self.finished: asyncio.Event  # output drained, log closed, exit.json written
         self.watchers: list[tuple[Subscriber, frozenset[str]]] = []
         self.followers: list[tuple[Subscriber, int]] = []
         self.clients: set[asyncio.Task[Any]] = set()
@@ -279,6 +292,8 @@ class Shim:
                 console_path = self.path("console.sock")
                 if len(os.fsencode(console_path)) > UNIX_PATH_MAX:
                     # runc connects by name, so a deep job directory needs a short private one
+                    import tempfile
+
                     console_path = os.path.join(tempfile.mkdtemp(prefix="flynn-shim-"), "c.sock")
                 console_sock = listen_unix(console_path)
 
@@ -333,13 +348,19 @@ class Shim:
         if console_path is not None:
             args += ["--console-socket", console_path]
         args.append(cfg.job_id)
+        proc = subprocess.Popen(args, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+        # wait on a pidfd: subprocess's own timed wait polls with sleeps of up to 50 ms,
+        # which showed up as the largest avoidable part of a job's start latency
+        pidfd = os.pidfd_open(proc.pid)
         try:
-            proc = subprocess.run(
-                args, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], timeout=RUNC_TIMEOUT
-            )
-        except subprocess.TimeoutExpired:
+            ready, _, _ = select.select([pidfd], [], [], RUNC_TIMEOUT)
+        finally:
+            os.close(pidfd)
+        if not ready:
+            proc.kill()
+            proc.wait()
             return None
-        return proc.returncode
+        return proc.wait()
 
     def _runc_error(self, returncode: int | None, stderr: bytes) -> str:
         """The best description of a failed `runc run`: runc's own log, else its stderr."""
@@ -421,6 +442,9 @@ class Shim:
     async def serve(self) -> int:
         """Run until the container has exited and its exit has been recorded and announced."""
         assert self.log is not None and self.server_sock is not None
+        self.exited = asyncio.Event()
+        self.outputs_done = asyncio.Event()
+        self.finished = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self._reap()  # init may have exited before runc did
@@ -518,6 +542,8 @@ class Shim:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         except Exception:
+            import traceback
+
             traceback.print_exc()  # a bug in one client's handling must not end the shim
         finally:
             writer.close()
@@ -713,8 +739,10 @@ async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
 
 async def connect_shim(job_dir: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a job's shim socket (also when the job directory's path is long)."""
+    load_serving_modules()
     with unix_path(os.path.join(job_dir, "attach.sock")) as name:
-        return await asyncio.open_unix_connection(name)
+        # log lines reach 64 KiB before JSON escaping: allow longer lines than asyncio's default
+        return await asyncio.open_unix_connection(name, limit=1 << 20)
 
 
 async def shim_request(job_dir: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -745,8 +773,16 @@ def _report(message: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[1] == "--idle":
+        # a pre-started shim (the daemon keeps a few ready): everything is imported, and the
+        # job directory arrives on stdin when a job starts; EOF means no job is coming
+        load_serving_modules()
+        line = sys.stdin.readline().strip()
+        if not line:
+            return 0
+        args = [line]
     if len(args) != 1:
-        print("usage: python -m flynn_host.shim JOBDIR", file=sys.stderr)
+        print("usage: python -m flynn_host.shim JOBDIR | JOBS_DIR --idle", file=sys.stderr)
         return 2
     job_dir = os.path.abspath(args[0])
     # tracebacks go to the job directory, where the daemon's operator can find them
@@ -765,10 +801,13 @@ def main(argv: list[str] | None = None) -> int:
         _report({"error": str(e)})
         return 1
     except Exception as e:
+        import traceback
+
         traceback.print_exc()
         _report({"error": f"shim: {e}"})
         return 1
     _report({"pid": pid})
+    load_serving_modules()
     return asyncio.run(shim.serve())
 
 

@@ -34,6 +34,7 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
     p.add_argument("--max-job-concurrency", type=int, default=4)
     p.add_argument("--stop-timeout", type=float, default=30.0)
     p.add_argument("--log-max-bytes", type=int, default=10 * 1024 * 1024)
+    p.add_argument("--shim-pool", type=int, default=2)
     p.add_argument("--disable-plugin", action="append", default=[])
     p.add_argument("--component", action="append", default=[])
     # the config file's args come first so the command line overrides them
@@ -69,6 +70,7 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
         max_job_concurrency=args.max_job_concurrency,
         stop_timeout=args.stop_timeout,
         log_max_bytes=args.log_max_bytes,
+        shim_pool=max(0, args.shim_pool),
         tags=parse_tags(args.tags),
         disabled_plugins=disabled,
         components=components,
