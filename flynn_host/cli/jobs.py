@@ -203,8 +203,13 @@ options:
 
 
 async def _print_attach(url: str, request: dict[str, Any], split_stderr: bool) -> int:
-    reader, writer = await attach.attach_host(url, request)
-    status = 0
+    """Print a job's log frames; 1 if the host reported an error, else 0 (whatever the job's
+    own exit status: the log was shown)."""
+    try:
+        reader, writer = await attach.attach_host(url, request)
+    except attach.AttachError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         while (frame := await attach.read_frame(reader)) is not None:
             if frame.kind == "data" and frame.data:
@@ -212,13 +217,13 @@ async def _print_attach(url: str, request: dict[str, Any], split_stderr: bool) -
                 out.buffer.write(frame.data)
                 out.flush()
             elif frame.kind == "exit":
-                status = frame.status or 0
+                break
             elif frame.kind == "error":
                 print(f"error: {frame.message}", file=sys.stderr)
                 return 1
     finally:
         writer.close()
-    return status
+    return 0
 
 
 def cmd_log(argv: list[str]) -> int:
@@ -233,8 +238,7 @@ def cmd_log(argv: list[str]) -> int:
     if args.follow:
         flags |= attach.ATTACH_STREAM
     request = {"job_id": args.ID, "flags": flags, "lines": args.lines}
-    asyncio.run(_print_attach(HostClient().url, request, args.split_stderr))
-    return 0
+    return asyncio.run(_print_attach(HostClient().url, request, args.split_stderr))
 
 
 # --- run --------------------------------------------------------------------------------------

@@ -21,7 +21,13 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}\n\n{self.flynn_usage}")
 
     def parse(self, argv: list[str]) -> argparse.Namespace:
-        args = self.parse_args(argv)
+        try:
+            args = self.parse_args(argv)
+        except UsageError:
+            # `flynn-host stop --help`: missing arguments must not hide the usage asked for
+            if "-h" not in argv and "--help" not in argv:
+                raise
+            args = argparse.Namespace(help=True)
         if args.help:
             print(self.flynn_usage, end="")
             raise SystemExit(0)
