@@ -5,6 +5,10 @@ A volume is `<volpath>/data/<id>/`, recorded in `<volpath>/volumes.json` as Flyn
 directory is created before its record and deleted after it, so the only thing a crash can
 leave behind is an unrecorded (empty or half-deleted) directory, never a record without data.
 Whether a volume is in use by a job is the daemon's business, not this module's.
+
+It is also the base of other volume providers: a plugin that keeps its volumes elsewhere
+subclasses it and overrides `provision` and `remove_data` (see the tmpfs example plugin in
+`tests/plugins/`), keeping the index, ids, validation and errors as they are here.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ VOLUME_ID_RE = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z_.-]{0,127}")
 class VolumeManager:
     """Create, list, inspect and delete data volumes under `volpath`."""
 
-    def __init__(self, volpath: Path) -> None:
+    def __init__(self, volpath: Path, data_dir: str = "data", index: str = "volumes.json") -> None:
         self.volpath = Path(volpath)
-        self.data_dir = self.volpath / "data"
-        self.index = self.volpath / "volumes.json"
+        self.data_dir = self.volpath / data_dir
+        self.index = self.volpath / index
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._volumes: dict[str, dict[str, Any]] = {}
         if self.index.exists():
@@ -53,14 +57,14 @@ class VolumeManager:
         if volume_id in self._volumes:
             raise FlynnError("object_exists", f"volume {volume_id} already exists")
         info = {"id": volume_id, "type": "data", "meta": dict(meta), "created_at": now()}
-        # exist_ok: an unrecorded directory can only be left by a crash in create or delete.
-        self._dir(volume_id).mkdir(exist_ok=True)
+        # made before it is recorded, so a record always has its data
+        self.provision(self._dir(volume_id))
         self._volumes[volume_id] = info
         try:
             self._save()
         except BaseException:
             del self._volumes[volume_id]
-            shutil.rmtree(self._dir(volume_id), ignore_errors=True)
+            self.remove_data(self._dir(volume_id))
             raise
         return dict(info)
 
@@ -86,8 +90,19 @@ class VolumeManager:
         except BaseException:
             self._volumes[volume_id] = info
             raise
-        shutil.rmtree(self._dir(volume_id), ignore_errors=True)
+        self.remove_data(self._dir(volume_id))
 
+    # --- what a provider overrides --------------------------------------------------------
+    def provision(self, path: Path) -> None:
+        """Make the volume's storage at `path`. exist_ok: an unrecorded directory can only be
+        left by a crash in create or delete."""
+        path.mkdir(exist_ok=True)
+
+    def remove_data(self, path: Path) -> None:
+        """Delete the volume's storage at `path` (it is no longer recorded)."""
+        shutil.rmtree(path, ignore_errors=True)
+
+    # --- helpers ----------------------------------------------------------------------------
     def _dir(self, volume_id: str) -> Path:
         return self.data_dir / volume_id
 
