@@ -235,6 +235,40 @@ async def delete_volume(request: web.Request) -> web.Response:
     return json_response({})
 
 
+# --- images (this project's extension: Flynn hosts got images through TUF downloads) ------
+
+
+async def import_image(request: web.Request) -> web.Response:
+    raw = await read_json(request)
+    if not isinstance(raw, dict) or not isinstance(raw.get("manifest_url"), str):
+        raise ValidationError("manifest_url", "must be a path or URL of an image manifest")
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ValidationError("name", "must be a string")
+    return json_response(await request.app[HOST].images.import_image(raw["manifest_url"], name))
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return json_response(request.app[HOST].images.list())
+
+
+async def get_image(request: web.Request) -> web.Response:
+    return json_response(request.app[HOST].images.get(request.match_info["name"]))
+
+
+async def delete_image(request: web.Request) -> web.Response:
+    request.app[HOST].images.delete(request.match_info["name"])
+    return json_response({})
+
+
+async def gc_images(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    in_use = host.backend.layers_in_use()
+    for job in host.jobs.list(active_only=True):  # starting jobs hold no mount yet
+        in_use |= {s.id for s in job.job.mountspecs}
+    return json_response({"removed": host.images.gc(in_use)})
+
+
 # --- attach -----------------------------------------------------------------------------------
 
 
@@ -396,6 +430,11 @@ def make_app(host: Host) -> web.Application:
     r.add_get("/storage/volumes", list_volumes)
     r.add_get("/storage/volumes/{id}", get_volume)
     r.add_delete("/storage/volumes/{id}", delete_volume)
+    r.add_post("/host/images", import_image)
+    r.add_get("/host/images", list_images)
+    r.add_post("/host/images/gc", gc_images)
+    r.add_get("/host/images/{name}", get_image)
+    r.add_delete("/host/images/{name}", delete_image)
     r.add_get("/plugins", plugins)
     r.add_get("/.well-known/status", well_known_status)
     for prefix, sub in host.plugin_apps():

@@ -22,6 +22,7 @@ from aiohttp import web
 from flynn_host import __version__
 from flynn_host.api import make_app
 from flynn_host.config import HostConfig
+from flynn_host.imagestore import ImageStore
 from flynn_host.jobs import JobManager
 from flynn_host.layers import LayerStore
 from flynn_host.plugins.manager import choose_components
@@ -36,6 +37,7 @@ class Host:
         self.config = config
         self.pm = pm
         self.layers = LayerStore(config.layer_cache, config.layer_mounts)
+        self.images = ImageStore(config.volpath, self.layers)
         self.components = choose_components(pm, config, config.components)
         for kind in ("container_backend", "volumes"):
             if kind not in self.components:

@@ -112,8 +112,8 @@ class Daemon:
     def run_cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "flynn_host.cli.main", *args],
-            env=self.cli_env, capture_output=True, text=True, timeout=kw.pop("timeout", 60),
-            cwd=ROOT, **kw,
+            env=kw.pop("env", self.cli_env), capture_output=True, text=True,
+            timeout=kw.pop("timeout", 60), cwd=ROOT, **kw,
         )  # fmt: skip
 
     def wait_job(self, job_id: str, states: tuple[str, ...] = ("done", "crashed", "failed"),
@@ -127,6 +127,19 @@ class Daemon:
                     return job
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
+
+    def wait_cleaned(self, job_id: str, timeout: float = 30.0) -> None:
+        """Wait until the daemon has removed the job's container (its state says how the job
+        ended a moment before the clean-up is done)."""
+        from flynn_host.runc import job_key
+
+        dirs = [self.base / "work" / "jobs" / job_key(job_id),
+                self.base / "run" / self.host_id / "jobs" / job_key(job_id)]  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while any(d.exists() for d in dirs):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} not cleaned up after {timeout}s")
+            time.sleep(0.05)
 
     def new_job_id(self) -> str:
         return f"{self.host_id}-{uuid.uuid4().hex}"

@@ -134,6 +134,8 @@ class LayerStore:
         self._mount_locks: dict[str, asyncio.Lock] = {}
         # layer id -> number of holders; an entry exists exactly while this store owns a mount
         self._refs: dict[str, int] = {}
+        # layers whose cached bytes this process has hashed (once per process, see fetch)
+        self._verified: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
 
     def path(self, layer_id: str) -> Path:
@@ -154,6 +156,16 @@ class LayerStore:
         async with self._fetch_locks.setdefault(spec.id, asyncio.Lock()):
             dest = self.path(spec.id)
             state = self._cache_state(spec)
+            if state == "hit" and spec.id not in self._verified:
+                # the sidecar says it was right once; the first use in this process checks the
+                # bytes again, so a layer corrupted on disk is refused, not mounted
+                if await asyncio.to_thread(file_sha512_256, dest) == spec.sha512_256:
+                    self._verified.add(spec.id)
+                else:
+                    log.warning("cached layer %s is corrupted: fetching it again", spec.id)
+                    self._sidecar(spec.id).unlink(missing_ok=True)
+                    dest.unlink(missing_ok=True)
+                    state = "miss"
             if state == "hit":
                 return dest
             # The right size but no matching sidecar (placed by hand, or a crash before the
@@ -162,7 +174,11 @@ class LayerStore:
                 await asyncio.to_thread(file_sha512_256, dest) == spec.sha512_256
             ):
                 self._write_sidecar(spec.id, spec.sha512_256)
+                self._verified.add(spec.id)
                 return dest
+            if urlparse(spec.url).path == str(dest):
+                # the cache file was the only copy: nothing to fetch it again from
+                raise LayerError(spec.id, f"layer {spec.id} is missing or corrupted in {dest}")
             part = _Partial(self.cache_dir, spec)
             try:
                 await self._download(spec, part)
@@ -172,6 +188,7 @@ class LayerStore:
                 self._sidecar(spec.id).unlink(missing_ok=True)
                 part.commit(dest)
                 self._write_sidecar(spec.id, spec.sha512_256)
+                self._verified.add(spec.id)
             finally:
                 part.discard()
             return dest

@@ -58,6 +58,7 @@ def test_force_kills_jobs_an_earlier_daemon_left(make_daemon):
     final = d.wait_job(job_id)
     assert final["status"] == "crashed"
     assert d.client.list_jobs(active=True) == {}
+    d.wait_cleaned(job_id)
     assert [m for m in mounts_under(d.base) if "/jobs/" in m] == []
 
 

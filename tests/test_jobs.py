@@ -208,7 +208,8 @@ def test_twenty_jobs_leave_nothing_behind(make_daemon):
         assert d.wait_job(job_id)["status"] == "crashed"  # SIGTERM: exit status 143
         assert d.run_cli("log", job_id).stdout == job_id.split("-", 1)[1] + "\n"
     # nothing of theirs remains: mounts, cgroups, runc state, work and run directories
-    time.sleep(0.2)
+    for job_id in ids:
+        d.wait_cleaned(job_id)
     assert mounts_under(d.base) == []
     job_cgroups = [p for p in cgroups_of(f"flynn/{d.host_id}") if p.name in ids]
     assert job_cgroups == []

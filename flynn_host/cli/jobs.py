@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import sys
 import termios
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from flynn_host import attach, images
-from flynn_host.cli.usage import Parser
-from flynn_host.client import HostClient
+from flynn_host.cli.usage import Parser, UsageError
+from flynn_host.client import HostAPIError, HostClient
 from flynn_host.types import parse_limits, parse_signal
 
 DEFAULT_IMAGES = "/var/lib/flynn/images"
@@ -259,13 +260,26 @@ options:
 """
 
 
-def build_run_job(args: Any, host_id: str, is_tty: bool) -> dict[str, Any]:
+def resolve_image(client: HostClient, ref: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An image's manifest and job mountspecs: an image the host imported (by name), else a
+    manifest file (a path, a file:// URL, or a name in $FLYNN_IMAGES)."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", ref) and not ref.endswith(".json"):
+        try:
+            image = client.request("GET", f"/host/images/{ref}")
+            return image["manifest"], image["mountspecs"]
+        except HostAPIError as exc:
+            if exc.status != 404:
+                raise
     images_dir = Path(os.environ.get("FLYNN_IMAGES", DEFAULT_IMAGES))
-    manifest, base = images.load_manifest(args.artifact, images_dir)
+    manifest, base = images.load_manifest(ref, images_dir)
     # an image directory keeps its layers beside its manifests: <images>/layers/<id>.squashfs
     layers_dir = Path(base.removeprefix("file://")).parent / "layers"
     template = f"file://{layers_dir}/{{id}}.squashfs"
-    mountspecs = images.mountspecs_for(manifest, template)
+    return manifest, images.mountspecs_for(manifest, template)
+
+
+def build_run_job(args: Any, host_id: str, is_tty: bool, client: HostClient) -> dict[str, Any]:
+    manifest, mountspecs = resolve_image(client, args.artifact)
     entry = images.entrypoint(manifest)
     env = dict(entry.get("env") or {})
     if is_tty:
@@ -379,7 +393,7 @@ def cmd_run(argv: list[str]) -> int:
     client = HostClient(args.host)
     host_id = client.status()["id"]
     is_tty = os.isatty(0) and os.isatty(1)
-    job = build_run_job(args, host_id, is_tty)
+    job = build_run_job(args, host_id, is_tty, client)
     if args.volume:
         vol = client.request("POST", "/storage/providers/default/volumes", {})
         job["config"]["volumes"].append(
@@ -391,6 +405,54 @@ def cmd_run(argv: list[str]) -> int:
         with _Terminal():
             return asyncio.run(_run_attached(client.url, job["id"], True))
     return asyncio.run(_run_attached(client.url, job["id"], False))
+
+
+# --- images -------------------------------------------------------------------------------
+
+IMAGE_USAGE = """\
+usage: flynn-host image import [--name=<name>] <manifest>
+       flynn-host image list
+       flynn-host image rm <name>...
+       flynn-host image gc
+
+Manage the images this host has: import one from a Flynn image manifest (a path, file:// or
+http(s):// URL; its layers are read from ../layers/<id>.squashfs beside it), list them, forget
+them, and delete cached layers no image or job uses.
+"""
+
+
+def cmd_image(argv: list[str]) -> int:
+    p = Parser(IMAGE_USAGE)
+    p.add_argument("action", choices=["import", "list", "rm", "gc"])
+    p.add_argument("--name", default=None)
+    p.add_argument("args", nargs="*")
+    args = p.parse(argv)
+    client = HostClient()
+    if args.action == "import":
+        if len(args.args) != 1:
+            raise UsageError(f"image import takes one manifest\n\n{IMAGE_USAGE}")
+        ref = args.args[0]
+        if "://" not in ref:
+            ref = Path(ref).absolute().as_uri()  # the daemon runs elsewhere: send a full URL
+        print(f"importing {ref} (fetching and verifying its layers) ...", file=sys.stderr)
+        image = client.request("POST", "/host/images", {"manifest_url": ref, "name": args.name})
+        print(f"imported {image['name']}: id {image['id'][:16]}..., "
+              f"{len(image['mountspecs'])} layers, {image['size'] / 1e6:.1f} MB")  # fmt: skip
+    elif args.action == "list":
+        rows = [["NAME", "ID", "LAYERS", "SIZE", "IMPORTED"]]
+        for image in client.request("GET", "/host/images"):
+            rows.append([image["name"], image["id"][:16], str(image["layers"]),
+                         f"{image['size'] / 1e6:.1f} MB", ago(image["imported_at"])])  # fmt: skip
+        print(table(rows))
+    elif args.action == "rm":
+        if not args.args:
+            raise UsageError(f"image rm needs a name\n\n{IMAGE_USAGE}")
+        for name in args.args:
+            client.request("DELETE", f"/host/images/{name}")
+    else:
+        removed = client.request("POST", "/host/images/gc", {})["removed"]
+        print(f"removed {len(removed)} unused layers")
+    return 0
 
 
 # --- plugins ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ Commands:
     stop       stop running jobs
     signal     signal a job
     run        run a job on a host
+    image      import, list and garbage-collect images
     plugins    list the plugins of the daemon
     version    show current version
 
@@ -43,6 +44,7 @@ def commands() -> dict[str, Callable[[list[str]], int]]:
         "signal": jobs.cmd_signal,
         "run": jobs.cmd_run,
         "plugins": jobs.cmd_plugins,
+        "image": jobs.cmd_image,
         "version": cmd_version,
         "shim": cmd_shim,
     }
