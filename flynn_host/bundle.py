@@ -15,6 +15,8 @@ from typing import Any
 from flynn_host.types import Job
 
 CONTAINER_INIT = "/.containerinit"
+# where a job with `config.host_bundle` finds the host's own flynn-host program (read-only)
+HOST_BUNDLE = "/.flynn-host"
 
 # Flynn's default capability set (host/types/defaults.go); host-network jobs add NET_ADMIN.
 DEFAULT_CAPABILITIES = [

@@ -164,6 +164,7 @@ class RuncBackend:
         )  # fmt: skip
         self.run_jobs = config.run_dir / config.id / "jobs"
         self.pool = ShimPool(self.shim_command, self.run_jobs, config.shim_pool)
+        self.host_bundle: list[dict[str, Any]] = []
         # layers each job holds a reference to, so destroy releases exactly those
         self.held: dict[str, list[str]] = {}
         longest = self.run_jobs / ("x" * 16) / "console.sock"
@@ -189,6 +190,7 @@ class RuncBackend:
         for path in (self.config.jobs_dir, self.run_jobs, self.config.log_dir):
             path.mkdir(parents=True, exist_ok=True)
         setup_partitions(self.config)
+        self.host_bundle = host_bundle_mounts(self.config.work_dir / "host-bundle")
         self.pool.refill()
 
     async def teardown(self) -> None:
@@ -244,7 +246,8 @@ class RuncBackend:
             listen_ip=self.config.listen_ip,
             env=self.config.env,
         )
-        spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths)
+        extra = self.host_bundle if job.job.config.get("host_bundle") else []
+        spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths, extra)
         (work / "bundle" / "config.json").write_text(json.dumps(spec))
         shim_conf = {
             "job_id": job.job.id,
@@ -431,6 +434,34 @@ class RuncBackend:
         for cid in out.split():
             await run(self.runc, "--root", str(self.config.runc_root), "kill", cid, "KILL",
                       check=False)  # fmt: skip
+
+
+def _ro_bind(source: Path | str, target: Path | str) -> dict[str, Any]:
+    return {"destination": str(target), "type": "bind", "source": str(source),
+            "options": ["rbind", "ro"]}  # fmt: skip
+
+
+def host_bundle_mounts(launcher_dir: Path) -> list[dict[str, Any]]:
+    """Mounts that give a job this host's own flynn-host at /.flynn-host (read-only), so a
+    component job runs exactly the host's version. Frozen, that is the PyInstaller bundle's
+    directory. From a source tree, the tree and its virtualenv are mounted at their own
+    paths and /.flynn-host holds a launcher that runs the virtualenv's Python on them; the
+    job's image must then have the Python the virtualenv was made from (the `components`
+    image's /usr/bin/python3.11, as on Debian 12 hosts)."""
+    if getattr(sys, "frozen", False):
+        return [_ro_bind(Path(sys.executable).parent, bundle.HOST_BUNDLE)]
+    import flynn_host
+
+    tree = Path(flynn_host.__file__).resolve().parents[1]
+    venv = Path(sys.prefix)
+    launcher_dir.mkdir(parents=True, exist_ok=True)
+    launcher = launcher_dir / "flynn-host"
+    launcher.write_text(f'#!/bin/sh\nexec {venv}/bin/python -m flynn_host.cli.main "$@"\n')
+    launcher.chmod(0o755)
+    mounts = [_ro_bind(launcher_dir, bundle.HOST_BUNDLE), _ro_bind(tree, tree)]
+    if not venv.is_relative_to(tree):
+        mounts.append(_ro_bind(venv, venv))
+    return mounts
 
 
 def bundle_default_disk() -> int:

@@ -221,7 +221,7 @@ def _validate_config(raw: dict[str, Any]) -> dict[str, Any]:
     for key in ("uid", "gid"):
         if raw.get(key) is not None and (not isinstance(raw[key], int) or raw[key] < 0):
             raise ValidationError(f"config.{key}", "must be a non-negative integer")
-    for key in ("tty", "stdin", "data", "host_network", "disable_log"):
+    for key in ("tty", "stdin", "data", "host_network", "disable_log", "host_bundle"):
         if not isinstance(raw.get(key, False), bool):
             raise ValidationError(f"config.{key}", "must be a boolean")
     return raw

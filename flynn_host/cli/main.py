@@ -25,6 +25,7 @@ Commands:
     signal     signal a job
     run        run a job on a host
     image      import, list and garbage-collect images
+    component  run a platform component (inside its job)
     plugins    list the plugins of the daemon
     version    show current version
 
@@ -46,6 +47,7 @@ def commands() -> dict[str, Callable[[list[str]], int]]:
         "plugins": jobs.cmd_plugins,
         "image": jobs.cmd_image,
         "version": cmd_version,
+        "component": cmd_component,
         "shim": cmd_shim,
     }
 
@@ -54,6 +56,32 @@ def cmd_version(argv: list[str]) -> int:
     Parser("usage: flynn-host version [--release]\n").parse(argv)
     print(__version__)
     return 0
+
+
+COMPONENT_USAGE = """\
+usage: flynn-host component <name> [<args>...]
+
+Run a platform component (a plugin's service) in the foreground. This is what component jobs
+run, from the host's own program mounted at /.flynn-host: /.flynn-host/flynn-host component ...
+"""
+
+
+def cmd_component(argv: list[str]) -> int:
+    from flynn_host.plugins.manager import make_plugin_manager
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(COMPONENT_USAGE, end="")
+        return 0 if argv else 2
+    table: dict[str, Callable[[list[str]], int]] = {}
+    for batch in make_plugin_manager().hook.flynn_host_platform_components():
+        table.update(batch or {})
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        print(f"flynn-host component: no component named {name!r} (available: {known})",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return table[name](rest)
 
 
 def cmd_shim(argv: list[str]) -> int:

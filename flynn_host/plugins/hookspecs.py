@@ -110,6 +110,17 @@ def flynn_host_job_log(host: Host, job_id: str, entry: dict[str, Any]) -> None:
 
 
 @hookspec
+def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
+    """Offer platform components: services (discoverd, flannel, router, ...) that run as jobs.
+
+    Fires when `flynn-host component <name> [args]` starts, inside the component's job (where
+    the host's own program is mounted read-only at `/.flynn-host`, so a component always runs
+    the host's version). Returns a map of component name to its main function, which takes
+    the remaining arguments and returns the exit status. Names must be unique.
+    """
+
+
+@hookspec
 def flynn_host_commands() -> dict[str, Callable[[list[str]], int]]:
     """Offer extra `flynn-host` subcommands.
 

@@ -1,0 +1,1 @@
+"""ping: the smallest platform component — serves `/.well-known/status` from inside a job."""
