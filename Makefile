@@ -6,9 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 IMAGES ?= $(CURDIR)/var/images
 APT_PACKAGES := runc squashfs-tools busybox-static tini iproute2 iptables util-linux \
-                e2fsprogs python3-venv python3-dev procps curl
+                e2fsprogs python3-venv python3-dev procps curl binutils strace
 
-.PHONY: dev apt venv images demo test test-slow bench lint format clean
+.PHONY: dev apt venv images demo test test-slow bench lint format clean dist
 
 dev: apt venv images
 
@@ -51,6 +51,11 @@ lint: venv
 format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# the frozen flynn-host: a PyInstaller one-directory bundle in dist/flynn-host/ (packaging/)
+dist: apt venv
+	$(BIN)/pyinstaller --noconfirm --log-level WARN --distpath dist --workpath build \
+	  packaging/flynn-host.spec
 
 clean:
 	rm -rf $(VENV) var build dist *.egg-info

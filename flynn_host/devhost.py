@@ -150,7 +150,8 @@ class Daemon:
         run_dir = self.base / "run"
         runc_root = run_dir / self.host_id / "runc"
         # shims of this host (they carry their job dir, under our run dir, on the command line)
-        out = subprocess.run(["pgrep", "-f", f"flynn_host.shim {run_dir}"],
+        # `python -m flynn_host.shim <run>/...` from source, `flynn-host shim <run>/...` frozen
+        out = subprocess.run(["pgrep", "-f", f"shim {run_dir}/"],
                              capture_output=True, text=True).stdout  # fmt: skip
         for pid in out.split():
             with contextlib.suppress(ProcessLookupError):

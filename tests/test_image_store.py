@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -23,7 +24,10 @@ def image_copy(tmp_path: Path, busybox_manifest: Path) -> Path:
     """A private copy of the busybox image directory (layout <dir>/busybox, <dir>/layers)."""
     out = tmp_path / "images"
     shutil.copytree(IMAGES / "busybox", out / "busybox")
-    shutil.copytree(IMAGES / "layers", out / "layers")
+    (out / "layers").mkdir()
+    for layer in json.loads((out / "busybox" / "manifest.json").read_text())["rootfs"][0]["layers"]:
+        name = f"{layer['id']}.squashfs"
+        shutil.copy(IMAGES / "layers" / name, out / "layers" / name)
     return out
 
 

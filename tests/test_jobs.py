@@ -284,7 +284,7 @@ def test_restart_adopts_running_jobs(make_daemon, how):
     assert d.client.get_job(ids[1])["status"] == "running"
     d.stop()
     assert mounts_under(d.base) == []
-    out = subprocess.run(["pgrep", "-f", f"flynn_host.shim {d.base}"], capture_output=True)
+    out = subprocess.run(["pgrep", "-f", f"shim {d.base}/"], capture_output=True)
     assert out.stdout == b""
 
 

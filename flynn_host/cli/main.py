@@ -105,6 +105,9 @@ def plugin_commands() -> dict[str, Callable[[list[str]], int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flynn_host.frozen import restore_environment
+
+    restore_environment()  # children get the environment we were given (no-op from source)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
