@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--images",
         type=Path,
-        default=ROOT / "var" / "images",
+        default=images.images_dir(),
         help="images directory (the busybox image is built there if missing)",
     )
     p.add_argument("--jobs", type=int, default=50, help="measured starts of each kind")

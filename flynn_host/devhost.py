@@ -23,7 +23,7 @@ from flynn_host import images
 from flynn_host.client import HostAPIError, HostClient
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = Path(os.environ.get("FLYNN_IMAGES", ROOT / "var" / "images"))
+IMAGES = images.images_dir()
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 

@@ -29,6 +29,15 @@ from urllib.parse import unquote, urlparse
 
 from flynn_host.errors import not_found
 
+# Where images are built and looked up by name: machine-wide, so every checkout (and CI's fresh
+# clones) reuses one build; $FLYNN_IMAGES overrides it.
+DEFAULT_IMAGES_DIR = Path("/var/lib/flynn/images")
+
+
+def images_dir() -> Path:
+    return Path(os.environ.get("FLYNN_IMAGES") or DEFAULT_IMAGES_DIR)
+
+
 MANIFEST_TYPE = "application/vnd.flynn.image.manifest.v1+json"
 LAYER_TYPE = "application/vnd.flynn.image.squashfs.v1"
 PLATFORM = {"architecture": "amd64", "os": "linux"}

@@ -28,8 +28,8 @@ def say(text: str) -> None:
 def sh(d: devhost.Daemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     print(f"{DIM}${RESET} flynn-host {shlex.join(args)}", flush=True)
     out = d.run_cli(*args)
+    sys.stdout.write(out.stderr)  # progress lines come first
     sys.stdout.write(out.stdout)
-    sys.stdout.write(out.stderr)
     if out.returncode:
         print(f"{DIM}(exit status {out.returncode}){RESET}")
     if check and out.returncode not in (0, 3):
@@ -39,6 +39,9 @@ def sh(d: devhost.Daemon, *args: str, check: bool = True) -> subprocess.Complete
 
 def main() -> int:
     images.build_busybox_image(devhost.IMAGES)
+    for name in ("base", "components", "stack"):
+        if not (devhost.IMAGES / name / "manifest.json").exists():
+            raise SystemExit(f"image {name} is missing in {devhost.IMAGES}: run `make images`")
     d = devhost.make_daemon(host_id="demo")
     try:
         say(f"a flynn-host daemon is running: {d.url}, state under {d.base}")
@@ -97,6 +100,37 @@ def main() -> int:
             d.client.add_job(devhost.busybox_job(jid, args, volumes=mount))
             d.wait_job(jid)
         sh(d, "log", jid)
+
+        say("images from Debian packages: import them into the host, run their tools")
+        for name in ("base", "components", "stack"):
+            sh(d, "image", "import", str(devhost.IMAGES / name / "manifest.json"))
+        sh(d, "image", "list")
+        sh(d, "run", "base", "--", "sh", "-c", ". /etc/os-release; echo $PRETTY_NAME")
+        sh(d, "run", "components", "--", "etcd", "--version")
+        sh(d, "run", "stack", "--", "sh", "-c", "node --version; go version; python3 --version")
+
+        say("a platform component as a job: the host's own code, mounted at /.flynn-host")
+        port = devhost.free_port()
+        comp = d.new_job_id()
+        job = {
+            "id": comp,
+            "mountspecs": d.client.request("GET", "/host/images/components")["mountspecs"],
+            "config": {
+                "args": ["/.flynn-host/flynn-host", "component", "ping", "--port", str(port)],
+                "host_bundle": True,
+                "host_network": True,
+            },
+        }
+        d.client.add_job(job)
+        d.wait_job(comp, ("running",))
+        url = f"http://127.0.0.1:{port}/.well-known/status"
+        for _ in range(100):
+            try:
+                print(f"GET {url} -> {urllib.request.urlopen(url).read().decode()}")
+                break
+            except OSError:
+                time.sleep(0.1)
+        sh(d, "stop", comp)
 
         say("the plugins this daemon loaded")
         sh(d, "plugins")

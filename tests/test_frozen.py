@@ -12,6 +12,7 @@ Nothing is deleted: the mounts exist only in that namespace.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -21,6 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,16 @@ from flynn_host import __version__, devhost
 from flynn_host import frozen as frozen_mod
 from flynn_host.plugins.manager import BUILTIN_PLUGINS, list_plugins, make_plugin_manager
 
-from .conftest import ROOT, Daemon, busybox_job, mounts_under, needs_root, remove_cgroups
+from .conftest import (
+    IMAGES,
+    ROOT,
+    Daemon,
+    busybox_job,
+    free_port,
+    mounts_under,
+    needs_root,
+    remove_cgroups,
+)
 
 MINIMAL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 SPEC = ROOT / "packaging" / "flynn-host.spec"
@@ -238,6 +249,46 @@ def test_job_through_the_frozen_daemon(frozen: FrozenDaemon) -> None:
     assert ps.returncode == 0 and job_id in ps.stdout, ps.stderr
     # the daemon really ran with the source tree (and the virtualenv) hidden
     assert frozen.in_namespace("ls", "-A", str(ROOT / "flynn_host")).stdout == ""
+
+
+@needs_root
+def test_component_job_runs_from_the_frozen_bundle(frozen: FrozenDaemon) -> None:
+    """The bundle needs only glibc: a job from the plain `base` image (no Python in it) runs
+    the ping component from the bundle mounted at /.flynn-host."""
+    manifest = IMAGES / "base" / "manifest.json"
+    if not manifest.exists():
+        pytest.fail(f"{manifest} is missing: run `make images` first")
+    image = frozen.client.request(
+        "POST", "/host/images", {"manifest_url": manifest.as_uri(), "name": "base"}
+    )
+    port = free_port()
+    job_id = frozen.new_job_id()
+    frozen.client.add_job(
+        {
+            "id": job_id,
+            "mountspecs": image["mountspecs"],
+            "config": {
+                "args": ["/.flynn-host/flynn-host", "component", "ping", "--port", str(port)],
+                "host_bundle": True,
+                "host_network": True,
+            },
+        }
+    )
+    frozen.wait_job(job_id, ("running",))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            url = f"http://127.0.0.1:{port}/.well-known/status"
+            with urllib.request.urlopen(url) as resp:
+                status = json.loads(resp.read())["data"]
+            break
+        except OSError:
+            assert time.monotonic() < deadline, frozen.cli("log", job_id).stdout
+            time.sleep(0.1)
+    assert status["status"] == "healthy"
+    assert status["detail"]["hostname"] == job_id.split("-", 1)[1]
+    frozen.client.stop_job(job_id)
+    assert frozen.wait_job(job_id)["status"] == "done"
 
 
 @needs_root

@@ -21,8 +21,6 @@ from flynn_host.cli.usage import Parser, UsageError
 from flynn_host.client import HostAPIError, HostClient
 from flynn_host.types import parse_limits, parse_signal
 
-DEFAULT_IMAGES = "/var/lib/flynn/images"
-
 
 def human_duration(seconds: float) -> str:
     """Docker's units.HumanDuration, which Flynn's `ps` prints ("About a minute", ...)."""
@@ -270,8 +268,7 @@ def resolve_image(client: HostClient, ref: str) -> tuple[dict[str, Any], list[di
         except HostAPIError as exc:
             if exc.status != 404:
                 raise
-    images_dir = Path(os.environ.get("FLYNN_IMAGES", DEFAULT_IMAGES))
-    manifest, base = images.load_manifest(ref, images_dir)
+    manifest, base = images.load_manifest(ref, images.images_dir())
     # an image directory keeps its layers beside its manifests: <images>/layers/<id>.squashfs
     layers_dir = Path(base.removeprefix("file://")).parent / "layers"
     template = f"file://{layers_dir}/{{id}}.squashfs"
