@@ -1,0 +1,1 @@
+"""discoverd: service discovery on etcd — Flynn's discoverd API and DNS (issue 4)."""
