@@ -155,6 +155,21 @@ async def signal_job(request: web.Request) -> web.Response:
 # --- host -------------------------------------------------------------------------------------
 
 
+async def host_discoverd(request: web.Request) -> web.Response:
+    """discoverd's job tells its host where discoverd answers (facts §3.2)."""
+    raw = await read_json(request)
+    if not isinstance(raw, dict):
+        raise ValidationError("", "body must be a JSON object")
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValidationError("url", "must be an http(s) URL")
+    for key in ("job_id", "dns"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ValidationError(key, "must be a string")
+    request.app[HOST].set_discoverd(raw)
+    return json_response({})
+
+
 async def host_status(request: web.Request) -> web.Response:
     host = request.app[HOST]
     return json_response(host.status())
@@ -424,6 +439,7 @@ def make_app(host: Host) -> web.Application:
     r.add_delete("/host/jobs/{id}", delete_job)
     r.add_put("/host/jobs/{id}/signal/{signal}", signal_job)
     r.add_get("/host/status", host_status)
+    r.add_post("/host/discoverd", host_discoverd)
     r.add_post("/host/resource-check", resource_check)
     r.add_post("/attach", attach_job)
     r.add_post("/storage/providers/{provider}/volumes", create_volume)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -56,6 +57,19 @@ class Host:
             on_log=self._on_log if has_log_hook else None,
         )
         self.keep_jobs = False
+        # set by discoverd's job through POST /host/discoverd; kept across restarts
+        self.discoverd_file = config.state.with_name(config.state.name + ".discoverd")
+        self.discoverd: dict[str, Any] | None = None
+        if self.discoverd_file.exists():
+            self.set_discoverd(json.loads(self.discoverd_file.read_text()), save=False)
+
+    def set_discoverd(self, info: dict[str, Any], save: bool = True) -> None:
+        """Connect this host to discoverd: new jobs get `DISCOVERD`, status shows it."""
+        self.discoverd = {k: info.get(k) for k in ("job_id", "url", "dns")}
+        if info.get("url"):
+            self.config.env["DISCOVERD"] = str(info["url"])
+        if save:
+            self.discoverd_file.write_text(json.dumps(self.discoverd))
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.pm.hook.flynn_host_job_event(host=self, event=event)
@@ -72,7 +86,7 @@ class Host:
             "tags": self.config.tags,
             "pid": os.getpid(),
             "url": self.config.url,
-            "discoverd": None,
+            "discoverd": self.discoverd,
             "network": None,
             "version": __version__,
             "flags": {

@@ -97,3 +97,20 @@ def test_run_hostnet_and_version_and_usage(daemon):
     assert unknown.returncode == 1 and "not a flynn-host command" in unknown.stderr
     top = daemon.run_cli()
     assert top.returncode == 1 and top.stdout.startswith("usage: flynn-host")
+
+
+def test_discoverd_reports_in_and_jobs_get_its_url(make_daemon):
+    d = make_daemon()
+    with pytest.raises(HostAPIError) as err:
+        d.client.request("POST", "/host/discoverd", {"url": "not a url"})
+    assert err.value.body["detail"] == {"field": "url"}
+    info = {"job_id": "h-1", "url": "http://127.0.0.1:1111", "dns": "127.0.0.1:53"}
+    assert d.client.request("POST", "/host/discoverd", info) == {}
+    assert d.client.status()["discoverd"] == info
+    job_id = d.new_job_id()
+    d.client.add_job(busybox_job(job_id, ["sh", "-c", "echo $DISCOVERD"]))
+    d.wait_job(job_id)
+    assert d.run_cli("log", job_id).stdout == "http://127.0.0.1:1111\n"
+    d.stop()
+    d.start()  # the host remembers where discoverd is
+    assert d.client.status()["discoverd"] == info

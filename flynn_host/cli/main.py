@@ -25,6 +25,8 @@ Commands:
     signal     signal a job
     run        run a job on a host
     image      import, list and garbage-collect images
+    list       list the cluster's hosts (from discoverd)
+    discover   show a service's instances (from discoverd)
     component  run a platform component (inside its job)
     plugins    list the plugins of the daemon
     version    show current version
@@ -34,7 +36,7 @@ See 'flynn-host help <command>' for more information on a specific command.
 
 
 def commands() -> dict[str, Callable[[list[str]], int]]:
-    from flynn_host.cli import daemon, jobs
+    from flynn_host.cli import cluster, daemon, jobs
 
     return {
         "daemon": daemon.cmd_daemon,
@@ -46,6 +48,8 @@ def commands() -> dict[str, Callable[[list[str]], int]]:
         "run": jobs.cmd_run,
         "plugins": jobs.cmd_plugins,
         "image": jobs.cmd_image,
+        "list": cluster.cmd_list,
+        "discover": cluster.cmd_discover,
         "version": cmd_version,
         "component": cmd_component,
         "shim": cmd_shim,
