@@ -21,6 +21,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "runc": "flynn_host.plugins.runc",
     "directory-volumes": "flynn_host.plugins.directory_volumes",
     "ping": "flynn_ping.plugin",
+    "discoverd": "flynn_discoverd.plugin",
 }
 
 

@@ -1,0 +1,132 @@
+"""`flynn-host component discoverd`: one discoverd node. It supervises one etcd member, serves
+Flynn's discoverd API (`--addr`, default :1111) and DNS (`--dns-addr`), and tells its host
+where it answers (`--notify`, Flynn's `POST /host/discoverd`).
+
+Peers come from `--peers` or `DISCOVERD_PEERS` (`ip:port,...`, the discoverd addresses of every
+node). Each node's etcd member listens beside its API port: clients on port + 1268 and peers on
+port + 1269 (2379 and 2380 for the default 1111), so peers need only each other's discoverd
+addresses. A node whose data directory already holds a member rejoins with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+from flynn_discoverd.dns import DNSServer
+from flynn_discoverd.etcd import EtcdClient, EtcdProcess
+from flynn_discoverd.server import SHUTDOWN, serve
+from flynn_discoverd.store import Store
+
+log = logging.getLogger("discoverd")
+
+CLIENT_PORT_OFFSET = 1268
+PEER_PORT_OFFSET = 1269
+
+
+def split_addr(addr: str, default_host: str = "") -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"invalid address {addr!r}: expected [ip]:port")
+    return host or default_host, int(port)
+
+
+def member_name(host: str, port: int) -> str:
+    return f"discoverd-{host.replace('.', '-').replace(':', '-')}-{port}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="flynn-host component discoverd")
+    p.add_argument("--data-dir", default=env.get("DISCOVERD_DATA_DIR", "/data"))
+    p.add_argument("--host", default=env.get("EXTERNAL_IP", "127.0.0.1"),
+                   help="the address other nodes and clients reach this node at")  # fmt: skip
+    p.add_argument("--addr", default=f"{env.get('LISTEN_IP', '')}:{env.get('PORT_0', '1111')}")
+    p.add_argument("--peers", default=env.get("DISCOVERD_PEERS", ""))
+    p.add_argument("--dns-addr", default=env.get("DISCOVERD_DNS_ADDR", ""))
+    p.add_argument(
+        "--recursors", default=None, help="comma list of ip[:port] (default: the host's)"
+    )
+    p.add_argument("--notify", default=env.get("DISCOVERD_NOTIFY", ""),
+                   help="URL to POST {job_id,url,dns} to once serving")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def notify(url: str, body: dict[str, str]) -> None:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+
+
+async def run(args: argparse.Namespace) -> int:
+    listen_ip, port = split_addr(args.addr)
+    host = args.host
+    peers = [split_addr(p.strip(), host) for p in args.peers.split(",") if p.strip()]
+    if (host, port) not in peers:
+        peers.append((host, port))
+    initial = {member_name(h, p): f"http://{h}:{p + PEER_PORT_OFFSET}" for h, p in peers}
+    name = member_name(host, port)
+    data_dir = Path(args.data_dir) / "etcd"
+    existing = (data_dir / "member").exists()
+    member = EtcdProcess(
+        name, data_dir, ip=host, client_port=port + CLIENT_PORT_OFFSET,
+        peer_port=port + PEER_PORT_OFFSET, initial_cluster=initial,
+        cluster_state="existing" if existing else "new",
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        member.start()
+        stack.callback(member.stop)
+        log.info("etcd member %s starting (%d peers)", name, len(initial))
+        await member.wait_healthy_async(within=120)
+        endpoints = [member.client_url] + [
+            f"http://{h}:{p + CLIENT_PORT_OFFSET}" for h, p in peers if (h, p) != (host, port)
+        ]
+        store = Store(EtcdClient(endpoints), node_name=name, advertise=f"http://{host}:{port}")
+        stack.push_async_callback(store.close)
+        await store.start()
+        runner = await serve(store, listen_ip or None, port)  # type: ignore[arg-type]
+        stack.push_async_callback(runner.cleanup)
+        log.info("discoverd API on %s:%d", listen_ip or "*", port)
+        dns_addr = ""
+        if args.dns_addr:
+            dns_ip, dns_port = split_addr(args.dns_addr, host)
+            recursors = (
+                [r for r in args.recursors.split(",") if r] if args.recursors is not None else None
+            )
+            dns = DNSServer(store, recursors)
+            await dns.start(dns_ip, dns_port)
+            stack.push_async_callback(dns.stop)
+            dns_addr = f"{dns_ip}:{dns.port}"
+            log.info("discoverd DNS on %s", dns_addr)
+        if args.notify:
+            body = {
+                "job_id": os.environ.get("FLYNN_JOB_ID") or os.environ.get("HOSTNAME", ""),
+                "url": f"http://{host}:{port}",
+                "dns": dns_addr,
+            }
+            await asyncio.to_thread(notify, args.notify, body)
+        print(f"discoverd: serving on {host}:{port}", flush=True)
+        shutdown = asyncio.ensure_future(runner.app[SHUTDOWN].wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({shutdown, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        shutdown.cancel()
+        stopped.cancel()
+    print("discoverd: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return asyncio.run(run(parse_args(argv)))
