@@ -166,7 +166,9 @@ async def host_discoverd(request: web.Request) -> web.Response:
     for key in ("job_id", "dns"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ValidationError(key, "must be a string")
-    request.app[HOST].set_discoverd(raw)
+    host = request.app[HOST]
+    host.set_discoverd(raw)
+    host.register_in_discoverd()
     return json_response({})
 
 

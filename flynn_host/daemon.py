@@ -60,6 +60,7 @@ class Host:
         # set by discoverd's job through POST /host/discoverd; kept across restarts
         self.discoverd_file = config.state.with_name(config.state.name + ".discoverd")
         self.discoverd: dict[str, Any] | None = None
+        self._registration: asyncio.Task[None] | None = None
         if self.discoverd_file.exists():
             self.set_discoverd(json.loads(self.discoverd_file.read_text()), save=False)
 
@@ -70,6 +71,49 @@ class Host:
             self.config.env["DISCOVERD"] = str(info["url"])
         if save:
             self.discoverd_file.write_text(json.dumps(self.discoverd))
+
+    # --- this host in discoverd -------------------------------------------------------------
+    def register_in_discoverd(self) -> None:
+        """(Re)start registering this host as an instance of service `flynn-host`."""
+        if not (self.discoverd and self.discoverd.get("url")):
+            return
+        if self._registration is not None:
+            self._registration.cancel()
+        self._registration = asyncio.get_running_loop().create_task(self._register())
+
+    async def _register(self) -> None:
+        from flynn_discoverd.client import Client
+
+        assert self.discoverd is not None
+        addr = f"{self.config.external_ip or self.config.listen_ip or '127.0.0.1'}:"
+        addr += str(self.config.http_port)
+        meta = {"id": self.config.id, **{f"tag:{k}": v for k, v in self.config.tags.items()}}
+        client = Client([str(self.discoverd["url"])])
+        heartbeater = None
+        try:
+            while heartbeater is None:
+                try:
+                    heartbeater = await client.add_service_and_register("flynn-host", addr,
+                                                                        meta=meta)  # fmt: skip
+                except Exception as exc:  # discoverd not up yet: keep trying
+                    log.warning("registering in discoverd failed, retrying: %s", exc)
+                    await asyncio.sleep(2)
+            log.info("registered in discoverd as %s", addr)
+            await asyncio.Event().wait()  # heartbeats run in the heartbeater until cancelled
+        finally:
+            if heartbeater is not None:
+                with contextlib.suppress(Exception):
+                    # Flynn marks a host that is going away before it disappears
+                    await asyncio.wait_for(heartbeater.set_meta({**meta, "shutdown": "true"}), 5)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(heartbeater.close(), 5)
+            await client.close()
+
+    async def _deregister(self) -> None:
+        if self._registration is not None:
+            self._registration.cancel()
+            with contextlib.suppress(BaseException):
+                await self._registration
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.pm.hook.flynn_host_job_event(host=self, event=event)
@@ -141,6 +185,8 @@ class Host:
                                reuse_address=True)  # fmt: skip
             await site.start()
             log.info("flynn-host %s listening on port %d", self.config.id, self.config.http_port)
+            self.register_in_discoverd()
+            stack.push_async_callback(self._deregister)
             yield self
 
     async def serve(self) -> int:

@@ -130,6 +130,11 @@ def test_volume_persists_across_jobs_and_delete_on_stop(daemon):
     assert err.value.status == 409
     c.stop_job(holder)
     daemon.wait_job(holder)
+    daemon.wait_cleaned(holder)
+    deadline = time.monotonic() + 10  # removed in the job's clean-up, just after it ended
+    while any(v["id"] == vol["id"] for v in c.request("GET", "/storage/volumes")):
+        assert time.monotonic() < deadline, "delete_on_stop volume still there"
+        time.sleep(0.05)
     with pytest.raises(HostAPIError) as err:
         c.request("GET", f"/storage/volumes/{vol['id']}")
     assert err.value.status == 404

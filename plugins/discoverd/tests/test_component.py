@@ -107,6 +107,16 @@ def test_three_discoverd_jobs_form_one_cluster(cluster):
                           text=True).stdout.split() == ["10.20.30.40"]  # fmt: skip
     peers = http("GET", f"{three}/raft/peers")
     assert len(peers) == 3
+    # the host registered itself in service flynn-host once discoverd reported in
+    deadline = time.monotonic() + 20
+    while len(d.run_cli("list").stdout.splitlines()) < 2:
+        assert time.monotonic() < deadline, d.run_cli("list")
+        time.sleep(0.2)
+    listing = d.run_cli("list").stdout.splitlines()
+    assert listing[0].split() == ["ID", "ADDR"]
+    assert listing[1].split() == [d.host_id, f"127.0.0.1:{d.port}"]
+    found = json.loads(d.run_cli("discover", "--json", "web").stdout)
+    assert [i["addr"] for i in found] == ["10.20.30.40:8080"]
     # stopping the jobs stops their etcd members too (nothing left behind)
     started = time.monotonic()
     for job_id in jobs:
