@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 import aiohttp
+from dnslib import DNSRecord
+from flynn_discoverd.dns import DNSServer
 from flynn_discoverd.etcd import EtcdClient, EtcdProcess
 from flynn_discoverd.server import SHUTDOWN, make_app
 from flynn_discoverd.store import Store
@@ -233,12 +235,16 @@ async def test_cluster_survives_losing_etcd_leader(
 ) -> None:
     urls = [m.client_url for m in etcd_cluster]
     apis = []
+    dns_servers: list[DNSServer] = []
     for i, member in enumerate(etcd_cluster):
         # each node prefers its own member and falls back to the others
         client = EtcdClient(urls[i:] + urls[:i])
         store = Store(client, ttl=10, node_name=member.name, advertise=f"127.0.0.{i + 1}:1111")
         await store.start()
         apis.append(await make_api(store))
+        dns = DNSServer(store, recursors=[])
+        await dns.start("127.0.0.1", 0)
+        dns_servers.append(dns)
     try:
         await call(apis[0], "PUT", "/services/web")
         a = await register(apis[0], "web", instance(1))
@@ -266,7 +272,15 @@ async def test_cluster_survives_losing_etcd_leader(
         assert took < 3.0, f"writes resumed only after {took:.1f}s"
         status, _, took = await retry(alive[1], "GET", "/services/web/instances")
         assert status == 200 and took < 3.0
-        late = await register(alive[1], "web", instance(999))
+        late = await register(alive[1], "web", instance(999, host="10.9.9.9"))
+        # DNS on the surviving nodes answers too, the new instance included
+        for i in range(3):
+            if i == dead:
+                continue
+            started = time.monotonic()
+            while late["addr"].rsplit(":", 1)[0] not in await dns_ips(dns_servers[i].port):
+                assert time.monotonic() - started < 3.0, "DNS did not answer after failover"
+                await asyncio.sleep(0.05)
         # every watcher, the one on the dead member's node too, sees the next event: no gap
         for st in streams:
             assert await st.kinds(1) == [("up", late["addr"])]
@@ -293,8 +307,24 @@ async def test_cluster_survives_losing_etcd_leader(
             assert len(kvs) == len(acked) + 1
             assert len(await own.member_list()) == 3
     finally:
+        for dns in dns_servers:
+            await dns.stop()
         for api in apis:
             await api.store.close()
+
+
+async def dns_ips(port: int) -> set[str]:
+    """The A records of web.discoverd, asked over TCP (all of them, not 3)."""
+
+    def ask() -> set[str]:
+        try:
+            reply = DNSRecord.question("web.discoverd").send("127.0.0.1", port, tcp=True,
+                                                             timeout=1)  # fmt: skip
+        except OSError:
+            return set()
+        return {str(rr.rdata) for rr in DNSRecord.parse(reply).rr}
+
+    return await asyncio.to_thread(ask)
 
 
 def test_etcd_process_args() -> None:
