@@ -4,9 +4,11 @@ forming one cluster through a real flynn-host daemon."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -118,6 +120,40 @@ def test_three_discoverd_jobs_form_one_cluster(cluster):
     found = json.loads(d.run_cli("discover", "--json", "web").stdout)
     assert [i["addr"] for i in found] == ["10.20.30.40:8080"]
     # stopping the jobs stops their etcd members too (nothing left behind)
+    # a daemon that stops marks itself shutting down, then leaves the flynn-host service
+    events: list[tuple[str, str]] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        req = urllib.request.Request(f"{three}/services/flynn-host/instances",
+                                     headers={"Accept": "text/event-stream"})  # fmt: skip
+        with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=30) as resp:
+            watching.set()
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    meta = (event.get("instance") or {}).get("meta", {})
+                    events.append((event["kind"], meta.get("shutdown", "")))
+                    if event["kind"] == "down":
+                        return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert watching.wait(10)
+    time.sleep(0.3)  # the stream's current instances arrive first
+    d.stop()  # SIGTERM: deregisters, then stops its jobs (the discoverd nodes)
+    watcher.join(30)
+    assert events[0] == ("up", "")
+    assert events[-2:] == [("update", "true"), ("down", "true")]
+    d.start()  # the jobs were stopped with the daemon: start it again to check what is left
+    for job_id in jobs:
+        final = d.client.get_job(job_id)
+        assert final["status"] == "done", (final["exit_status"], final["error"])
+
+
+def test_discoverd_jobs_stop_cleanly(cluster):
+    d, jobs = cluster
     started = time.monotonic()
     for job_id in jobs:
         d.client.stop_job(job_id)
