@@ -59,6 +59,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+async def supervise(member: EtcdProcess, every: float = 1.0) -> None:
+    """Restart the etcd member if it exits: it rejoins from its data directory."""
+    while True:
+        await asyncio.sleep(every)
+        if not member.running:
+            code = member.proc.returncode if member.proc else None
+            log.warning("etcd member %s exited (status %s): restarting it", member.name, code)
+            member.cluster_state = "existing"
+            member.start()
+
+
 def notify(url: str, body: dict[str, str]) -> None:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})  # fmt: skip
@@ -117,6 +128,8 @@ async def run(args: argparse.Namespace) -> int:
                 "dns": dns_addr,
             }
             await asyncio.to_thread(notify, args.notify, body)
+        supervisor = asyncio.ensure_future(supervise(member))
+        stack.callback(supervisor.cancel)
         print(f"discoverd: serving on {host}:{port}", flush=True)
         shutdown = asyncio.ensure_future(runner.app[SHUTDOWN].wait())
         stopped = asyncio.ensure_future(stop.wait())

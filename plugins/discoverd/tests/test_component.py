@@ -120,6 +120,24 @@ def test_three_discoverd_jobs_form_one_cluster(cluster):
     found = json.loads(d.run_cli("discover", "--json", "web").stdout)
     assert [i["addr"] for i in found] == ["10.20.30.40:8080"]
     # stopping the jobs stops their etcd members too (nothing left behind)
+    # discoverd supervises its etcd member: killed, it is restarted and rejoins
+    name = "discoverd-127-0-0-1-31211"
+    before = subprocess.run(["pgrep", "-f", f"etcd --name {name} "], capture_output=True,
+                            text=True).stdout.split()  # fmt: skip
+    assert len(before) == 1
+    subprocess.run(["kill", "-9", before[0]], check=True)
+    deadline = time.monotonic() + 20
+    while True:
+        now = subprocess.run(["pgrep", "-f", f"etcd --name {name} "], capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+        if now and now != before:
+            break
+        assert time.monotonic() < deadline, "etcd member was not restarted"
+        time.sleep(0.2)
+    two = f"http://127.0.0.1:{PORTS[1]}"
+    http("PUT", f"{two}/services/web/meta", {"data": "after restart", "index": 0})
+    assert http("GET", f"{three}/services/web/meta")["data"] == "after restart"
+
     # a daemon that stops marks itself shutting down, then leaves the flynn-host service
     events: list[tuple[str, str]] = []
     watching = threading.Event()
