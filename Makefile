@@ -47,6 +47,7 @@ test-slow: dev
 
 bench: dev
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/job_start.py
+	$(BIN)/python bench/discoverd.py
 
 lint: venv
 	$(BIN)/ruff check .
