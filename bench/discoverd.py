@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -55,6 +54,7 @@ from flynn_discoverd.etcd import EtcdClient, EtcdError, EtcdProcess  # noqa: E40
 from flynn_discoverd.server import serve  # noqa: E402
 from flynn_discoverd.store import Store  # noqa: E402
 from flynn_discoverd.types import CURRENT, DOWN, UP, instance_id  # noqa: E402
+from stats import summary  # noqa: E402
 
 from flynn_host.devhost import free_ports  # noqa: E402
 
@@ -72,18 +72,6 @@ ROWS = [
     ("fanout_last", f"fan-out: register → all {FANOUT_WATCHERS} watchers"),
     ("fanout_each", "fan-out: register → each watcher"),
 ]
-
-
-def summary(samples: list[float]) -> dict[str, float]:
-    """Median, p95 (nearest rank), min and max, in milliseconds."""
-    ordered = sorted(samples)
-    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
-    return {
-        "median": round(statistics.median(ordered) * 1000, 2),
-        "p95": round(p95 * 1000, 2),
-        "min": round(ordered[0] * 1000, 2),
-        "max": round(ordered[-1] * 1000, 2),
-    }
 
 
 # --- the cluster ------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import http.client
 import json
-import math
 import os
 import queue
 import shutil
@@ -43,6 +42,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from stats import summary  # noqa: E402
 
 from flynn_host import bundle, devhost, images  # noqa: E402
 from flynn_host.runc import find_init, job_key  # noqa: E402
@@ -96,18 +97,6 @@ def reap(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def summary(samples: list[float]) -> dict[str, float]:
-    """Median, p95 (nearest rank), min and max, in milliseconds."""
-    ordered = sorted(samples)
-    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
-    return {
-        "median": round(statistics.median(ordered) * 1000, 2),
-        "p95": round(p95 * 1000, 2),
-        "min": round(ordered[0] * 1000, 2),
-        "max": round(ordered[-1] * 1000, 2),
-    }
 
 
 # --- flynn-host -------------------------------------------------------------------------------

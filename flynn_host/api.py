@@ -20,6 +20,7 @@ from aiohttp import web
 
 from flynn_host import __version__, attach, logs
 from flynn_host.errors import FlynnError, ValidationError
+from flynn_host.httphelper import read_json, wants_stream
 from flynn_host.plugins.manager import list_plugins
 from flynn_host.types import RUNNING, STARTING, Job, parse_signal
 
@@ -63,20 +64,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as exc:  # anything else is our bug: say so, never a bare 500
         log.exception("%s %s failed", request.method, request.path)
         return error_response(FlynnError("unknown_error", f"internal error: {exc}"))
-
-
-async def read_json(request: web.Request) -> Any:
-    body = await request.read()
-    if not body.strip():
-        raise FlynnError("syntax_error", "request body is empty: expected JSON")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FlynnError("syntax_error", f"invalid JSON: {exc}") from exc
-
-
-def wants_stream(request: web.Request) -> bool:
-    return "text/event-stream" in request.headers.get("Accept", "")
 
 
 async def sse_events(

@@ -29,6 +29,7 @@ from flynn_discoverd.types import (
     check_service_name,
 )
 from flynn_host.errors import FlynnError, ValidationError, not_found
+from flynn_host.httphelper import read_json, wants_stream
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +76,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception as exc:  # our bug: say so in Flynn's format, never a bare 500 page
         log.exception("%s %s failed", request.method, request.path)
         return error_response(request, FlynnError("unknown_error", f"internal error: {exc}"))
-
-
-async def read_json(request: web.Request, required: bool = True) -> Any:
-    body = await request.read()
-    if not body.strip():
-        if required:
-            raise FlynnError("syntax_error", "request body is empty: expected JSON")
-        return None
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FlynnError("syntax_error", f"invalid JSON: {exc}") from exc
-
-
-def wants_stream(request: web.Request) -> bool:
-    return "text/event-stream" in request.headers.get("Accept", "")
 
 
 def service_name(request: web.Request) -> str:
