@@ -61,7 +61,7 @@ def cluster() -> Iterator[tuple[devhost.Daemon, list[str]]]:
         for i, port in enumerate(PORTS):
             vol = d.client.request("POST", "/storage/providers/default/volumes", {})
             args = ["/.flynn-host/flynn-host", "component", "discoverd", "--data-dir", "/data",
-                    "--host", "127.0.0.1", "--addr", f"127.0.0.1:{port}", "--peers", peers,
+                    "--host", "127.0.0.1", "--addr", f"127.0.0.1:{port}",
                     "--notify", f"{d.url}/host/discoverd"]  # fmt: skip
             if i == 1:
                 args += ["--dns-addr", f"127.0.0.1:{DNS_PORT}", "--recursors", ""]
@@ -74,6 +74,7 @@ def cluster() -> Iterator[tuple[devhost.Daemon, list[str]]]:
                         "args": args,
                         "host_bundle": True,
                         "host_network": True,
+                        "env": {"DISCOVERD_PEERS": peers},
                         "volumes": [
                             {"target": "/data", "volume": vol["id"], "delete_on_stop": True}
                         ],  # fmt: skip
@@ -107,6 +108,9 @@ def test_three_discoverd_jobs_form_one_cluster(cluster):
                           text=True).stdout.split() == ["10.20.30.40"]  # fmt: skip
     assert subprocess.run([*dig, "leader.web.discoverd"], capture_output=True,
                           text=True).stdout.split() == ["10.20.30.40"]  # fmt: skip
+    srv = subprocess.run([*dig, "SRV", "_web._tcp.discoverd"], capture_output=True, text=True)
+    iid = instance_id("tcp", inst["addr"])
+    assert srv.stdout.split() == ["1", "1", "8080", f"{iid}.web._i.discoverd."]
     peers = http("GET", f"{three}/raft/peers")
     assert len(peers) == 3
     # the host registered itself in service flynn-host once discoverd reported in
