@@ -3,14 +3,18 @@
 Starts a real daemon (its own port and directories under /tmp), then uses it the way an
 operator would: a job submitted as Flynn's job JSON, `flynn-host run` with output and exit
 status, a crash, an out-of-memory kill, a long-running job listed by `ps`, inspected, its log
-read and stopped, a data volume shared by two jobs, and the plugin list. Everything is
-removed at the end, whatever happened.
+read and stopped, a data volume shared by two jobs, the Debian images imported and run, a
+platform component served from the host's own code, discoverd as a job (etcd, its API and
+DNS, the host registering itself), and the plugin list. Everything is removed at the end,
+whatever happened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +39,25 @@ def sh(d: devhost.Daemon, *args: str, check: bool = True) -> subprocess.Complete
     if check and out.returncode not in (0, 3):
         raise SystemExit(f"demo step failed: flynn-host {shlex.join(args)}")
     return out
+
+
+def put(url: str, body: object) -> str:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
+    return urllib.request.urlopen(req).read().decode()
+
+
+def discoverd_ports() -> tuple[int, int]:
+    """A free API port whose etcd ports (+1268, +1269) are free too, and a DNS port."""
+    for _ in range(100):
+        api, dns = devhost.free_ports(2)
+        try:
+            for port in (api + 1268, api + 1269):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return api, dns
+        except OSError:
+            continue
+    raise SystemExit("no free ports for discoverd")
 
 
 def main() -> int:
@@ -131,6 +154,51 @@ def main() -> int:
             except OSError:
                 time.sleep(0.1)
         sh(d, "stop", comp)
+
+        say("discoverd as a job: etcd + Flynn's discoverd API and DNS; the host registers in it")
+        api, dns = discoverd_ports()
+        vol = d.client.request("POST", "/storage/providers/default/volumes", {})
+        node = d.new_job_id()
+        d.client.add_job(
+            {
+                "id": node,
+                "mountspecs": d.client.request("GET", "/host/images/components")["mountspecs"],
+                "config": {
+                    "args": ["/.flynn-host/flynn-host", "component", "discoverd",
+                             "--data-dir", "/data", "--host", "127.0.0.1",
+                             "--addr", f"127.0.0.1:{api}", "--dns-addr", f"127.0.0.1:{dns}",
+                             "--recursors", "", "--notify", f"{d.url}/host/discoverd"],
+                    "host_bundle": True,
+                    "host_network": True,
+                    "volumes": [{"target": "/data", "volume": vol["id"], "delete_on_stop": True}],
+                },
+                "resources": {"temp_disk": {"limit": 256 * 1024 * 1024}},
+            }
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{api}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{base}/ping").read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        put(f"{base}/services/web", {})
+        for addr in ("10.1.2.3:8080", "10.1.2.4:8080"):
+            iid = hashlib.md5(f"tcp-{addr}".encode()).hexdigest()
+            print(f"PUT /services/web/instances/{iid[:12]}... -> "
+                  f"{put(f'{base}/services/web/instances/{iid}', {'addr': addr})}")  # fmt: skip
+        for name in ("web.discoverd", "leader.web.discoverd"):
+            out = subprocess.run(["dig", "+short", "@127.0.0.1", "-p", str(dns), name],
+                                 capture_output=True, text=True).stdout.split()  # fmt: skip
+            print(f"dig {name} -> {' '.join(out)}")
+        for _ in range(100):  # the host registers itself once discoverd reported in
+            if len(d.run_cli("list").stdout.splitlines()) > 1:
+                break
+            time.sleep(0.1)
+        sh(d, "list")
+        sh(d, "discover", "web")
+        sh(d, "stop", node)
+        d.wait_job(node)
 
         say("the plugins this daemon loaded")
         sh(d, "plugins")
