@@ -158,12 +158,11 @@ class Daemon:
     def new_job_id(self) -> str:
         return f"{self.host_id}-{uuid.uuid4().hex}"
 
-    def cleanup(self) -> None:
-        """Whatever happened: no process, container, mount, loop device or cgroup left."""
-        self.stop()
+    def remove_containers(self) -> None:
+        """Kill this host's shims and delete its runc containers (what a daemon that did not
+        stop cleanly leaves)."""
         run_dir = self.base / "run"
         runc_root = run_dir / self.host_id / "runc"
-        # shims of this host (they carry their job dir, under our run dir, on the command line)
         # `python -m flynn_host.shim <run>/...` from source, `flynn-host shim <run>/...` frozen
         out = subprocess.run(["pgrep", "-f", f"shim {run_dir}/"],
                              capture_output=True, text=True).stdout  # fmt: skip
@@ -176,6 +175,11 @@ class Daemon:
             for cid in ids:
                 subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", cid],
                                capture_output=True)  # fmt: skip
+
+    def cleanup(self) -> None:
+        """Whatever happened: no process, container, mount, loop device or cgroup left."""
+        self.stop()
+        self.remove_containers()
         for mnt in sorted(mounts_under(self.base), key=len, reverse=True):
             subprocess.run(["umount", "-d", "-l", mnt], capture_output=True)
         remove_cgroups(f"flynn/{self.host_id}")

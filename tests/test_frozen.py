@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -101,13 +100,6 @@ def run_frozen(exe: Path, *args: str, **env: str) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
-def shims_of(run_dir: Path) -> list[int]:
-    """Shims whose job (or, idle, jobs) directory is under `run_dir`, frozen or not: their
-    command lines are `.../flynn-host shim DIR` and `python -m flynn_host.shim DIR`."""
-    out = subprocess.run(["pgrep", "-f", f"shim {run_dir}/"], capture_output=True, text=True)
-    return [int(pid) for pid in out.stdout.split()]
-
-
 def idle_shims(jobs_dir: Path) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"shim {jobs_dir} --idle"], capture_output=True,
                          text=True)  # fmt: skip
@@ -163,16 +155,7 @@ class FrozenDaemon(Daemon):
         """devhost.Daemon.cleanup, with the frozen shims' command lines and the mounts made
         in the daemon's own namespace (released with it, but unmounted here explicitly)."""
         self.stop()
-        for pid in shims_of(self.base / "run"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        runc_root = self.base / "run" / self.host_id / "runc"
-        if runc_root.exists():
-            ids = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
-                                 capture_output=True, text=True).stdout.split()  # fmt: skip
-            for cid in ids:
-                subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", cid],
-                               capture_output=True)  # fmt: skip
+        self.remove_containers()
         if self.ns_fd is not None:
             for mnt in sorted(self.mounts(), key=len, reverse=True):
                 self.in_namespace("umount", "-d", "-l", mnt)
