@@ -13,12 +13,12 @@ import errno
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from flynn_host import __version__, attach, logs
+from flynn_host import __version__, attach, httphelper, logs
 from flynn_host.errors import FlynnError, ValidationError
 from flynn_host.httphelper import read_json, wants_stream
 from flynn_host.plugins.manager import list_plugins
@@ -34,36 +34,12 @@ SSE_KEEPALIVE = 30.0
 MAX_BODY = 16 * 1024 * 1024
 ATTACH_LINGER = 2.0
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data), status=status, content_type="application/json")
 
 
-def error_response(err: FlynnError) -> web.Response:
-    return json_response(err.to_json(), status=err.status)
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except FlynnError as err:
-        return error_response(err)
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            return error_response(FlynnError("not_found", f"no route for {request.path}"))
-        if exc.status == 405:
-            return json_response(
-                {"code": "method_not_allowed", "message": f"{request.method} not allowed"}, 405
-            )
-        if exc.status == 413:
-            return error_response(FlynnError("request_body_too_big", "request body too big"))
-        raise
-    except Exception as exc:  # anything else is our bug: say so, never a bare 500
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(FlynnError("unknown_error", f"internal error: {exc}"))
+errors_middleware = httphelper.errors_middleware()
 
 
 async def sse_events(

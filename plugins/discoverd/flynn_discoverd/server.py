@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from flynn_discoverd.types import (
     ServiceMeta,
     check_service_name,
 )
+from flynn_host import httphelper
 from flynn_host.errors import FlynnError, ValidationError, not_found
 from flynn_host.httphelper import read_json, wants_stream
 
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 SHUTDOWN: web.AppKey[asyncio.Event] = web.AppKey("shutdown", asyncio.Event)
 SSE_KEEPALIVE = 30.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(request: web.Request, data: Any, status: int = 200) -> web.Response:
@@ -53,29 +52,13 @@ def index_header(request: web.Request) -> dict[str, str]:
     return {"Discoverd-Index": str(request.app[STORE].revision)}
 
 
-def error_response(request: web.Request, err: FlynnError) -> web.Response:
-    return json_response(request, err.to_json(), status=err.status)
+def _etcd_errors(exc: Exception) -> FlynnError | None:
+    if isinstance(exc, EtcdUnavailable):
+        return FlynnError("service_unavailable", f"etcd unavailable: {exc}", retry=True)
+    return None
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except FlynnError as err:
-        return error_response(request, err)
-    except EtcdUnavailable as exc:
-        err = FlynnError("service_unavailable", f"etcd unavailable: {exc}", retry=True)
-        return error_response(request, err)
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            return error_response(request, not_found(f"no route for {request.path}"))
-        if exc.status == 405:
-            body = {"code": "method_not_allowed", "message": f"{request.method} not allowed"}
-            return json_response(request, body, 405)
-        raise
-    except Exception as exc:  # our bug: say so in Flynn's format, never a bare 500 page
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(request, FlynnError("unknown_error", f"internal error: {exc}"))
+errors_middleware = httphelper.errors_middleware(translate=_etcd_errors, headers=index_header)
 
 
 def service_name(request: web.Request) -> str:
