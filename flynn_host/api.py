@@ -1,6 +1,7 @@
 """The host API (port 1113): Flynn's paths and JSON (facts §3.2–§3.4).
 
-Jobs (`/host/jobs`), their event streams (SSE), signals, host status, resource checks, attach
+Jobs (`/host/jobs`), their event streams (SSE), signals, host status, the job network
+(`POST /host/network`, from flannel), resource checks, attach
 (`POST /attach`, upgraded to Flynn's framing and proxied to the job's shim), volumes
 (`/storage/...`), plugins (`/plugins`) and `/.well-known/status`. Errors are Flynn's JSON.
 """
@@ -21,6 +22,8 @@ from aiohttp import web
 from flynn_host import __version__, attach, httphelper, logs
 from flynn_host.errors import FlynnError, ValidationError
 from flynn_host.httphelper import read_json, wants_stream
+from flynn_host.jobnet import parse_network
+from flynn_host.network import NetworkError
 from flynn_host.plugins.manager import list_plugins
 from flynn_host.types import RUNNING, STARTING, Job, parse_signal
 
@@ -132,6 +135,17 @@ async def host_discoverd(request: web.Request) -> web.Response:
     host = request.app[HOST]
     host.set_discoverd(raw)
     host.register_in_discoverd()
+    return json_response({})
+
+
+async def host_network(request: web.Request) -> web.Response:
+    """flannel's job tells its host the subnet it leased: the host makes its bridge."""
+    info = parse_network(await read_json(request))
+    host = request.app[HOST]
+    try:
+        await host.network.configure(info)
+    except NetworkError as exc:
+        raise FlynnError("unknown_error", f"configuring the job network: {exc}") from exc
     return json_response({})
 
 
@@ -405,6 +419,7 @@ def make_app(host: Host) -> web.Application:
     r.add_put("/host/jobs/{id}/signal/{signal}", signal_job)
     r.add_get("/host/status", host_status)
     r.add_post("/host/discoverd", host_discoverd)
+    r.add_post("/host/network", host_network)
     r.add_post("/host/resource-check", resource_check)
     r.add_post("/attach", attach_job)
     r.add_post("/storage/providers/{provider}/volumes", create_volume)

@@ -55,6 +55,8 @@ class HostSettings:
     external_ip: str = ""
     listen_ip: str = ""
     job_ip: str = ""
+    # the job's network namespace, made by the host; empty: runc makes one (loopback only)
+    netns: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -125,7 +127,7 @@ def oci_spec(
 
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if not cfg.get("host_network"):
-        namespaces.append({"type": "network"})
+        namespaces.append({"type": "network", **({"path": host.netns} if host.netns else {})})
 
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     memory = job.limit("memory")

@@ -24,6 +24,7 @@ from flynn_host import __version__
 from flynn_host.api import make_app
 from flynn_host.config import HostConfig
 from flynn_host.imagestore import ImageStore
+from flynn_host.jobnet import JobNetwork
 from flynn_host.jobs import JobManager
 from flynn_host.layers import LayerStore
 from flynn_host.plugins.manager import choose_components
@@ -39,6 +40,7 @@ class Host:
         self.pm = pm
         self.layers = LayerStore(config.layer_cache, config.layer_mounts)
         self.images = ImageStore(config.volpath, self.layers)
+        self.network = JobNetwork(config)
         self.components = choose_components(pm, config, config.components)
         for kind in ("container_backend", "volumes"):
             if kind not in self.components:
@@ -131,7 +133,7 @@ class Host:
             "pid": os.getpid(),
             "url": self.config.url,
             "discoverd": self.discoverd,
-            "network": None,
+            "network": self.network.status(),
             "version": __version__,
             "flags": {
                 "http_port": self.config.http_port,
@@ -162,6 +164,13 @@ class Host:
                 if not self.keep_jobs:
                     await self.layers.close()
 
+            await self.network.restore()
+
+            @stack.push_async_callback
+            async def _network_down() -> None:
+                if not self.keep_jobs:
+                    await self.network.teardown()
+
             # plugin services start before jobs are adopted and stop after jobs have stopped:
             # a service may provide what jobs use (a volume provider's mounts, say)
             for batch in self.pm.hook.flynn_host_services(host=self):
@@ -170,6 +179,7 @@ class Host:
 
             await self.jobs.recover()
             await self.backend.cleanup_orphans(set(self.jobs.jobs))
+            await self.network.cleanup_orphans(set(self.jobs.jobs))
             await self.layers.cleanup_stale(self.backend.layers_in_use())
 
             @stack.push_async_callback

@@ -31,6 +31,7 @@ from typing import Any
 
 from flynn_host import bundle, shim
 from flynn_host.config import HostConfig
+from flynn_host.jobnet import JobNetwork
 from flynn_host.layers import LayerStore
 from flynn_host.types import ActiveJob
 
@@ -153,9 +154,12 @@ class RuncBackend:
 
     name = "runc"
 
-    def __init__(self, config: HostConfig, layers: LayerStore) -> None:
+    def __init__(
+        self, config: HostConfig, layers: LayerStore, network: JobNetwork | None = None
+    ) -> None:
         self.config = config
         self.layers = layers
+        self.network = network
         self.init_path = find_init()
         self.runc = shutil.which("runc") or "/usr/sbin/runc"
         self.shim_command = (
@@ -238,15 +242,25 @@ class RuncBackend:
         opts = f"lowerdir={lowerdir},upperdir={disk / 'upper'},workdir={disk / 'work'}"
         await run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
 
+        job_ip = netns = ""
+        if self.network is not None and not job.job.config.get("host_network"):
+            attached = await self.network.attach(job.job.id)
+            if attached is not None:
+                netns, job_ip = attached
+                job.internal_ip = job_ip
         settings = bundle.HostSettings(
             host_id=self.config.id,
             cgroup_parent=self.config.cgroup_parent,
             init_path=self.init_path,
             external_ip=self.config.external_ip,
             listen_ip=self.config.listen_ip,
+            job_ip=job_ip,
+            netns=netns,
             env=self.config.env,
         )
-        extra = self.host_bundle if job.job.config.get("host_bundle") else []
+        extra = list(self.host_bundle) if job.job.config.get("host_bundle") else []
+        if job_ip and self.network is not None:
+            extra.append(_ro_bind(self.network.resolv_conf, "/etc/resolv.conf"))
         spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths, extra)
         (work / "bundle" / "config.json").write_text(json.dumps(spec))
         shim_conf = {
@@ -386,6 +400,11 @@ class RuncBackend:
                   check=False)  # fmt: skip
         await unmount(work / "bundle" / "rootfs")
         await unmount(work / "disk", detach_loop=True)
+        if self.network is not None and not job.job.config.get("host_network"):
+            try:
+                await self.network.detach(jid)
+            except Exception as exc:  # the rest of the clean-up must still happen
+                log.warning("removing job %s's network: %s", jid, exc)
         for layer_id in self.held.pop(jid, []):
             with contextlib.suppress(Exception):
                 await self.layers.release(layer_id)

@@ -51,6 +51,7 @@ def test_resources_become_cgroup_limits(daemon):
     assert (part / "system" / "cpu.shares").read_text() == "4096\n"
     daemon.client.stop_job(job_id)
     daemon.wait_job(job_id)
+    daemon.wait_cleaned(job_id)
     assert not job_cgroup(daemon, job_id, "memory").exists()
 
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 def _make_backend(host: Host) -> object:
     from flynn_host.runc import RuncBackend
 
-    return RuncBackend(host.config, host.layers)
+    return RuncBackend(host.config, host.layers, host.network)
 
 
 @hookimpl
