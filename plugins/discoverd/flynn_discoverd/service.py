@@ -1,6 +1,8 @@
 """`flynn-host component discoverd`: one discoverd node. It supervises one etcd member, serves
 Flynn's discoverd API (`--addr`, default :1111) and DNS (`--dns-addr`), and tells its host
-where it answers (`--notify`, Flynn's `POST /host/discoverd`).
+where it answers (`--notify`, Flynn's `POST /host/discoverd`). With `--wait-net-dns` (as in
+bootstrap) the DNS server starts on the host's bridge address, port 53, once flannel has given
+the host its job network: that is the nameserver in every job's `/etc/resolv.conf`.
 
 Peers come from `--peers` or `DISCOVERD_PEERS` (`ip:port,...`, the discoverd addresses of every
 node). Each node's etcd member listens beside its API port: clients on port + 1268 and peers on
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -54,9 +57,48 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--recursors", default=None, help="comma list of ip[:port] (default: the host's)"
     )
-    p.add_argument("--notify", default=env.get("DISCOVERD_NOTIFY", ""),
-                   help="URL to POST {job_id,url,dns} to once serving")  # fmt: skip
-    return p.parse_args(argv)
+    p.add_argument("--wait-net-dns", action="store_true",
+                   default=env.get("DISCOVERD_WAIT_NET_DNS", "") in ("1", "true"),
+                   help="serve DNS on the host bridge address, port 53, once the host has a "
+                        "job network (flannel configured it)")  # fmt: skip
+    p.add_argument("--host-url", default=default_host_url(),
+                   help="the host API (default http://$EXTERNAL_IP:1113)")  # fmt: skip
+    p.add_argument("--notify", default=env.get("DISCOVERD_NOTIFY"),
+                   help="URL to POST {job_id,url,dns} to once serving (default: the host "
+                        "API's /host/discoverd when running as a job; '' for none)")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.notify is None:
+        args.notify = f"{args.host_url}/host/discoverd" if env.get("EXTERNAL_IP") else ""
+    return args
+
+
+def default_host_url() -> str:
+    """Where the host API answers a host-network job: Flynn's components use EXTERNAL_IP:1113."""
+    return f"http://{os.environ.get('EXTERNAL_IP') or '127.0.0.1'}:1113"
+
+
+def host_status(host_url: str) -> dict:
+    with urllib.request.urlopen(f"{host_url}/host/status", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+async def wait_host_network(host_url: str, every: float = 1.0) -> str:
+    """The host's bridge address, once flannel has given the host its subnet."""
+    said = False
+    while True:
+        try:
+            network = (await asyncio.to_thread(host_status, host_url)).get("network") or {}
+        except (OSError, ValueError) as exc:
+            network = {}
+            if not said:
+                log.info("host API %s not answering yet: %s", host_url, exc)
+        if network.get("subnet"):
+            net = ipaddress.IPv4Network(network["subnet"], strict=False)
+            return str(net.network_address + 1)
+        if not said:
+            log.info("waiting for the host's job network to serve DNS on its bridge")
+            said = True
+        await asyncio.sleep(every)
 
 
 async def supervise(member: EtcdProcess, every: float = 1.0) -> None:
@@ -75,6 +117,34 @@ def notify(url: str, body: dict[str, str]) -> None:
                                  headers={"Content-Type": "application/json"})  # fmt: skip
     with urllib.request.urlopen(req, timeout=10):
         pass
+
+
+async def notify_until_answered(url: str, body: dict[str, str], every: float = 1.0) -> None:
+    """Tell the host where discoverd answers; keep trying while the host API is away."""
+    while True:
+        try:
+            await asyncio.to_thread(notify, url, body)
+            return
+        except OSError as exc:
+            log.warning("telling the host at %s failed, retrying: %s", url, exc)
+            await asyncio.sleep(every)
+
+
+async def net_dns(
+    store: Store, args: argparse.Namespace, recursors: list[str] | None, state: dict[str, str]
+) -> None:
+    """`--wait-net-dns`: serve DNS on the bridge address once there is one, then tell the host."""
+    ip = await wait_host_network(args.host_url)
+    dns = DNSServer(store, recursors)
+    await dns.start(ip, 53)
+    state["dns"] = f"{ip}:53"
+    log.info("discoverd DNS on %s", state["dns"])
+    try:
+        if args.notify:
+            await notify_until_answered(args.notify, state)
+        await asyncio.Event().wait()
+    finally:
+        await dns.stop()
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -111,23 +181,26 @@ async def run(args: argparse.Namespace) -> int:
         stack.push_async_callback(runner.cleanup)
         log.info("discoverd API on %s:%d", listen_ip or "*", port)
         dns_addr = ""
+        recursors = (
+            [r for r in args.recursors.split(",") if r] if args.recursors is not None else None
+        )
         if args.dns_addr:
             dns_ip, dns_port = split_addr(args.dns_addr, host)
-            recursors = (
-                [r for r in args.recursors.split(",") if r] if args.recursors is not None else None
-            )
             dns = DNSServer(store, recursors)
             await dns.start(dns_ip, dns_port)
             stack.push_async_callback(dns.stop)
             dns_addr = f"{dns_ip}:{dns.port}"
             log.info("discoverd DNS on %s", dns_addr)
+        body = {
+            "job_id": os.environ.get("FLYNN_JOB_ID") or os.environ.get("HOSTNAME", ""),
+            "url": f"http://{host}:{port}",
+            "dns": dns_addr,
+        }
         if args.notify:
-            body = {
-                "job_id": os.environ.get("FLYNN_JOB_ID") or os.environ.get("HOSTNAME", ""),
-                "url": f"http://{host}:{port}",
-                "dns": dns_addr,
-            }
-            await asyncio.to_thread(notify, args.notify, body)
+            await notify_until_answered(args.notify, body)
+        if args.wait_net_dns and not args.dns_addr:
+            dns_task = asyncio.ensure_future(net_dns(store, args, recursors, body))
+            stack.callback(dns_task.cancel)
         supervisor = asyncio.ensure_future(supervise(member))
         stack.callback(supervisor.cancel)
         print(f"discoverd: serving on {host}:{port}", flush=True)
