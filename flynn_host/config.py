@@ -37,6 +37,8 @@ options:
   --run-dir=PATH             directory for runc state [default: /run/flynn]
   --log-dir=DIR              directory to store job logs [default: /var/log/flynn]
   --log-file=FILE            custom log file path
+  --discovery=TOKEN          join cluster with discovery token
+  --peer-ips=IPLIST          join existing cluster using IPs
   --bridge-name=NAME         network bridge name [default: flynnbr0]
   --max-job-concurrency=NUM  maximum number of jobs to start concurrently [default: 4]
   --stop-timeout=SECS        seconds between SIGTERM and SIGKILL when stopping a job [default: 30]
@@ -85,6 +87,8 @@ class HostConfig:
     disabled_plugins: list[str] = field(default_factory=list)
     components: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    discovery: str = ""  # discovery token URL (`flynn-host init --init-discovery`)
+    peer_ips: list[str] = field(default_factory=list)  # the cluster's host IPs
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-zA-Z0-9_.]{1,64}", self.id):

@@ -31,6 +31,8 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
     p.add_argument("--log-dir", default="/var/log/flynn")
     p.add_argument("--log-file", default=None)
     p.add_argument("--bridge-name", default="flynnbr0")
+    p.add_argument("--discovery", default="")
+    p.add_argument("--peer-ips", default="")
     p.add_argument("--max-job-concurrency", type=int, default=4)
     p.add_argument("--stop-timeout", type=float, default=30.0)
     p.add_argument("--log-max-bytes", type=int, default=10 * 1024 * 1024)
@@ -74,6 +76,8 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
         tags=parse_tags(args.tags),
         disabled_plugins=disabled,
         components=components,
+        discovery=args.discovery,
+        peer_ips=[ip.strip() for ip in args.peer_ips.split(",") if ip.strip()],
         **extra,
     )
 

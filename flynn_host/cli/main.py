@@ -17,7 +17,9 @@ usage: flynn-host [-h|--help] [--version] <command> [<args>...]
 
 Commands:
     help       show usage for a specific command
+    init       create the host config file (/etc/flynn/host.json)
     daemon     start the daemon
+    bootstrap  bootstrap the cluster's services (Layer 0) from a manifest
     ps         list jobs
     log        get the logs of a job
     inspect    get low-level information about a job
@@ -36,10 +38,12 @@ See 'flynn-host help <command>' for more information on a specific command.
 
 
 def commands() -> dict[str, Callable[[list[str]], int]]:
-    from flynn_host.cli import cluster, daemon, jobs
+    from flynn_host.cli import bootstrap, cluster, daemon, init, jobs
 
     return {
+        "init": init.cmd_init,
         "daemon": daemon.cmd_daemon,
+        "bootstrap": bootstrap.cmd_bootstrap,
         "ps": jobs.cmd_ps,
         "log": jobs.cmd_log,
         "inspect": jobs.cmd_inspect,

@@ -121,6 +121,19 @@ def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
 
 
 @hookspec
+def flynn_host_bootstrap_actions() -> dict[str, type]:
+    """Offer bootstrap actions: what a step of `flynn-host bootstrap`'s manifest can do.
+
+    Fires once when `flynn-host bootstrap` starts, before the manifest is read. Returns a map of
+    action name (a step's `"action"`, e.g. `run-app`) to a class: `cls(step)` gets the step's
+    JSON object and raises `flynn_host.bootstrap.StepError` for bad fields; `.run(state)` gets
+    the `flynn_host.bootstrap.State` (hosts, step data, singleton flag), raises `StepError` on
+    failure and returns the step's data. All results are collected; a name offered twice is an
+    error.
+    """
+
+
+@hookspec
 def flynn_host_commands() -> dict[str, Callable[[list[str]], int]]:
     """Offer extra `flynn-host` subcommands.
 

@@ -1,0 +1,371 @@
+"""The built-in Layer 0 bootstrap actions: `require-env`, `resource-check`, `run-app` and
+`wait-hosts` (registered by `flynn_host.plugins.bootstrap_actions`).
+
+`run-app` starts an app's jobs directly on the hosts, bypassing any scheduler, as Flynn's
+bootstrap does. Its artifact is an image in each host's image store (`GET /host/images/<name>`
+gives the layers), not a URL. It is safe to rerun: a host already running a job of the same app
+and process type counts towards the wanted number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+from flynn_host import attach
+from flynn_host.bootstrap.runner import Action, ClusterHost, State, StepError
+from flynn_host.client import HostAPIError
+
+# process type fields copied into the job's config as they are
+CONFIG_FIELDS = (
+    "args",
+    "host_network",
+    "host_pid_namespace",
+    "host_bundle",
+    "working_dir",
+    "uid",
+    "gid",
+    "linux_capabilities",
+    "writeable_cgroups",
+    "allowed_devices",
+    "disable_log",
+    "data",
+)
+FINISHED = ("done", "crashed", "failed")
+
+
+def _host_call(host: ClusterHost, what: str, method: str, path: str, body: Any = None) -> Any:
+    try:
+        return host.client.request(method, path, body)
+    except (HostAPIError, ConnectionError, OSError) as exc:
+        raise StepError(f"host {host}: {what}: {exc}") from None
+
+
+def last_log_lines(host: ClusterHost, job_id: str, lines: int = 5) -> list[str]:
+    """The job's last output lines (through the attach API), or [] if they cannot be had."""
+
+    async def read() -> bytes:
+        flags = attach.ATTACH_LOGS | attach.ATTACH_STDOUT | attach.ATTACH_STDERR
+        request = {"job_id": job_id, "flags": flags, "lines": lines}
+        reader, writer = await attach.attach_host(host.client.url, request)
+        out = b""
+        try:
+            while (frame := await attach.read_frame(reader)) is not None:
+                if frame.kind == "data" and frame.data:
+                    out += frame.data
+                elif frame.kind in ("exit", "error"):
+                    break
+        finally:
+            writer.close()
+        return out
+
+    async def bounded() -> bytes:
+        return await asyncio.wait_for(read(), 3)
+
+    try:
+        text = asyncio.run(bounded()).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - the log is a courtesy; the step error says enough
+        return []
+    return text.splitlines()[-lines:]
+
+
+def job_failure(host: ClusterHost, job_id: str, job: dict[str, Any]) -> str:
+    """`host H: job J crashed with exit status 3: ERROR`, then the job's last log lines."""
+    text = f"host {host}: job {job_id} {job.get('status')}"
+    if job.get("exit_status") is not None:
+        text += f" with exit status {job['exit_status']}"
+    if job.get("error"):
+        text += f": {job['error']}"
+    log = last_log_lines(host, job_id)
+    if log:
+        text += "; its last output:\n" + "\n".join(f"    {line}" for line in log)
+    return text
+
+
+class RequireEnv(Action):
+    """`{"vars": ["NAME", ...]}`: every variable must be set (and not empty)."""
+
+    def __init__(self, step: dict[str, Any]) -> None:
+        super().__init__(step)
+        self.vars = step.get("vars") or []
+        if not isinstance(self.vars, list) or not all(isinstance(v, str) for v in self.vars):
+            raise StepError("vars must be a list of variable names")
+
+    def run(self, state: State) -> Any:
+        missing = [v for v in self.vars if not os.environ.get(v)]
+        if missing:
+            raise StepError(f"{', '.join(missing)} must be set in the environment")
+        return None
+
+
+class ResourceCheck(Action):
+    """`{"resources": [{"type": "port", "port": 80, "proto": "tcp"}, ...]}`: the ports must be
+    free on every host (`POST /host/resource-check`)."""
+
+    def __init__(self, step: dict[str, Any]) -> None:
+        super().__init__(step)
+        self.ports = []
+        for r in step.get("resources") or []:
+            if (
+                not isinstance(r, dict)
+                or r.get("type") != "port"
+                or not isinstance(r.get("port"), int)
+            ):
+                raise StepError(
+                    f"unsupported resource {r!r}: expected "
+                    '{"type": "port", "port": N, "proto": "tcp"|"udp"}'
+                )
+            self.ports.append({"port": r["port"], "proto": r.get("proto") or "tcp"})
+
+    def run(self, state: State) -> Any:
+        problems = []
+        for host in state.hosts:
+            try:
+                host.client.request("POST", "/host/resource-check", {"ports": self.ports})
+            except HostAPIError as exc:
+                ports = (exc.body.get("detail") or {}).get("ports") or []
+                if exc.code != "conflict" or not ports:
+                    problems.append(f"host {host}: {exc}")
+                    continue
+                names = ", ".join(f"{p['port']}/{p.get('proto', 'tcp')}" for p in ports)
+                problems.append(f"host {host}: ports in use: {names}")
+            except (ConnectionError, OSError) as exc:
+                problems.append(f"host {host}: {exc}")
+        if problems:
+            raise StepError("resource check failed: " + "; ".join(problems))
+        return None
+
+
+class WaitHosts(Action):
+    """`{"timeout": SECS}` (default 60): wait until every host reports discoverd
+    (`discoverd.url`) and its network (`network.subnet`) in `GET /host/status`."""
+
+    def __init__(self, step: dict[str, Any]) -> None:
+        super().__init__(step)
+        self.timeout = float(step.get("timeout") or 60)
+
+    def lacking(self, host: ClusterHost) -> list[str]:
+        try:
+            status = host.client.status()
+        except (HostAPIError, ConnectionError, OSError) as exc:
+            return [f"status ({exc})"]
+        out = []
+        if not (status.get("discoverd") or {}).get("url"):
+            out.append("discoverd")
+        if not (status.get("network") or {}).get("subnet"):
+            out.append("network")
+        return out
+
+    def run(self, state: State) -> Any:
+        deadline = time.monotonic() + self.timeout
+        next_report = time.monotonic() + 5
+        while True:
+            missing = {str(h): m for h in state.hosts if (m := self.lacking(h))}
+            if not missing:
+                return None
+            text = "; ".join(f"host {h} lacks {', '.join(m)}" for h, m in missing.items())
+            if time.monotonic() > deadline:
+                raise StepError(f"timed out after {self.timeout:g}s waiting for hosts: {text}")
+            if time.monotonic() > next_report:
+                state.progress(f"waiting: {text}")
+                next_report = time.monotonic() + 5
+            time.sleep(0.2)
+
+
+def _port(p: dict[str, Any]) -> dict[str, Any]:
+    """A release's port as the host's job config wants it (`service` may be just a name)."""
+    out = {"port": p.get("port", 0), "proto": p.get("proto") or "tcp"}
+    service = p.get("service")
+    if isinstance(service, str):
+        out["service"] = {"name": service, "create": True}
+    elif isinstance(service, dict):
+        out["service"] = service
+    return out
+
+
+class RunApp(Action):
+    """Flynn's `run-app`: `{"app": {"name", "meta"}, "release": {"env", "processes"},
+    "artifact": {"image": NAME}, "processes": {TYPE: COUNT}}`. Omni process types run COUNT
+    jobs on every host; others are spread over the hosts in turn. In singleton mode every
+    count above 1 becomes 1."""
+
+    def __init__(self, step: dict[str, Any]) -> None:
+        super().__init__(step)
+        self.app = dict(step.get("app") or {})
+        if not self.app.get("name"):
+            raise StepError("app.name must be set")
+        self.release = dict(step.get("release") or {})
+        self.procs: dict[str, Any] = self.release.get("processes") or {}
+        artifact = step.get("artifact") or (step.get("artifacts") or [None])[0] or {}
+        self.image = artifact.get("image") if isinstance(artifact, dict) else None
+        if not self.image:
+            raise StepError("artifact.image must name an image in the hosts' image stores")
+        self.counts = {k: int(v) for k, v in (step.get("processes") or {}).items()}
+        for typ in self.counts:
+            if typ not in self.procs:
+                raise StepError(f"process type {typ!r} is not in release.processes")
+
+    # --- placement ---------------------------------------------------------------------------
+    def existing(self, state: State) -> dict[str, dict[str, list[str]]]:
+        """host id -> type -> ids of this app's active jobs there (what a rerun keeps)."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for host in state.hosts:
+            jobs = _host_call(host, "listing jobs", "GET", "/host/jobs?active=true") or {}
+            for jid, job in jobs.items():
+                meta = (job.get("job") or {}).get("metadata") or {}
+                if meta.get("flynn-controller.app_name") != self.app["name"]:
+                    continue
+                if job.get("status") not in ("starting", "running"):
+                    continue
+                self.app.setdefault("id", meta.get("flynn-controller.app"))
+                self.release.setdefault("id", meta.get("flynn-controller.release"))
+                typ = meta.get("flynn-controller.type", "")
+                out.setdefault(host.id, {}).setdefault(typ, []).append(jid)
+        return out
+
+    def placements(
+        self, state: State, have: dict[str, dict[str, list[str]]]
+    ) -> list[tuple[ClusterHost, str]]:
+        out = []
+        for typ, count in sorted(self.counts.items()):
+            if state.singleton and count > 1:
+                count = 1
+            running = {h.id: len(have.get(h.id, {}).get(typ, [])) for h in state.hosts}
+            if self.procs[typ].get("omni"):
+                for host in state.hosts:
+                    out += [(host, typ)] * max(0, count - running[host.id])
+                continue
+            missing = count - sum(running.values())
+            for _ in range(max(0, missing)):
+                # the host with the fewest jobs of this type, in turn
+                host = min(state.hosts, key=lambda h: (running[h.id], state.hosts.index(h)))
+                running[host.id] += 1
+                out.append((host, typ))
+        return out
+
+    # --- jobs --------------------------------------------------------------------------------
+    def job(
+        self, state: State, host: ClusterHost, typ: str, mountspecs: list[Any]
+    ) -> dict[str, Any]:
+        proc = self.procs[typ]
+        job_id = f"{host.id}-{uuid.uuid4().hex}"
+        env = {**(self.release.get("env") or {}), **(proc.get("env") or {})}
+        env.update(
+            {
+                "FLYNN_APP_ID": self.app["id"],
+                "FLYNN_APP_NAME": self.app["name"],
+                "FLYNN_RELEASE_ID": self.release["id"],
+                "FLYNN_PROCESS_TYPE": typ,
+                "FLYNN_JOB_ID": job_id,
+            }
+        )
+        config: dict[str, Any] = {k: proc[k] for k in CONFIG_FIELDS if k in proc}
+        config["env"] = {k: str(v) for k, v in env.items()}
+        config["ports"] = [_port(p) for p in proc.get("ports") or []]
+        config["volumes"] = []
+        for vol in proc.get("volumes") or []:
+            meta = {
+                "flynn-controller.app": self.app["id"],
+                "flynn-controller.app_name": self.app["name"],
+                "flynn-controller.type": typ,
+                "flynn-controller.path": vol["path"],
+            }
+            created = _host_call(
+                host,
+                f"creating the volume for {vol['path']}",
+                "POST",
+                "/storage/providers/default/volumes",
+                {"meta": meta},
+            )
+            config["volumes"].append(
+                {
+                    "target": vol["path"],
+                    "volume": created["id"],
+                    "writeable": True,
+                    "delete_on_stop": bool(vol.get("delete_on_stop")),
+                }
+            )
+        job = {
+            "id": job_id,
+            "mountspecs": mountspecs,
+            "metadata": {
+                "flynn-controller.app": self.app["id"],
+                "flynn-controller.app_name": self.app["name"],
+                "flynn-controller.release": self.release["id"],
+                "flynn-controller.type": typ,
+            },
+            "resources": proc.get("resources") or {},
+            "config": config,
+        }
+        if proc.get("partition"):
+            job["partition"] = proc["partition"]
+        return job
+
+    def start(self, state: State, host: ClusterHost, job: dict[str, Any]) -> None:
+        deadline = time.monotonic() + state.job_timeout
+        while True:
+            try:
+                host.client.add_job(job)
+                return
+            except HostAPIError as exc:
+                # over the host's job concurrency: wait for a start to finish, as Flynn retries
+                if exc.code != "ratelimited" or time.monotonic() > deadline:
+                    raise StepError(f"host {host}: starting job {job['id']}: {exc}") from None
+            except (ConnectionError, OSError) as exc:
+                raise StepError(f"host {host}: starting job {job['id']}: {exc}") from None
+            time.sleep(0.2)
+
+    def wait_started(self, state: State, started: list[tuple[ClusterHost, str]]) -> None:
+        """Until every job left `starting`; a job that crashed or failed fails the step."""
+        deadline = time.monotonic() + state.job_timeout
+        pending = list(started)
+        next_report = time.monotonic() + 5
+        while pending:
+            for host, jid in list(pending):
+                job = _host_call(host, f"inspecting job {jid}", "GET", f"/host/jobs/{jid}")
+                status = job.get("status")
+                if status in ("running", "done"):
+                    pending.remove((host, jid))
+                elif status in ("crashed", "failed"):
+                    raise StepError(job_failure(host, jid, job))
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                ids = ", ".join(f"{jid} on {host}" for host, jid in pending)
+                raise StepError(
+                    f"timed out after {state.job_timeout:g}s waiting for jobs to start: {ids}"
+                )
+            if time.monotonic() > next_report:
+                state.progress(f"waiting for {len(pending)} job(s) to start")
+                next_report = time.monotonic() + 5
+            time.sleep(0.1)
+
+    def run(self, state: State) -> Any:
+        have = self.existing(state)
+        self.app.setdefault("id", None)
+        self.app["id"] = self.app["id"] or str(uuid.uuid4())
+        self.release["id"] = self.release.get("id") or str(uuid.uuid4())
+        mountspecs: dict[str, list[Any]] = {}
+        started: list[tuple[ClusterHost, str]] = []
+        for host, typ in self.placements(state, have):
+            if host.id not in mountspecs:
+                image = _host_call(
+                    host, f"finding image {self.image!r}", "GET", f"/host/images/{self.image}"
+                )
+                mountspecs[host.id] = image["mountspecs"]
+            job = self.job(state, host, typ, mountspecs[host.id])
+            self.start(state, host, job)
+            started.append((host, job["id"]))
+            have.setdefault(host.id, {}).setdefault(typ, []).append(job["id"])
+        self.wait_started(state, started)
+        return {
+            "app": self.app,
+            "release": {**self.release, "processes": self.procs},
+            "artifact": {"image": self.image},
+            "processes": self.counts,
+            "jobs": {h: [j for ids in types.values() for j in ids] for h, types in have.items()},
+            "started": [jid for _, jid in started],
+        }

@@ -1,0 +1,17 @@
+"""The built-in bootstrap actions (Layer 0), offered through the same hook as a vendor's."""
+
+from __future__ import annotations
+
+from flynn_host.plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def flynn_host_bootstrap_actions() -> dict[str, type]:
+    from flynn_host.bootstrap import actions
+
+    return {
+        "require-env": actions.RequireEnv,
+        "resource-check": actions.ResourceCheck,
+        "run-app": actions.RunApp,
+        "wait-hosts": actions.WaitHosts,
+    }

@@ -1,0 +1,349 @@
+"""`flynn-host bootstrap`: the manifest template, the built-in actions against real daemons on
+loopback, step selection and the text and JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flynn_host import devhost
+from flynn_host.bootstrap.manifest import ManifestError, packaged_manifest, parse_manifest
+from flynn_host.bootstrap.template import TemplateError, render
+
+from .conftest import IMAGES, ROOT, needs_root
+
+DATA = {"Singleton": False, "SortedHostIPs": ["10.0.0.2", "10.0.0.1"]}
+
+
+# --- template and manifest ---------------------------------------------------------------------
+
+
+def test_template_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYNN_TEST_DOMAIN", "example.com")
+    src = (
+        "{{ range $ip := .SortedHostIPs }}{{ $ip }}:1111,{{ end }}|"
+        "{{ range $i, $ip := .SortedHostIPs }}{{ if $i }},{{ end }}{{ $ip }}{{ end }}|"
+        '{{ getenv "FLYNN_TEST_DOMAIN" }}|{{ getenv \\"FLYNN_TEST_NONE\\" }}|'
+        "{{ .Singleton }}|{{ if .Singleton }}one{{ else }}many{{ end }}|"
+        'a {{- " " }}'
+    )
+    with pytest.raises(TemplateError, match=r'unsupported template construct \{\{ " " \}\}'):
+        render(src, DATA)
+    out = render(src.replace('{{- " " }}', "{{- .Singleton }}"), DATA)
+    assert out == ("10.0.0.2:1111,10.0.0.1:1111,|10.0.0.2,10.0.0.1|example.com||false|many|afalse")
+
+
+@pytest.mark.parametrize(
+    "src, message",
+    [
+        ('{{ printf "%s" .X }}', "unsupported template construct"),
+        ("{{ .StepData }}", r"unknown field \.StepData"),
+        ("{{ range .SortedHostIPs }}", r"missing \{\{ end \}\}"),
+        ("{{ end }}", r"unexpected \{\{ end \}\}"),
+        ("{{ $nope }}", r"undefined variable \$nope"),
+        ("{{ range .Singleton }}{{ end }}", "not a list"),
+    ],
+)
+def test_template_errors(src: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=message):
+        render(src, DATA)
+
+
+def test_manifest_errors() -> None:
+    with pytest.raises(ManifestError, match="line 2, column 1"):
+        parse_manifest('[{"id": "a", "action": "x"},\n]', "m.json", DATA)
+    with pytest.raises(ManifestError, match="step 0 has no 'action'"):
+        parse_manifest('[{"id": "a"}]', "m.json", DATA)
+    with pytest.raises(ManifestError, match="duplicate step id 'a'"):
+        parse_manifest('[{"id": "a", "action": "x"}, {"id": "a", "action": "x"}]', "m", DATA)
+    with pytest.raises(ManifestError, match="template error: line 1"):
+        parse_manifest("[{{ .Nope }}]", "m.json", DATA)
+
+
+def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLANNEL_BACKEND", "vxlan")
+    steps = parse_manifest(packaged_manifest().read_text(), "packaged", DATA)
+    assert [s["action"] for s in steps] == [
+        "require-env",
+        "resource-check",
+        "run-app",
+        "run-app",
+        "wait-hosts",
+    ]
+    discoverd = steps[2]["release"]
+    assert discoverd["env"]["DISCOVERD_PEERS"] == "10.0.0.2:1111,10.0.0.1:1111"
+    assert steps[3]["release"]["env"]["BACKEND"] == "vxlan"
+
+
+# --- against real daemons ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[list[devhost.Daemon]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts, runc)")
+    made: list[devhost.Daemon] = []
+    try:
+        for _ in range(2):
+            d = devhost.make_daemon()
+            made.append(d)
+            d.client.request(
+                "POST", "/host/images", {"manifest_url": str(IMAGES / "busybox" / "manifest.json")}
+            )
+        yield made
+    finally:
+        for d in made:
+            d.cleanup()
+
+
+def bootstrap(
+    tmp_path: Path,
+    hosts: list[devhost.Daemon],
+    steps: list[dict[str, Any]],
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(steps))
+    peers = ",".join(f"127.0.0.1:{d.port}" for d in hosts)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flynn_host.cli.main",
+            "bootstrap",
+            "--peer-ips",
+            peers,
+            "--timeout",
+            "10",
+            "--job-timeout",
+            "15",
+            *args,
+            str(manifest),
+        ],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def app_jobs(d: devhost.Daemon, name: str) -> dict[str, Any]:
+    return {
+        jid: j
+        for jid, j in d.client.list_jobs(active=True).items()
+        if j["job"]["metadata"].get("flynn-controller.app_name") == name
+    }
+
+
+def sleeper(name: str, **proc: Any) -> dict[str, Any]:
+    return {
+        "id": name,
+        "action": "run-app",
+        "app": {"name": name},
+        "artifact": {"image": "busybox"},
+        "release": {
+            "env": {"A": "release", "B": "release"},
+            "processes": {"app": {"args": ["sleep", "1000"], "env": {"B": "proc"}, **proc}},
+        },
+        "processes": {"app": 1},
+    }
+
+
+@needs_root
+def test_require_env_names_missing_variable(tmp_path: Path, hosts: list[devhost.Daemon]) -> None:
+    out = bootstrap(
+        tmp_path,
+        hosts[:1],
+        [{"id": "check-env", "action": "require-env", "vars": ["FLYNN_TEST_UNSET_VAR"]}],
+    )
+    assert out.returncode == 1
+    assert "require-env check-env error: FLYNN_TEST_UNSET_VAR must be set" in out.stderr
+    ok = bootstrap(
+        tmp_path,
+        hosts[:1],
+        [{"id": "check-env", "action": "require-env", "vars": ["FLYNN_TEST_SET_VAR"]}],
+        env={"FLYNN_TEST_SET_VAR": "x"},
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "require-env check-env done" in ok.stderr
+
+
+@needs_root
+def test_resource_check_conflict_names_host_and_port(
+    tmp_path: Path, hosts: list[devhost.Daemon]
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        free = devhost.free_port()
+        out = bootstrap(
+            tmp_path,
+            hosts,
+            [
+                {
+                    "id": "ports",
+                    "action": "resource-check",
+                    "resources": [{"type": "port", "port": port}, {"type": "port", "port": free}],
+                }
+            ],
+        )
+    assert out.returncode == 1
+    for d in hosts:
+        assert f"host {d.host_id} (127.0.0.1:{d.port}): ports in use: {port}/tcp" in out.stderr
+    assert f"{free}/" not in out.stderr
+
+
+@needs_root
+def test_run_app_omni_metadata_and_rerun(tmp_path: Path, hosts: list[devhost.Daemon]) -> None:
+    steps = [
+        {"id": "check-env", "action": "require-env", "vars": ["FLYNN_TEST_UNSET_VAR"]},
+        sleeper("omni-app", omni=True, volumes=[{"path": "/data"}]),
+        sleeper("spread-app"),
+    ]
+    steps[2]["processes"] = {"app": 3}
+    out = bootstrap(tmp_path, hosts, steps, "--json", "--steps", "omni-app,spread-app")
+    assert out.returncode == 0, out.stdout + out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]  # one JSON object per line
+    assert [(e["id"], e["state"]) for e in events] == [
+        ("online-hosts", "start"),
+        ("online-hosts", "done"),
+        ("omni-app", "start"),
+        ("omni-app", "done"),
+        ("spread-app", "start"),
+        ("spread-app", "done"),
+    ]
+    assert all(set(e) <= {"id", "action", "data", "state", "error", "ts"} for e in events)
+    data = events[3]["data"]
+    for d in hosts:
+        jobs = app_jobs(d, "omni-app")
+        assert list(jobs) == data["jobs"][d.host_id]
+        ((jid, job),) = jobs.items()
+        assert jid.startswith(f"{d.host_id}-") and job["status"] == "running"
+        assert job["job"]["metadata"] == {
+            "flynn-controller.app": data["app"]["id"],
+            "flynn-controller.app_name": "omni-app",
+            "flynn-controller.release": data["release"]["id"],
+            "flynn-controller.type": "app",
+        }
+        config = job["job"]["config"]
+        assert config["env"]["A"] == "release" and config["env"]["B"] == "proc"
+        assert config["env"]["FLYNN_JOB_ID"] == jid
+        (vol,) = config["volumes"]
+        assert vol["target"] == "/data" and d.client.request(
+            "GET", f"/storage/volumes/{vol['volume']}"
+        )
+    # three non-omni jobs spread over two hosts: 2 + 1
+    assert sorted(len(app_jobs(d, "spread-app")) for d in hosts) == [1, 2]
+
+    # a rerun starts nothing new; a host that lost its job gets it back
+    lost = next(iter(app_jobs(hosts[1], "omni-app")))
+    hosts[1].client.stop_job(lost)
+    hosts[1].wait_job(lost)
+    again = bootstrap(tmp_path, hosts, steps, "--json", "--steps", "omni-app,spread-app")
+    assert again.returncode == 0, again.stdout + again.stderr
+    events = [json.loads(line) for line in again.stdout.splitlines()]
+    started = {
+        e["id"]: e["data"]["started"]
+        for e in events
+        if e["state"] == "done" and e["id"] != "online-hosts"
+    }
+    assert started["spread-app"] == []
+    (new,) = started["omni-app"]
+    assert new.startswith(f"{hosts[1].host_id}-")
+    assert events[3]["data"]["app"]["id"] == data["app"]["id"]  # the same app, found again
+    for d in hosts:
+        for jid in list(app_jobs(d, "omni-app")) + list(app_jobs(d, "spread-app")):
+            d.client.stop_job(jid)
+
+
+@needs_root
+def test_failing_job_fails_the_step_naming_the_host(
+    tmp_path: Path, hosts: list[devhost.Daemon]
+) -> None:
+    step = sleeper("broken")
+    step["release"]["processes"]["app"]["args"] = ["/no/such/program"]
+    out = bootstrap(tmp_path, hosts[:1], [step])
+    assert out.returncode == 1
+    line = next(ln for ln in out.stderr.splitlines() if "error:" in ln)
+    assert (
+        f"run-app broken error: host {hosts[0].host_id} (127.0.0.1:{hosts[0].port}): job "
+        f"{hosts[0].host_id}-" in line
+    )
+    assert "failed" in line or "crashed" in line
+
+
+@needs_root
+def test_wait_hosts_timeout_lists_what_is_missing(
+    tmp_path: Path, hosts: list[devhost.Daemon]
+) -> None:
+    out = bootstrap(tmp_path, hosts, [{"id": "wait-hosts", "action": "wait-hosts", "timeout": 0.5}])
+    assert out.returncode == 1
+    for d in hosts:
+        assert f"host {d.host_id} (127.0.0.1:{d.port}) lacks discoverd, network" in out.stderr
+
+
+def test_unreachable_hosts_and_unsupported_flags(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.json"
+    manifest.write_text("[]")
+    closed = devhost.free_port()
+    cmd = [sys.executable, "-m", "flynn_host.cli.main", "bootstrap"]
+    out = subprocess.run(
+        [*cmd, "--peer-ips", f"127.0.0.1:{closed}", "-t", "0.5", str(manifest)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "check online-hosts error: timed out waiting for 1 hosts" in out.stderr
+    assert f"127.0.0.1:{closed}" in out.stderr
+    out = subprocess.run(
+        [*cmd, "--from-backup", "x.tar", str(manifest)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert out.returncode == 1 and "not supported yet" in out.stderr
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.stdout.startswith("usage: flynn-host bootstrap [options] [<manifest>]")
+
+
+def test_hosts_from_a_discovery_token() -> None:
+    import http.server
+    import threading
+
+    from flynn_host.cli.bootstrap import discovery_addrs
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = {"data": [{"url": "http://10.0.0.1:1113"}, {"url": "http://10.0.0.2:1113/"}]}
+            raw = json.dumps(body if self.path == "/clusters/abc/instances" else {}).encode()
+            self.send_response(200 if self.path == "/clusters/abc/instances" else 404)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert discovery_addrs(f"{base}/clusters/abc") == ["10.0.0.1:1113", "10.0.0.2:1113"]
+        with pytest.raises(ValueError, match="cannot get the cluster's hosts from"):
+            discovery_addrs(f"{base}/clusters/nope")
+    finally:
+        server.shutdown()
+        server.server_close()
