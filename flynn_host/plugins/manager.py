@@ -22,6 +22,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "directory-volumes": "flynn_host.plugins.directory_volumes",
     "ping": "flynn_ping.plugin",
     "discoverd": "flynn_discoverd.plugin",
+    "flannel": "flynn_flannel.plugin",
+    "bootstrap-actions": "flynn_host.plugins.bootstrap_actions",
 }
 
 
