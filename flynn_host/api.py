@@ -157,6 +157,9 @@ async def host_status(request: web.Request) -> web.Response:
 def port_in_use(port: int, proto: str, ip: str) -> bool:
     kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            # as servers bind: connections in TIME_WAIT do not make a port busy
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((ip or "0.0.0.0", port))
         except OSError as exc:

@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError, NetNS
+from pyroute2 import IPRoute, NetlinkError
 
 from flynn_host import images
 from flynn_host.client import HostClient
 from flynn_host.devhost import cgroups_of, mounts_under, remove_cgroups
-from flynn_host.network import NETNS_DIR, create_netns, delete_netns
+from flynn_host.network import NETNS_DIR, create_netns, delete_netns, iproute_in
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NAME = "default"
@@ -170,6 +170,15 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+def cgroup_pids(rel: str) -> list[int]:
+    """Every process in the cgroup `rel` and below it, in any hierarchy."""
+    pids: set[int] = set()
+    for d in cgroups_of(rel):
+        with contextlib.suppress(OSError):
+            pids.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+    return sorted(pids)
 
 
 def kill_all(pids: list[int], sig: int = signal.SIGKILL) -> None:
@@ -378,16 +387,13 @@ class Cluster:
                 ipr.link("set", index=peer, net_ns_fd=ns_fd)
         finally:
             os.close(ns_fd)
-        ns = NetNS(h.netns)
-        try:
+        with iproute_in(h.netns) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             idx = ns.link_lookup(ifname=peer_tmp)[0]
             ns.link("set", index=idx, ifname="eth0")
             ns.addr("add", index=idx, address=h.ip, prefixlen=24)
             ns.link("set", index=idx, state="up")
             ns.route("add", dst="0.0.0.0/0", gateway=self.gateway)
-        finally:
-            ns.close()
 
     # --- daemons ---------------------------------------------------------------------------
 
@@ -445,8 +451,12 @@ class Cluster:
         address, directory and state stay, for `start_host`."""
         h = self.host(which)
         if kill:
-            kill_all(netns_pids(h.netns) + ([h.pid] if h.pid else []))
-            wait_gone(netns_pids(h.netns), 10)
+            # the host's processes: its namespace's, and its jobs' (which have namespaces of
+            # their own, but live in the host's cgroups)
+            kill_all(
+                netns_pids(h.netns) + cgroup_pids(f"flynn/{h.id}") + ([h.pid] if h.pid else [])
+            )
+            wait_gone(netns_pids(h.netns) + cgroup_pids(f"flynn/{h.id}"), 10)
         elif h.pid and pid_alive(h.pid):
             os.kill(h.pid, signal.SIGTERM)
             if wait_gone([h.pid], DAEMON_STOP_TIMEOUT):
@@ -525,7 +535,7 @@ class Cluster:
             subprocess.run(["umount", "-d", "-l", mnt], capture_output=True)
         for host_id in self._host_ids():
             remove_cgroups(f"flynn/{host_id}")
-        for ns in ns_names:
+        for ns in ns_names + self._job_namespaces():
             delete_netns(ns)
         self._remove_links()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -538,6 +548,19 @@ class Cluster:
         if self.dir.exists():
             found |= {p for p in self.dir.glob("host*") if p.is_dir()}
         return sorted(found)
+
+    def _job_namespaces(self) -> list[str]:
+        """Network namespaces the hosts made for their jobs and did not remove (a host that
+        was killed): the jobs are in each host's state file."""
+        from flynn_host.jobnet import netns_name as job_netns
+
+        names = []
+        for d in self._host_dirs():
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads((d / "state.json").read_text())
+                jobs = state.get("jobs", state) if isinstance(state, dict) else {}
+                names += [job_netns(job_id) for job_id in jobs]
+        return [n for n in names if (NETNS_DIR / n).exists()]
 
     def _host_ids(self) -> list[str]:
         ids = {h.id for h in self.hosts}

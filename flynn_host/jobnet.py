@@ -19,8 +19,6 @@ import logging
 import os
 from typing import Any
 
-from pyroute2 import netns
-
 from flynn_host.config import HostConfig
 from flynn_host.errors import ValidationError
 from flynn_host.network import (
@@ -29,6 +27,7 @@ from flynn_host.network import (
     SubnetAllocator,
     create_netns,
     delete_netns,
+    list_netns,
     netns_path,
     veth_name,
 )
@@ -164,7 +163,7 @@ class JobNetwork:
         """Remove namespaces, veths and addresses of jobs the host no longer knows."""
         names = {netns_name(j) for j in known}
         ours = {netns_name(j) for j in (self.alloc.allocations() if self.alloc else {})}
-        for name in await asyncio.to_thread(netns.listnetns):
+        for name in list_netns():
             # only namespaces this host made: a cluster's hosts share /var/run/netns
             if name in ours and name not in names:
                 log.info("removing orphaned job network namespace %s", name)

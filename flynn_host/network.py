@@ -14,6 +14,7 @@ namespace standing in for a host, which is how several test hosts share one mach
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import ipaddress
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError, NetNS, netns
+from pyroute2 import IPRoute, NetlinkError
 
 __all__ = [
     "HostNetwork",
@@ -34,6 +35,9 @@ __all__ = [
     "SubnetExhaustedError",
     "create_netns",
     "delete_netns",
+    "in_netns",
+    "iproute_in",
+    "list_netns",
     "netns_path",
     "veth_name",
 ]
@@ -126,16 +130,70 @@ def netns_path(name_or_path: str) -> str:
     return name_or_path if "/" in name_or_path else str(NETNS_DIR / name_or_path)
 
 
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NetworkError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
 def create_netns(name: str) -> str:
-    """Create a named network namespace (as `ip netns add` does) and return its path."""
-    netns.create(name)
+    """Create a named network namespace and return its path.
+
+    By `ip netns add`, not pyroute2's `netns.create`, which forks the calling process: a fork
+    of the multi-threaded daemon, whose clean-up once signalled the daemon itself."""
+    _ip("netns", "add", name)
     return str(NETNS_DIR / name)
 
 
 def delete_netns(name: str) -> None:
     """Delete a named network namespace; a missing one is not an error."""
-    if name in netns.listnetns():
-        netns.remove(name)
+    if (NETNS_DIR / name).exists():
+        _ip("netns", "delete", name)
+
+
+def list_netns() -> list[str]:
+    return sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else []
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_netns(name_or_path: str) -> Iterator[None]:
+    """Run the block with the calling thread in another network namespace (setns affects only
+    the calling thread), then return it to its own. Use from a worker thread: sockets opened
+    inside, such as an `IPRoute()`'s netlink socket, stay in that namespace."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(netns_path(name_or_path), os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+@contextlib.contextmanager
+def iproute_in(name_or_path: str | None) -> Iterator[Any]:
+    """An `IPRoute` working in the named namespace (None: the thread's own)."""
+    with contextlib.ExitStack() as stack:
+        if name_or_path:
+            stack.enter_context(in_netns(name_or_path))
+        ipr = IPRoute()
+        stack.callback(ipr.close)
+        yield ipr
 
 
 def _ignore(err: NetlinkError, *codes: int) -> None:
@@ -164,13 +222,8 @@ class HostNetwork:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _ipr(self) -> Iterator[Any]:
-        ipr = NetNS(self.host_netns) if self.host_netns else IPRoute()
-        try:
-            yield ipr
-        finally:
-            ipr.close()
+    def _ipr(self) -> contextlib.AbstractContextManager[Any]:
+        return iproute_in(self.host_netns)
 
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         if self.host_netns:
@@ -284,8 +337,7 @@ class HostNetwork:
         }
 
     def _configure_job_side(self, job_netns: str, peer: str, ip: str, prefix: int) -> None:
-        ns = NetNS(job_netns)
-        try:
+        with iproute_in(job_netns) as ns:
             lo = ns.link_lookup(ifname="lo")[0]
             ns.link("set", index=lo, state="up")
             idx = ns.link_lookup(ifname=peer)[0]
@@ -293,8 +345,6 @@ class HostNetwork:
             ns.addr("add", index=idx, address=ip, prefixlen=prefix)
             ns.link("set", index=idx, state="up")
             ns.route("add", dst="0.0.0.0/0", gateway=self.gateway)
-        finally:
-            ns.close()
 
     def detach(self, job_id: str) -> None:
         """Remove the job's veth (its `eth0` goes with it); a missing one is not an error."""

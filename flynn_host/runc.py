@@ -513,8 +513,10 @@ def setup_partitions(config: HostConfig) -> None:
 
 
 def remove_empty_cgroups(config: HostConfig) -> None:
-    """Remove this host's partition cgroups (and the shared `flynn` parent) where empty."""
-    for h in _hierarchies():
+    """Remove this host's partition cgroups (and the shared `flynn` parent) where empty, also
+    in the hybrid layout's `unified` hierarchy, where runc mirrors the job cgroups."""
+    unified = [CGROUP_ROOT / "unified"] if (CGROUP_ROOT / "unified").is_dir() else []
+    for h in _hierarchies() + unified:
         base = h / config.cgroup_parent
         if not base.exists():
             continue

@@ -120,11 +120,29 @@ class ResourceCheck(Action):
                 )
             self.ports.append({"port": r["port"], "proto": r.get("proto") or "tcp"})
 
+    @staticmethod
+    def held_by_bootstrap(host: Any) -> dict[tuple[int, str], str]:
+        """Ports declared by the running jobs bootstrap started on `host` (by their app
+        metadata): when bootstrap is rerun, their own apps hold them and are skipped."""
+        held = {}
+        for job in host.client.list_jobs().values():
+            app = (job.get("job", {}).get("metadata") or {}).get("flynn-controller.app_name")
+            if not app or job.get("status") not in ("starting", "running"):
+                continue
+            for p in job["job"].get("config", {}).get("ports") or []:
+                held[(p.get("port"), p.get("proto") or "tcp")] = app
+        return held
+
     def run(self, state: State) -> Any:
         problems = []
         for host in state.hosts:
             try:
-                host.client.request("POST", "/host/resource-check", {"ports": self.ports})
+                held = self.held_by_bootstrap(host)
+                ports = [p for p in self.ports if (p["port"], p["proto"]) not in held]
+                if len(ports) < len(self.ports):
+                    apps = ", ".join(sorted(set(held.values())))
+                    state.progress(f"host {host}: some ports are held by {apps} (already running)")
+                host.client.request("POST", "/host/resource-check", {"ports": ports})
             except HostAPIError as exc:
                 ports = (exc.body.get("detail") or {}).get("ports") or []
                 if exc.code != "conflict" or not ports:

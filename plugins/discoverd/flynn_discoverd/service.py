@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from flynn_discoverd.dns import DNSServer
-from flynn_discoverd.etcd import EtcdClient, EtcdProcess
+from flynn_discoverd.etcd import EtcdClient, EtcdError, EtcdProcess
 from flynn_discoverd.server import SHUTDOWN, serve
 from flynn_discoverd.store import Store
 
@@ -147,6 +147,33 @@ async def net_dns(
         await dns.stop()
 
 
+async def join_running_cluster(
+    endpoints: list[str], name: str, peer_url: str
+) -> dict[str, str] | None:
+    """A node starting without data while the others already run a cluster (it was lost with
+    its host and comes back): replace its old membership with a new one, as etcd's runbook
+    says, and return the cluster to join. None while no cluster answers (first boot) or when
+    this node is a member that never started (the first boot is still under way: etcd lists
+    the initial cluster's members by name, the ones that never ran without client URLs)."""
+    async with EtcdClient(endpoints, timeout=1.0) as etcd:
+        try:
+            members = await etcd.member_list()
+        except EtcdError:
+            return None
+        mine = [m for m in members if peer_url in m.get("peerURLs", [])]
+        if mine and not mine[0].get("clientURLs"):
+            return None  # listed in the initial cluster, never started: a first boot
+        for m in mine:
+            log.info("replacing etcd member %s: this node lost its data", m.get("name"))
+            await etcd.member_remove(m["ID"])
+        await etcd.member_add([peer_url])
+        members = await etcd.member_list()
+    cluster = {m["name"]: m["peerURLs"][0] for m in members if m.get("name")}
+    cluster[name] = peer_url
+    log.info("joining the running etcd cluster of %d members", len(cluster))
+    return cluster
+
+
 async def run(args: argparse.Namespace) -> int:
     listen_ip, port = split_addr(args.addr)
     host = args.host
@@ -157,6 +184,12 @@ async def run(args: argparse.Namespace) -> int:
     name = member_name(host, port)
     data_dir = Path(args.data_dir) / "etcd"
     existing = (data_dir / "member").exists()
+    others = [f"http://{h}:{p + CLIENT_PORT_OFFSET}" for h, p in peers if (h, p) != (host, port)]
+    if not existing and others:
+        peer_url = f"http://{host}:{port + PEER_PORT_OFFSET}"
+        joined = await join_running_cluster(others, name, peer_url)
+        if joined is not None:
+            initial, existing = joined, True
     member = EtcdProcess(
         name, data_dir, ip=host, client_port=port + CLIENT_PORT_OFFSET,
         peer_port=port + PEER_PORT_OFFSET, initial_cluster=initial,

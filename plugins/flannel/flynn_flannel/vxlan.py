@@ -22,11 +22,13 @@ import contextlib
 import errno
 import ipaddress
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError, NetNS
+from pyroute2 import NetlinkError
+
+from flynn_host.network import iproute_in
 
 DEVICE = "flannel.1"
 VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + vxlan (8) + inner Ethernet (14)
@@ -70,13 +72,9 @@ class VxlanDevice:
         self.name = name
         self.netns = netns
 
-    @contextlib.contextmanager
-    def _ipr(self) -> Iterator[Any]:
-        ipr = NetNS(self.netns) if self.netns else IPRoute()
-        try:
-            yield ipr
-        finally:
-            ipr.close()
+    def _ipr(self) -> contextlib.AbstractContextManager[Any]:
+        # setns in this thread, not pyroute2's NetNS (which forks the process)
+        return iproute_in(self.netns)
 
     def _index(self, ipr: Any) -> int:
         found = ipr.link_lookup(ifname=self.name)

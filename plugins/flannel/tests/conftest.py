@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from flannel_netns import TwoHosts, ip
 from flynn_discoverd.client import Client
-from pyroute2 import netns
+
+from flynn_host.network import create_netns, delete_netns
 
 # discoverd's fixtures, loaded from its tests' conftest under a name of their own
 _spec = importlib.util.spec_from_file_location(
@@ -56,7 +57,7 @@ def two_hosts() -> Iterator[TwoHosts]:
     hosts = TwoHosts(f"tflan{tag}a", f"tflan{tag}b")
     try:
         for name in (hosts.a, hosts.b):
-            netns.create(name)
+            create_netns(name)
             ip("-n", name, "link", "set", "lo", "up")
         ip("link", "add", f"tfl{tag}a", "netns", hosts.a, "type", "veth",
            "peer", "name", f"tfl{tag}b", "netns", hosts.b)  # fmt: skip
@@ -69,5 +70,4 @@ def two_hosts() -> Iterator[TwoHosts]:
         yield hosts
     finally:
         for name in (hosts.a, hosts.b):
-            if name in netns.listnetns():
-                netns.remove(name)
+            delete_netns(name)
