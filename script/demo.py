@@ -5,8 +5,10 @@ operator would: a job submitted as Flynn's job JSON, `flynn-host run` with outpu
 status, a crash, an out-of-memory kill, a long-running job listed by `ps`, inspected, its log
 read and stopped, a data volume shared by two jobs, the Debian images imported and run, a
 platform component served from the host's own code, discoverd as a job (etcd, its API and
-DNS, the host registering itself), and the plugin list. Everything is removed at the end,
-whatever happened.
+DNS, the host registering itself), and the plugin list. Then three hosts in network
+namespaces booted with `flynn-host bootstrap` (discoverd and flannel on each), and a job on
+host 1 reaching a job on host 3 over the overlay by `<service>.discoverd`. Everything is
+removed at the end, whatever happened.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 
 from flynn_host import devhost, images
 
@@ -207,7 +210,53 @@ def main() -> int:
         d.cleanup()
         leftovers = devhost.mounts_under(d.base)
         print("nothing left behind" if not leftovers else f"LEFT: {leftovers}")
+    cluster_demo()
     return 0
+
+
+def cluster_demo() -> None:
+    """Three hosts in network namespaces, booted with `flynn-host bootstrap`; a job on host 1
+    reaches a job on host 3 over the overlay by `<service>.discoverd`."""
+    from flynn_host.devcluster import Cluster, leftovers
+
+    say("three hosts on this machine (script/cluster up -n 3): init, daemons, bootstrap")
+    with Cluster(name="demo", say=lambda m: print(f"{DIM}{m}{RESET}", flush=True)) as c:
+        c.up(3, host_id_prefix="demoh")
+        for i in (1, 2, 3):
+            net = c.client(i).status()["network"]
+            print(f"{c.host(i).id} at {c.host(i).ip}: jobs get {net['subnet']} (mtu {net['mtu']})")
+
+        say("a web job on host 3, registered in discoverd as service `web`")
+        web_id = f"{c.host(3).id}-{uuid.uuid4().hex}"
+        page = "mkdir /www && echo hello from $EXTERNAL_IP on $HOSTNAME > /www/index.html"
+        c.client(3).add_job(
+            devhost.busybox_job(web_id, ["sh", "-c", f"{page} && exec httpd -f -p 8080 -h /www"])
+        )
+        for _ in range(100):
+            web = c.client(3).get_job(web_id)
+            if web["status"] == "running":
+                break
+            time.sleep(0.1)
+        print(f"job {web_id} running at {web['internal_ip']}")
+        api = f"http://{c.host(2).ip}:1111"
+        addr = f"{web['internal_ip']}:8080"
+        put(f"{api}/services/web", {})
+        iid = hashlib.md5(f"tcp-{addr}".encode()).hexdigest()
+        put(f"{api}/services/web/instances/{iid}", {"addr": addr})
+
+        say("from a job on host 1: DNS at its bridge, then HTTP over the overlay by name")
+        script = (
+            "cat /etc/resolv.conf; echo EXTERNAL_IP=$EXTERNAL_IP; nslookup web.discoverd; "
+            "wget -q -O- http://web.discoverd:8080/"
+        )
+        argv = ["flynn-host", "run", "busybox", "--", "sh", "-c", script]
+        print(f"{DIM}$ script/cluster exec {c.host(1).id} {shlex.join(argv)}{RESET}", flush=True)
+        out = c.exec(1, argv, capture_output=True, text=True, timeout=60)
+        sys.stdout.write(out.stdout + out.stderr)
+
+        say("script/cluster down: every namespace, bridge, vxlan device, rule, mount, process")
+    left = leftovers(c)
+    print("nothing left behind" if not left else f"LEFT: {left}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""Layer 0 on three hosts (network namespaces on a private bridge, `flynn_host.devcluster`,
+the code behind `script/cluster`), booted from nothing with `flynn-host bootstrap`: discoverd
+and flannel on every host, jobs with overlay addresses reaching each other across hosts by
+address and by `<service>.discoverd`, egress through NAT, a host lost and brought back, and
+nothing left behind afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flynn_host.devcluster import Cluster, leftovers
+from flynn_host.devhost import busybox_job
+from flynn_host.network import NETNS_DIR
+from tests.test_devcluster import new_cluster
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
+
+
+def job_namespaces() -> set[str]:
+    return (
+        {n for n in os.listdir(NETNS_DIR) if n.startswith("fj-")} if NETNS_DIR.exists() else set()
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    before = job_namespaces()
+    c = new_cluster()
+    try:
+        c.up(3, bootstrap=True, host_id_prefix=f"{c.name}h")
+        yield c
+    finally:
+        c.down()
+        assert leftovers(c) == []
+        assert job_namespaces() <= before
+
+
+def wait_for(check: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (OSError, ValueError, KeyError, AssertionError) as exc:
+            last = exc
+        time.sleep(every)
+    raise AssertionError(f"not true after {timeout}s: {last}")
+
+
+def start_job(c: Cluster, host: int, args: list[str]) -> dict[str, Any]:
+    """A busybox job on `host`, once running (its JSON, with `internal_ip`)."""
+    client = c.client(host)
+    job_id = f"{c.host(host).id}-{uuid.uuid4().hex}"
+    client.add_job(busybox_job(job_id, args))
+    return wait_for(lambda: (j := client.get_job(job_id))["status"] == "running" and j)
+
+
+def web_job(c: Cluster, host: int) -> dict[str, Any]:
+    """A busybox httpd job on `host` on port 8080 answering `hello from <its address>`."""
+    page = "mkdir /www && echo hello from $EXTERNAL_IP > /www/index.html"
+    return start_job(c, host, ["sh", "-c", f"{page} && exec httpd -f -p 8080 -h /www"])
+
+
+def run_job(c: Cluster, host: int, script: str, timeout: float = 30.0) -> tuple[int, str]:
+    """Run `sh -c script` in a busybox job on `host`; its exit status and output."""
+    client = c.client(host)
+    job_id = f"{c.host(host).id}-{uuid.uuid4().hex}"
+    client.add_job(busybox_job(job_id, ["sh", "-c", script]))
+    job = wait_for(lambda: (j := client.get_job(job_id))["status"] in ("done", "crashed") and j,
+                   timeout)  # fmt: skip
+    out = c.exec(host, ["flynn-host", "log", job_id], capture_output=True, text=True).stdout
+    return job["exit_status"], out
+
+
+def discoverd(c: Cluster, host: int, method: str, path: str, body: Any = None) -> Any:
+    req = urllib.request.Request(f"http://{c.host(host).ip}:1111{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def register(c: Cluster, via: int, service: str, addr: str) -> None:
+    discoverd(c, via, "PUT", f"/services/{service}", {})
+    iid = hashlib.md5(f"tcp-{addr}".encode()).hexdigest()
+    discoverd(c, via, "PUT", f"/services/{service}/instances/{iid}", {"addr": addr})
+
+
+def dns_a(c: Cluster, host: int, name: str) -> list[str]:
+    """A records for `name` from discoverd's DNS on `host`'s bridge address."""
+    subnet = c.client(host).status()["network"]["subnet"]
+    server = subnet.rsplit(".", 1)[0] + ".1"
+    out = c.exec(host, ["dig", "+short", "+time=2", "+tries=1", f"@{server}", name],
+                 capture_output=True, text=True).stdout  # fmt: skip
+    return sorted(out.split())
+
+
+def test_three_hosts_boot_with_discoverd_and_distinct_subnets(cluster: Cluster) -> None:
+    subnets = []
+    for i in (1, 2, 3):
+        status = cluster.client(i).status()
+        assert status["discoverd"]["url"] == f"http://{cluster.host(i).ip}:1111"
+        subnets.append(status["network"]["subnet"])
+        assert status["network"]["mtu"] == 1450  # vxlan's 50 bytes under the bridge's 1500
+    assert len(set(subnets)) == 3 and all(s.startswith("100.100.") for s in subnets)
+
+    def listed() -> bool:  # each host registers in discoverd once discoverd told it where
+        out = cluster.exec(1, ["flynn-host", "list"], capture_output=True, text=True).stdout
+        return all(cluster.host(i).id in out for i in (1, 2, 3))
+
+    wait_for(listed)
+    leases = discoverd(cluster, 2, "GET", "/services/flannel/meta")["data"]["subnets"]
+    assert sorted(v["PublicIP"] for v in leases.values()) == cluster.ips()
+
+
+def test_job_on_host1_reaches_job_on_host3_by_address_and_by_name(cluster: Cluster) -> None:
+    server = web_job(cluster, 3)
+    ip = server["internal_ip"]
+    assert ip.startswith(cluster.client(3).status()["network"]["subnet"].rsplit(".", 1)[0])
+    status, out = run_job(cluster, 1, f"wget -q -O- http://{ip}:8080/")
+    assert (status, out.strip()) == (0, f"hello from {ip}")
+    register(cluster, 2, "web3", f"{ip}:8080")
+    assert wait_for(lambda: dns_a(cluster, 1, "web3.discoverd") == [ip])
+    status, out = run_job(
+        cluster, 1, "cat /etc/resolv.conf; wget -q -O- http://web3.discoverd:8080/"
+    )
+    assert status == 0, out
+    assert f"hello from {ip}" in out
+    cluster.client(3).stop_job(server["job"]["id"])
+
+
+def test_job_reaches_the_private_bridge_through_nat(cluster: Cluster) -> None:
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            seen.append(self.client_address[0])
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"outside")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer((cluster.gateway, 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, out = run_job(
+            cluster, 2, f"wget -q -O- http://{cluster.gateway}:{srv.server_port}/"
+        )
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert (status, out.strip()) == (0, "outside")
+    assert seen == [cluster.host(2).ip]  # masqueraded to the host's address
+
+
+def host_links(c: Cluster, host: int) -> set[str]:
+    out = c.exec(host, ["ip", "-o", "link", "show", "master", "flynnbr0"],
+                 capture_output=True, text=True).stdout  # fmt: skip
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def test_ended_jobs_leave_no_veth_address_or_namespace(cluster: Cluster) -> None:
+    links, spaces = host_links(cluster, 2), job_namespaces()
+    addresses = Path(cluster.host(2).dir) / "state.json.addresses"
+    allocated = json.loads(addresses.read_text())["allocations"]
+    job = start_job(cluster, 2, ["sleep", "600"])
+    assert len(host_links(cluster, 2) - links) == 1
+    assert job["job"]["id"] in json.loads(addresses.read_text())["allocations"]
+    cluster.client(2).stop_job(job["job"]["id"])
+    wait_for(lambda: host_links(cluster, 2) == links and job_namespaces() <= spaces)
+    assert json.loads(addresses.read_text())["allocations"] == allocated
+    nat = cluster.exec(2, ["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True,
+                       text=True).stdout  # fmt: skip
+    assert nat.count("MASQUERADE") == 1  # the host's one rule, none per job
+
+
+def test_a_host_lost_and_brought_back(cluster: Cluster) -> None:
+    """Host 3 crashes (every process of it killed): hosts 1 and 2 keep discoverd's quorum and
+    their traffic; host 3's instances leave DNS after the TTL; after its daemon is back and
+    bootstrap is rerun, its jobs are reachable again on the same subnet."""
+    subnet3 = cluster.client(3).status()["network"]["subnet"]
+    assert len(wait_for(lambda: dns_a(cluster, 1, "flannel.discoverd"))) == 3
+    server = web_job(cluster, 2)
+
+    cluster.stop_host(3, kill=True)
+    assert wait_for(lambda: len(dns_a(cluster, 1, "flannel.discoverd")) == 2, timeout=60)
+    register(cluster, 1, "after-loss", "10.9.9.9:1")  # writes need a quorum
+    assert discoverd(cluster, 2, "GET", "/services/after-loss/instances")[0]["addr"] == "10.9.9.9:1"
+    ip = server["internal_ip"]
+    assert run_job(cluster, 1, f"wget -q -O- http://{ip}:8080/") == (0, f"hello from {ip}\n")
+
+    cluster.start_host(3)
+    rerun = cluster.exec(1, ["flynn-host", "bootstrap", "--min-hosts", "3", "--peer-ips",
+                             ",".join(cluster.ips())], env={"CLUSTER_DOMAIN": cluster.domain},
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert cluster.client(3).status()["network"]["subnet"] == subnet3
+    assert wait_for(lambda: len(dns_a(cluster, 1, "flannel.discoverd")) == 3, timeout=60)
+    back = web_job(cluster, 3)
+    assert back["internal_ip"].rsplit(".", 1)[0] == subnet3.rsplit(".", 1)[0]
+    ip = back["internal_ip"]
+    assert run_job(cluster, 1, f"wget -q -O- http://{ip}:8080/") == (0, f"hello from {ip}\n")
+    for host, job in ((2, server), (3, back)):
+        cluster.client(host).stop_job(job["job"]["id"])
