@@ -48,6 +48,7 @@ test-slow: dev
 bench: dev
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/job_start.py
 	$(BIN)/python bench/discoverd.py
+	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/overlay.py
 
 lint: venv
 	$(BIN)/ruff check .
