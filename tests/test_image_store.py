@@ -52,6 +52,14 @@ def test_import_list_and_run_by_name(daemon, image_copy):
     assert image["mountspecs"][0]["url"].startswith(f"file://{daemon.base}/vol/layers/")
 
 
+def test_import_with_a_name_given_before_the_manifest(daemon, image_copy):
+    manifest = str(image_copy / "busybox" / "manifest.json")
+    out = daemon.run_cli("image", "import", "--name=tiny", manifest)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("imported tiny: id ")
+    assert daemon.run_cli("image", "import", "--name=tiny").returncode == 2
+
+
 def test_import_over_http(daemon, image_copy):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(image_copy))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

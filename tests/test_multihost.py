@@ -219,3 +219,21 @@ def test_a_host_lost_and_brought_back(cluster: Cluster) -> None:
     assert run_job(cluster, 1, f"wget -q -O- http://{ip}:8080/") == (0, f"hello from {ip}\n")
     for host, job in ((2, server), (3, back)):
         cluster.client(host).stop_job(job["job"]["id"])
+
+
+def test_one_host_cluster_boots_and_its_jobs_resolve_each_other() -> None:
+    """A single host (singleton bootstrap): discoverd's etcd alone, the host's own subnet."""
+    before = job_namespaces()
+    c = new_cluster()
+    try:
+        c.up(1, bootstrap=True, host_id_prefix=f"{c.name}h")
+        status = c.client(1).status()
+        assert status["network"]["subnet"].startswith("100.100.")
+        server = web_job(c, 1)
+        ip = server["internal_ip"]
+        register(c, 1, "solo", f"{ip}:8080")
+        assert run_job(c, 1, "wget -q -O- http://solo.discoverd:8080/") == (0, f"hello from {ip}\n")
+    finally:
+        c.down()
+        assert leftovers(c) == []
+        assert job_namespaces() <= before

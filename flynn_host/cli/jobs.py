@@ -423,7 +423,7 @@ def cmd_image(argv: list[str]) -> int:
     p.add_argument("action", choices=["import", "list", "rm", "gc"])
     p.add_argument("--name", default=None)
     p.add_argument("args", nargs="*")
-    args = p.parse(argv)
+    args = p.parse(argv, intermixed=True)
     client = HostClient()
     if args.action == "import":
         if len(args.args) != 1:

@@ -20,9 +20,10 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message}\n\n{self.flynn_usage}")
 
-    def parse(self, argv: list[str]) -> argparse.Namespace:
+    def parse(self, argv: list[str], intermixed: bool = False) -> argparse.Namespace:
+        """`intermixed`: options may come between positionals (`image import --name=x FILE`)."""
         try:
-            args = self.parse_args(argv)
+            args = self.parse_intermixed_args(argv) if intermixed else self.parse_args(argv)
         except UsageError:
             # `flynn-host stop --help`: missing arguments must not hide the usage asked for
             if "-h" not in argv and "--help" not in argv:
