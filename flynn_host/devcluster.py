@@ -35,7 +35,7 @@ from pyroute2 import IPRoute, NetlinkError
 
 from flynn_host import images
 from flynn_host.client import HostClient
-from flynn_host.devhost import cgroups_of, mounts_under, remove_cgroups
+from flynn_host.devhost import cgroups_of, delete_runc_containers, mounts_under, remove_cgroups
 from flynn_host.network import NETNS_DIR, create_netns, delete_netns, iproute_in
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -445,12 +445,15 @@ class Cluster:
             return h.log_file.read_text(errors="replace")[-chars:]
         return ""
 
-    def stop_host(self, which: int | str, kill: bool = False) -> None:
+    def stop_host(
+        self, which: int | str, kill: bool = False, remove_namespace: bool = False
+    ) -> None:
         """Take a host down: SIGTERM its daemon (which stops its jobs) and wait, or with `kill`
-        SIGKILL every process in its namespace at once, as a crash would. Its namespace,
-        address, directory and state stay, for `start_host`."""
+        SIGKILL every process in its namespace at once, as a crash would. Its directory and
+        state stay, for `start_host`; its namespace (with its bridge, VXLAN device and NAT
+        rule) stays too unless `remove_namespace`, as if the machine were replaced."""
         h = self.host(which)
-        if kill:
+        if kill or remove_namespace:
             # the host's processes: its namespace's, and its jobs' (which have namespaces of
             # their own, but live in the host's cgroups)
             kill_all(
@@ -462,12 +465,20 @@ class Cluster:
             if wait_gone([h.pid], DAEMON_STOP_TIMEOUT):
                 kill_all([h.pid])
                 wait_gone([h.pid], 10)
+        if remove_namespace:
+            delete_netns(h.netns)
+            with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+                for idx in ipr.link_lookup(ifname=h.veth):
+                    ipr.link("del", index=idx)
         h.pid = None
         self.save()
 
     def start_host(self, which: int | str, timeout: float = 30.0) -> None:
-        """Start a stopped host's daemon again, with the same id, address and directories."""
+        """Start a stopped host's daemon again, with the same id, address and directories
+        (making its namespace again if it was removed)."""
         h = self.host(which)
+        if not Path(h.netns_path).exists():
+            self._make_host_network(h)
         self._start_daemon(h)
         try:
             self._wait_answering(h, timeout)
@@ -584,11 +595,7 @@ class Cluster:
                                  text=True).stdout  # fmt: skip
             kill_all([int(p) for p in out.split()])
             for root in run.glob("*/runc") if run.exists() else []:
-                ids = subprocess.run(["runc", "--root", str(root), "list", "-q"],
-                                     capture_output=True, text=True).stdout.split()  # fmt: skip
-                for cid in ids:
-                    subprocess.run(["runc", "--root", str(root), "delete", "--force", cid],
-                                   capture_output=True)  # fmt: skip
+                delete_runc_containers(root)
 
     def _remove_links(self) -> None:
         veth = re.compile(rf"fc{self.name}[hp]\d+")

@@ -169,12 +169,7 @@ class Daemon:
         for pid in out.split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-        if runc_root.exists():
-            ids = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
-                                 capture_output=True, text=True).stdout.split()  # fmt: skip
-            for cid in ids:
-                subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", cid],
-                               capture_output=True)  # fmt: skip
+        delete_runc_containers(runc_root)
 
     def cleanup(self) -> None:
         """Whatever happened: no process, container, mount, loop device or cgroup left."""
@@ -184,6 +179,17 @@ class Daemon:
             subprocess.run(["umount", "-d", "-l", mnt], capture_output=True)
         remove_cgroups(f"flynn/{self.host_id}")
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def delete_runc_containers(runc_root: Path) -> None:
+    """Force-delete every container a runc root knows (killing what still runs)."""
+    if not runc_root.exists():
+        return
+    ids = subprocess.run(["runc", "--root", str(runc_root), "list", "-q"],
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    for cid in ids:
+        subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", cid],
+                       capture_output=True)  # fmt: skip
 
 
 def mounts_under(base: Path) -> list[str]:

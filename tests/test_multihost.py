@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import json
 import os
+import signal
 import threading
 import time
 import urllib.request
@@ -191,15 +192,36 @@ def test_ended_jobs_leave_no_veth_address_or_namespace(cluster: Cluster) -> None
     assert nat.count("MASQUERADE") == 1  # the host's one rule, none per job
 
 
+def test_a_killed_daemon_leaves_its_jobs_reachable_and_adopts_them(cluster: Cluster) -> None:
+    """Host 3's daemon alone is killed: its jobs run on (their shims hold them), its own
+    registration leaves DNS after the TTL; restarted, it adopts the jobs and registers again."""
+    subnet3 = cluster.client(3).status()["network"]["subnet"]
+    server = web_job(cluster, 3)
+    ip = server["internal_ip"]
+    assert wait_for(lambda: len(dns_a(cluster, 1, "flynn-host.discoverd")) == 3)
+    pid = cluster.host(3).pid
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: len(dns_a(cluster, 1, "flynn-host.discoverd")) == 2, timeout=60)
+    assert run_job(cluster, 1, f"wget -q -O- http://{ip}:8080/") == (0, f"hello from {ip}\n")
+    cluster.start_host(3)
+    assert cluster.client(3).get_job(server["job"]["id"])["status"] == "running"
+    assert cluster.client(3).status()["network"]["subnet"] == subnet3
+    assert wait_for(lambda: len(dns_a(cluster, 1, "flynn-host.discoverd")) == 3, timeout=60)
+    assert run_job(cluster, 2, f"wget -q -O- http://{ip}:8080/") == (0, f"hello from {ip}\n")
+    cluster.client(3).stop_job(server["job"]["id"])
+
+
 def test_a_host_lost_and_brought_back(cluster: Cluster) -> None:
-    """Host 3 crashes (every process of it killed): hosts 1 and 2 keep discoverd's quorum and
-    their traffic; host 3's instances leave DNS after the TTL; after its daemon is back and
-    bootstrap is rerun, its jobs are reachable again on the same subnet."""
+    """Host 3 is lost (every process killed, its namespace with its bridge and VXLAN device
+    removed): hosts 1 and 2 keep discoverd's quorum and their traffic; host 3's instances leave
+    DNS after the TTL; once its namespace and daemon are back and bootstrap is rerun, its jobs
+    are reachable again on the same subnet."""
     subnet3 = cluster.client(3).status()["network"]["subnet"]
     assert len(wait_for(lambda: dns_a(cluster, 1, "flannel.discoverd"))) == 3
     server = web_job(cluster, 2)
 
-    cluster.stop_host(3, kill=True)
+    cluster.stop_host(3, remove_namespace=True)
     assert wait_for(lambda: len(dns_a(cluster, 1, "flannel.discoverd")) == 2, timeout=60)
     register(cluster, 1, "after-loss", "10.9.9.9:1")  # writes need a quorum
     assert discoverd(cluster, 2, "GET", "/services/after-loss/instances")[0]["addr"] == "10.9.9.9:1"
