@@ -394,3 +394,32 @@ def test_restore_environment_removes_the_bundles_library_path(pretend_frozen: st
     assert env == {"PATH": "/usr/bin:/bin"}
     assert frozen_mod.is_frozen()
     assert frozen_mod.self_command() == ["/opt/fh/flynn-host"]
+
+
+def test_frozen_daemons_boot_a_two_host_cluster(bundle: Path, monkeypatch: Any) -> None:
+    """The bundle as every host's daemon (`FLYNN_HOST_BIN`): `init`, `bootstrap` and the
+    discoverd and flannel jobs run the frozen program (mounted at /.flynn-host), and a job on
+    host 1 reaches a job on host 2 by `<service>.discoverd`."""
+    from flynn_host.devcluster import leftovers
+    from tests.test_devcluster import new_cluster
+    from tests.test_multihost import register, run_job, web_job
+
+    monkeypatch.setenv("FLYNN_HOST_BIN", str(bundle))
+    c = new_cluster()
+    try:
+        c.up(2, bootstrap=True, host_id_prefix=f"{c.name}h")
+        daemon = Path(f"/proc/{c.host(1).pid}/exe").resolve()
+        assert daemon == bundle.resolve()
+        for i in (1, 2):
+            status = c.client(i).status()
+            assert status["network"]["subnet"].startswith("100.100.")
+            assert status["discoverd"]["url"] == f"http://{c.host(i).ip}:1111"
+        ip = web_job(c, 2)["internal_ip"]
+        register(c, 1, "frozenweb", f"{ip}:8080")
+        assert run_job(c, 1, "wget -q -O- http://frozenweb.discoverd:8080/") == (
+            0,
+            f"hello from {ip}\n",
+        )
+    finally:
+        c.down()
+        assert leftovers(c) == []
