@@ -158,8 +158,9 @@ class ResourceCheck(Action):
 
 
 class WaitHosts(Action):
-    """`{"timeout": SECS}` (default 60): wait until every host reports discoverd
-    (`discoverd.url`) and its network (`network.subnet`) in `GET /host/status`."""
+    """`{"timeout": SECS}` (default 60): wait until every host reports discoverd and its DNS
+    (`discoverd.url`, `discoverd.dns`) and its network (`network.subnet`) in
+    `GET /host/status`."""
 
     def __init__(self, step: dict[str, Any]) -> None:
         super().__init__(step)
@@ -171,8 +172,12 @@ class WaitHosts(Action):
         except (HostAPIError, ConnectionError, OSError) as exc:
             return [f"status ({exc})"]
         out = []
-        if not (status.get("discoverd") or {}).get("url"):
+        discoverd = status.get("discoverd") or {}
+        if not discoverd.get("url"):
             out.append("discoverd")
+        elif not discoverd.get("dns"):
+            # discoverd serves DNS on the bridge once the network exists: jobs need it
+            out.append("discoverd DNS")
         if not (status.get("network") or {}).get("subnet"):
             out.append("network")
         return out
