@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flynn_host.cli.usage import Parser
+from flynn_host.config import load_config_file
 
 USAGE = """\
 usage: flynn-host init [options]
@@ -101,14 +102,8 @@ def merge_args(old: list[str], new: dict[str, str]) -> list[str]:
 
 
 def write_config(path: Path, flags: dict[str, str]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot update {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"cannot update {path}: expected a JSON object")
+    # an existing file is updated (read as the daemon reads it), a missing one created
+    data = load_config_file(str(path)) if path.exists() else {}
     data["args"] = merge_args([str(a) for a in data.get("args") or []], flags)
     data.setdefault("env", {})
     path.parent.mkdir(parents=True, exist_ok=True)
