@@ -219,6 +219,9 @@ def test_twenty_jobs_leave_nothing_behind(make_daemon):
     assert list((d.base / "run" / d.host_id / "jobs").iterdir()) == []
     losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(d.base) not in losetup
+    # once the daemon has stopped, not even its partitions remain, in any hierarchy
+    assert d.stop() == 0
+    assert cgroups_of(f"flynn/{d.host_id}") == []
 
 
 def test_event_stream_reports_create_start_stop_cleanup(daemon):
