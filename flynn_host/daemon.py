@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import urllib.parse
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -83,6 +84,15 @@ class Host:
             self._registration.cancel()
         self._registration = asyncio.get_running_loop().create_task(self._register())
 
+    def discoverd_urls(self) -> list[str]:
+        """The local discoverd first, then the peers' (`--peer-ips`, same port), so a host
+        whose own discoverd is not back yet still joins the cluster through the others."""
+        assert self.discoverd is not None
+        local = str(self.discoverd["url"]).rstrip("/")
+        port = urllib.parse.urlsplit(local).port or 1111
+        peers = [f"http://{ip}:{port}" for ip in self.config.peer_ips]
+        return [local] + [u for u in peers if u != local]
+
     async def _register(self) -> None:
         from flynn_discoverd.client import Client
 
@@ -90,7 +100,7 @@ class Host:
         addr = f"{self.config.external_ip or self.config.listen_ip or '127.0.0.1'}:"
         addr += str(self.config.http_port)
         meta = {"id": self.config.id, **{f"tag:{k}": v for k, v in self.config.tags.items()}}
-        client = Client([str(self.discoverd["url"])])
+        client = Client(self.discoverd_urls())
         heartbeater = None
         try:
             while heartbeater is None:
@@ -143,6 +153,7 @@ class Host:
                 "volpath": str(self.config.volpath),
                 "log_dir": str(self.config.log_dir),
                 "bridge_name": self.config.bridge_name,
+                "peer_ips": self.config.peer_ips,
                 "max_job_concurrency": self.config.max_job_concurrency,
             },
             "components": {k: c.name for k, c in self.components.items()},

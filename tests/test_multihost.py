@@ -223,12 +223,15 @@ def test_a_host_lost_and_brought_back(cluster: Cluster) -> None:
 
     cluster.stop_host(3, remove_namespace=True)
     assert wait_for(lambda: len(dns_a(cluster, 1, "flannel.discoverd")) == 2, timeout=60)
+    assert wait_for(lambda: len(dns_a(cluster, 1, "flynn-host.discoverd")) == 2, timeout=60)
     register(cluster, 1, "after-loss", "10.9.9.9:1")  # writes need a quorum
     assert discoverd(cluster, 2, "GET", "/services/after-loss/instances")[0]["addr"] == "10.9.9.9:1"
     ip = server["internal_ip"]
     assert run_job(cluster, 1, f"wget -q -O- http://{ip}:8080/") == (0, f"hello from {ip}\n")
 
     cluster.start_host(3)
+    # its own discoverd is not back yet: it registers through its peers' (--peer-ips)
+    assert wait_for(lambda: len(dns_a(cluster, 1, "flynn-host.discoverd")) == 3, timeout=60)
     rerun = cluster.exec(1, ["flynn-host", "bootstrap", "--min-hosts", "3", "--peer-ips",
                              ",".join(cluster.ips())], env={"CLUSTER_DOMAIN": cluster.domain},
                          capture_output=True, text=True, timeout=180)  # fmt: skip
