@@ -284,6 +284,22 @@ def test_failing_job_fails_the_step_naming_the_host(
 
 
 @needs_root
+def test_an_image_missing_on_a_host_says_how_to_import_it(
+    tmp_path: Path, hosts: list[devhost.Daemon]
+) -> None:
+    step = sleeper("noimage")
+    step["artifact"] = {"image": "nosuchimage"}
+    out = bootstrap(tmp_path, hosts[:1], [step])
+    assert out.returncode == 1
+    assert (
+        f"run-app noimage error: host {hosts[0].host_id} (127.0.0.1:{hosts[0].port}) has no "
+        "image 'nosuchimage': import it there first, e.g. `flynn-host image import "
+        "/var/lib/flynn/images/nosuchimage/manifest.json --name=nosuchimage`"
+    ) in out.stderr
+    assert app_jobs(hosts[0], "noimage") == {}
+
+
+@needs_root
 def test_wait_hosts_timeout_lists_what_is_missing(
     tmp_path: Path, hosts: list[devhost.Daemon]
 ) -> None:

@@ -366,6 +366,21 @@ class RunApp(Action):
                 next_report = time.monotonic() + 5
             time.sleep(0.1)
 
+    def mountspecs(self, host: ClusterHost) -> list[Any]:
+        """The layers of the step's image in `host`'s image store."""
+        try:
+            return host.client.request("GET", f"/host/images/{self.image}")["mountspecs"]
+        except HostAPIError as exc:
+            if exc.status != 404:
+                raise StepError(f"host {host}: finding image {self.image!r}: {exc}") from None
+            raise StepError(
+                f"host {host} has no image {self.image!r}: import it there first, e.g. "
+                f"`flynn-host image import /var/lib/flynn/images/{self.image}/manifest.json "
+                f"--name={self.image}` (`make images` builds it)"
+            ) from None
+        except (ConnectionError, OSError) as exc:
+            raise StepError(f"host {host}: finding image {self.image!r}: {exc}") from None
+
     def run(self, state: State) -> Any:
         have = self.existing(state)
         self.app.setdefault("id", None)
@@ -375,10 +390,7 @@ class RunApp(Action):
         started: list[tuple[ClusterHost, str]] = []
         for host, typ in self.placements(state, have):
             if host.id not in mountspecs:
-                image = _host_call(
-                    host, f"finding image {self.image!r}", "GET", f"/host/images/{self.image}"
-                )
-                mountspecs[host.id] = image["mountspecs"]
+                mountspecs[host.id] = self.mountspecs(host)
             job = self.job(state, host, typ, mountspecs[host.id])
             self.start(state, host, job)
             started.append((host, job["id"]))
