@@ -309,6 +309,20 @@ def test_wait_hosts_timeout_lists_what_is_missing(
         assert f"host {d.host_id} (127.0.0.1:{d.port}) lacks discoverd, network" in out.stderr
 
 
+@needs_root
+def test_wait_hosts_timeout_names_bootstrap_jobs_that_ended(
+    tmp_path: Path, hosts: list[devhost.Daemon]
+) -> None:
+    step = sleeper("dies")
+    step["release"]["processes"]["app"]["args"] = ["sh", "-c", "echo going down; sleep 1; exit 7"]
+    wait = {"id": "wait-hosts", "action": "wait-hosts", "timeout": 3}
+    out = bootstrap(tmp_path, hosts[:1], [step, wait])
+    assert out.returncode == 1
+    line = next(ln for ln in out.stderr.splitlines() if "wait-hosts error:" in ln)
+    assert f"dies job {hosts[0].host_id}-" in line
+    assert "crashed: exit status 7; its last output: going down" in line
+
+
 def test_unreachable_hosts_and_unsupported_flags(tmp_path: Path) -> None:
     manifest = tmp_path / "m.json"
     manifest.write_text("[]")

@@ -182,6 +182,25 @@ class WaitHosts(Action):
             out.append("network")
         return out
 
+    @staticmethod
+    def ended_jobs(host: ClusterHost) -> list[str]:
+        """Bootstrap's jobs on `host` that have ended (the usual reason a host lacks
+        something), each with how it ended and its last output."""
+        try:
+            jobs = host.client.list_jobs()
+        except (HostAPIError, ConnectionError, OSError):
+            return []
+        out = []
+        for jid, job in jobs.items():
+            app = (job.get("job", {}).get("metadata") or {}).get("flynn-controller.app_name")
+            if not app or job.get("status") not in ("crashed", "failed"):
+                continue
+            how = job.get("error") or f"exit status {job.get('exit_status')}"
+            tail = " | ".join(last_log_lines(host, jid, 3))
+            out.append(f"{app} job {jid} on {host} {job['status']}: {how}"
+                       + (f"; its last output: {tail}" if tail else ""))  # fmt: skip
+        return out
+
     def run(self, state: State) -> Any:
         deadline = time.monotonic() + self.timeout
         next_report = time.monotonic() + 5
@@ -191,7 +210,9 @@ class WaitHosts(Action):
                 return None
             text = "; ".join(f"host {h} lacks {', '.join(m)}" for h, m in missing.items())
             if time.monotonic() > deadline:
-                raise StepError(f"timed out after {self.timeout:g}s waiting for hosts: {text}")
+                ended = [e for h in state.hosts if str(h) in missing for e in self.ended_jobs(h)]
+                why = f" ({'; '.join(ended)})" if ended else ""
+                raise StepError(f"timed out after {self.timeout:g}s waiting for hosts: {text}{why}")
             if time.monotonic() > next_report:
                 state.progress(f"waiting: {text}")
                 next_report = time.monotonic() + 5
