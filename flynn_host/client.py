@@ -34,6 +34,12 @@ def host_url(addr: str | None = None) -> str:
     return f"http://{addr}"
 
 
+def job_host_url() -> str:
+    """The host API as a platform component's host-network job reaches it: Flynn's components
+    use `http://$EXTERNAL_IP:1113`."""
+    return host_url(os.environ.get("EXTERNAL_IP") or "127.0.0.1")
+
+
 class HostClient:
     def __init__(self, addr: str | None = None, timeout: float = 30.0) -> None:
         self.url = host_url(addr)

@@ -34,6 +34,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError
 
 from flynn_host import images
+from flynn_host.atomicfile import write_json_atomic
 from flynn_host.client import HostClient
 from flynn_host.devhost import cgroups_of, delete_runc_containers, mounts_under, remove_cgroups
 from flynn_host.network import NETNS_DIR, create_netns, delete_netns, iproute_in
@@ -242,9 +243,7 @@ class Cluster:
             "bridge": self.bridge, "dir": str(self.dir), "domain": self.domain,
             "hosts": [asdict(h) for h in self.hosts],
         }  # fmt: skip
-        tmp = self.state_file.with_name(".cluster.json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.state_file)
+        write_json_atomic(self.state_file, data, fsync=False, indent=2)
 
     def exists(self) -> bool:
         """Anything of this cluster on the machine: its file, directory, bridge or a namespace."""

@@ -247,12 +247,6 @@ def _busybox_rootfs(root: Path, busybox: Path) -> None:
         (root / "etc" / name).chmod(0o644)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 @contextmanager
 def _build_lock(images_dir: Path) -> Iterator[None]:
     # Two builders (make, a test run, the daemon) must not swap directories under each other.

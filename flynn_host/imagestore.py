@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from urllib.parse import unquote, urljoin, urlparse
 import aiohttp
 
 from flynn_host import images
+from flynn_host.atomicfile import write_json_atomic
 from flynn_host.errors import FlynnError, ValidationError, not_found
 from flynn_host.layers import LayerError, LayerStore
 from flynn_host.types import MountSpec, now
@@ -50,9 +50,7 @@ class ImageStore:
             self._images = json.loads(self.index.read_text())["images"]
 
     def _save(self) -> None:
-        tmp = self.index.with_name(f".{self.index.name}.tmp")
-        tmp.write_text(json.dumps({"images": self._images}, indent=2))
-        os.replace(tmp, self.index)
+        write_json_atomic(self.index, {"images": self._images}, fsync=False, indent=2)
 
     async def _read_manifest(self, url: str) -> dict[str, Any]:
         parsed = urlparse(url)

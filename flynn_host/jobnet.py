@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Any
 
+from flynn_host.atomicfile import write_json_atomic
 from flynn_host.config import HostConfig
 from flynn_host.errors import ValidationError
 from flynn_host.network import (
@@ -127,9 +128,7 @@ class JobNetwork:
                 log.info("job network %s on %s, mtu %d", info["subnet"], self.bridge_name,
                          info["mtu"])  # fmt: skip
             if save:
-                tmp = self.config_file.with_name(self.config_file.name + ".tmp")
-                tmp.write_text(json.dumps(info))
-                os.replace(tmp, self.config_file)
+                write_json_atomic(self.config_file, info)
 
     async def attach(self, job_id: str) -> tuple[str, str] | None:
         """Give the job a namespace with an address; returns (namespace path, address), or

@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from flynn_host import logs
+from flynn_host.atomicfile import write_json_atomic
 from flynn_host.errors import FlynnError, ValidationError, conflict, not_found
 from flynn_host.runc import RuncBackend, StartError
 from flynn_host.types import CRASHED, DONE, FAILED, RUNNING, STARTING, ActiveJob, Job
@@ -67,9 +67,8 @@ class JobManager:
             }
         }
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.state_file)
+        # no fsync: saved on every job change, on the path of every start and stop
+        write_json_atomic(self.state_file, data, fsync=False)
 
     def load(self) -> list[ActiveJob]:
         if not self.state_file.exists():

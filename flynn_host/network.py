@@ -28,6 +28,8 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError
 
+from flynn_host.atomicfile import write_json_atomic
+
 __all__ = [
     "HostNetwork",
     "NetworkError",
@@ -81,12 +83,9 @@ class SubnetAllocator:
 
     def _save(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"subnet": str(self.network), "allocations": self._allocations}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)
+        write_json_atomic(
+            self.state_file, {"subnet": str(self.network), "allocations": self._allocations}
+        )
 
     @property
     def prefixlen(self) -> int:

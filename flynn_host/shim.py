@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flynn_host.atomicfile import write_atomic
 from flynn_host.logs import LogWriter, encode_entry, format_entry, read_entries
 
 if TYPE_CHECKING:
@@ -103,16 +104,6 @@ def set_subreaper() -> None:
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old file or the whole new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -14,13 +14,13 @@ subclasses it and overrides `provision` and `remove_data` (see the tmpfs example
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+from flynn_host.atomicfile import write_json_atomic
 from flynn_host.errors import FlynnError, ValidationError, not_found
 from flynn_host.types import now
 
@@ -113,9 +113,4 @@ class VolumeManager:
         return info
 
     def _save(self) -> None:
-        tmp = self.index.with_name(f".{self.index.name}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"volumes": list(self._volumes.values())}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.index)
+        write_json_atomic(self.index, {"volumes": list(self._volumes.values())}, indent=2)

@@ -13,13 +13,13 @@ import ipaddress
 import json
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from flynn_host.atomicfile import write_atomic
 from flynn_host.cli.usage import Parser
 from flynn_host.config import load_config_file
 
@@ -107,16 +107,7 @@ def write_config(path: Path, flags: dict[str, str]) -> dict[str, Any]:
     data["args"] = merge_args([str(a) for a in data.get("args") or []], flags)
     data.setdefault("env", {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2) + "\n", fsync=False, mode=0o644)
     return data
 
 

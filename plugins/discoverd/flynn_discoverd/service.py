@@ -27,6 +27,7 @@ from flynn_discoverd.dns import DNSServer
 from flynn_discoverd.etcd import EtcdClient, EtcdError, EtcdProcess
 from flynn_discoverd.server import SHUTDOWN, serve
 from flynn_discoverd.store import Store
+from flynn_host.client import HostAPIError, HostClient, job_host_url
 
 log = logging.getLogger("discoverd")
 
@@ -61,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    default=env.get("DISCOVERD_WAIT_NET_DNS", "") in ("1", "true"),
                    help="serve DNS on the host bridge address, port 53, once the host has a "
                         "job network (flannel configured it)")  # fmt: skip
-    p.add_argument("--host-url", default=default_host_url(),
+    p.add_argument("--host-url", default=job_host_url(),
                    help="the host API (default http://$EXTERNAL_IP:1113)")  # fmt: skip
     p.add_argument("--notify", default=env.get("DISCOVERD_NOTIFY"),
                    help="URL to POST {job_id,url,dns} to once serving (default: the host "
@@ -72,23 +73,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def default_host_url() -> str:
-    """Where the host API answers a host-network job: Flynn's components use EXTERNAL_IP:1113."""
-    return f"http://{os.environ.get('EXTERNAL_IP') or '127.0.0.1'}:1113"
-
-
-def host_status(host_url: str) -> dict:
-    with urllib.request.urlopen(f"{host_url}/host/status", timeout=5) as resp:
-        return json.loads(resp.read())
-
-
 async def wait_host_network(host_url: str, every: float = 1.0) -> str:
     """The host's bridge address, once flannel has given the host its subnet."""
+    host = HostClient(host_url, timeout=5)
     said = False
     while True:
         try:
-            network = (await asyncio.to_thread(host_status, host_url)).get("network") or {}
-        except (OSError, ValueError) as exc:
+            network = (await asyncio.to_thread(host.status)).get("network") or {}
+        except (OSError, ValueError, HostAPIError) as exc:
             network = {}
             if not said:
                 log.info("host API %s not answering yet: %s", host_url, exc)

@@ -41,6 +41,8 @@ from flynn_flannel.types import (
     NetworkConfig,
 )
 from flynn_flannel.vxlan import DEVICE, Peer, VxlanDevice, VxlanError
+from flynn_host.atomicfile import write_atomic
+from flynn_host.client import job_host_url
 
 log = logging.getLogger("flannel")
 
@@ -69,13 +71,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     env = os.environ
     external_ip = env.get("EXTERNAL_IP", "")
     p = argparse.ArgumentParser(prog="flynn-host component flannel")
-    host_url = f"http://{external_ip or '127.0.0.1'}:1113"
     p.add_argument(
         "--discoverd-url",
         default=_env("DISCOVERD"),
         help="comma list of discoverd URLs (default: $DISCOVERD, else ask the host)",
     )
-    p.add_argument("--host-url", default=host_url, help="this host's API (to find discoverd)")
+    p.add_argument("--host-url", default=job_host_url(), help="this host's API (to find discoverd)")
     p.add_argument("--iface", default=external_ip, help="this host's IP (default $EXTERNAL_IP)")
     p.add_argument("--network", default=_env("NETWORK", "FLANNEL_NETWORK"))
     p.add_argument("--backend", default=_env("BACKEND", "FLANNEL_BACKEND"))
@@ -131,14 +132,14 @@ async def notify_host(http: aiohttp.ClientSession, url: str, body: dict[str, Any
 
 def write_subnet_file(path: Path, config: NetworkConfig, lease: Lease, mtu: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
+    write_atomic(
+        path,
         f"FLANNEL_NETWORK={config.network}\n"
         f"FLANNEL_SUBNET={lease.gateway}/{lease.subnet.prefixlen}\n"
         f"FLANNEL_MTU={mtu}\n"
-        "FLANNEL_IPMASQ=false\n"
+        "FLANNEL_IPMASQ=false\n",
+        fsync=False,
     )
-    tmp.replace(path)
 
 
 # ---- keeping the kernel in step -------------------------------------------------------------
