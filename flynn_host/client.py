@@ -6,6 +6,7 @@ server's own message.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import urllib.error
@@ -40,14 +41,27 @@ def job_host_url() -> str:
     return host_url(os.environ.get("EXTERNAL_IP") or "127.0.0.1")
 
 
+def auth_headers(key: str | None) -> dict[str, str]:
+    """The `Authorization` header that carries the cluster's host key (HTTP Basic, empty user,
+    the key as password, as Flynn's clients send the controller key)."""
+    if not key:
+        return {}
+    token = base64.b64encode(f":{key}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
 class HostClient:
-    def __init__(self, addr: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, addr: str | None = None, timeout: float = 30.0, key: str | None = None
+    ) -> None:
         self.url = host_url(addr)
         self.timeout = timeout
+        self.headers = auth_headers(key)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers=dict(self.headers))  # fmt: skip
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -88,7 +102,8 @@ class HostClient:
     def stream_events(self, job_id: str | None = None) -> Iterator[dict[str, Any]]:
         """Flynn's SSE job events, for all jobs or one."""
         path = f"/host/jobs/{job_id}" if job_id else "/host/jobs"
-        req = urllib.request.Request(self.url + path, headers={"Accept": "text/event-stream"})
+        headers = {**self.headers, "Accept": "text/event-stream"}
+        req = urllib.request.Request(self.url + path, headers=headers)
         with urllib.request.urlopen(req, timeout=None) as resp:
             for raw in resp:
                 line = raw.decode().rstrip("\n")

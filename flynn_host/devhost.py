@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flynn_host import images
-from flynn_host.client import HostAPIError, HostClient
+from flynn_host.client import HostAPIError, HostClient, auth_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = images.images_dir()
@@ -68,6 +68,8 @@ class Daemon:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    # the cluster's host key the daemon requires (None: a daemon that requires none)
+    key: str | None = None
 
     @property
     def url(self) -> str:
@@ -75,7 +77,12 @@ class Daemon:
 
     @property
     def client(self) -> HostClient:
-        return HostClient(f"127.0.0.1:{self.port}")
+        return HostClient(f"127.0.0.1:{self.port}", key=self.key)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """Headers to add to a hand-made HTTP request to this daemon's API."""
+        return auth_headers(self.key)
 
     @property
     def cli_env(self) -> dict[str, str]:
