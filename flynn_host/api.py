@@ -9,12 +9,15 @@ Jobs (`/host/jobs`), their event streams (SSE), signals, host status, the job ne
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import errno
+import hmac
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -33,9 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOST: web.AppKey[Host] = web.AppKey("host")
+# the long-lived handlers (event streams, attach sessions): shutdown ends them at once
+STREAMS: web.AppKey[Streams] = web.AppKey("streams")
 SSE_KEEPALIVE = 30.0
 MAX_BODY = 16 * 1024 * 1024
 ATTACH_LINGER = 2.0
+# what a load balancer or monitor may ask without the host key
+OPEN_PATHS = frozenset({"/host/status", "/.well-known/status"})
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -43,6 +50,72 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 errors_middleware = httphelper.errors_middleware()
+
+
+class Streams:
+    """The handlers that hold a connection open for as long as the client likes. The daemon
+    ends them all when it shuts down, so no client can hold the shutdown up."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        if self.closing:
+            raise FlynnError("service_unavailable", "the host is shutting down", retry=True)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            yield
+        finally:
+            self.tasks.discard(task)
+
+    async def close(self) -> None:
+        self.closing = True
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _presented_key(request: web.Request) -> str | None:
+    """The key in `Authorization: Basic` (any user, the key as password, as Flynn's clients
+    send the controller key) or `Authorization: Bearer`."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]
+    return None
+
+
+def guard_middleware(host_key: str) -> Any:
+    """The host API is root on this host: refuse requests made by web pages (a browser sends
+    `Origin` or `Sec-Fetch-*` headers with them; no client of this API does), and requests
+    without the cluster's host key, except the health checks."""
+    expected = host_key.encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if "Origin" in request.headers or "Sec-Fetch-Mode" in request.headers:
+            raise FlynnError("forbidden", "the host API does not answer requests from web pages")
+        if request.path in OPEN_PATHS and request.method in ("GET", "HEAD"):
+            return await handler(request)
+        presented = _presented_key(request)
+        if presented is None or not hmac.compare_digest(presented.encode(), expected):
+            raise FlynnError(
+                "unauthorized",
+                "the host API requires the cluster's host key (Authorization header)",
+            )
+        return await handler(request)
+
+    return guard
 
 
 async def sse_events(
@@ -54,8 +127,9 @@ async def sse_events(
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
     )
-    await resp.prepare(request)
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+    streams = request.app[STREAMS]
+    with streams.track(), contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+        await resp.prepare(request)
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
@@ -288,6 +362,16 @@ class _Feeder:
         self.reader.feed_eof()
 
 
+def tracked(handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+    """A handler that may hold its connection as long as the client likes."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        with request.app[STREAMS].track():
+            return await handler(request)
+
+    return wrapped
+
+
 async def attach_job(request: web.Request) -> web.StreamResponse:
     host = request.app[HOST]
     req = await read_json(request)
@@ -412,8 +496,10 @@ async def _proxy(
 
 
 def make_app(host: Host) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    middlewares = [errors_middleware, guard_middleware(host.config.host_key)]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[HOST] = host
+    app[STREAMS] = Streams()
     r = app.router
     r.add_get("/host/jobs", list_jobs)
     r.add_get("/host/jobs/{id}", get_job)
@@ -424,7 +510,7 @@ def make_app(host: Host) -> web.Application:
     r.add_post("/host/discoverd", host_discoverd)
     r.add_post("/host/network", host_network)
     r.add_post("/host/resource-check", resource_check)
-    r.add_post("/attach", attach_job)
+    r.add_post("/attach", tracked(attach_job))
     r.add_post("/storage/providers/{provider}/volumes", create_volume)
     r.add_get("/storage/volumes", list_volumes)
     r.add_get("/storage/volumes/{id}", get_volume)

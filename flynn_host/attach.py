@@ -164,11 +164,12 @@ def _error_message(body: bytes, status: int, reason: str) -> tuple[str, str | No
 
 
 async def attach_host(
-    host_url: str, request: dict
+    host_url: str, request: dict, key: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Attach to a job through a host's API (`http://ip:port`) and return the raw streams.
 
-    `request` is the attach request JSON (`job_id`, `flags`, `height`, `width`, `lines`).
+    `request` is the attach request JSON (`job_id`, `flags`, `height`, `width`, `lines`);
+    `key` the cluster's host key (None: the one `client.local_host_key` finds).
     Returns once the host has sent the success status (waiting statuses are skipped); the
     caller then reads and writes frames. Raises AttachError if the host refuses.
     """
@@ -178,7 +179,7 @@ async def attach_host(
     port = url.port or 80
     reader, writer = await asyncio.open_connection(url.hostname, port)
     try:
-        await _upgrade(reader, writer, url.netloc, request)
+        await _upgrade(reader, writer, url.netloc, request, key)
     except BaseException:
         writer.close()
         raise
@@ -186,13 +187,21 @@ async def attach_host(
 
 
 async def _upgrade(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, netloc: str, request: dict
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    netloc: str,
+    request: dict,
+    key: str | None,
 ) -> None:
+    from flynn_host import client  # not at the top: the shim imports this module cheaply
+
     body = json.dumps(request).encode()
+    auth = client.auth_headers(key if key is not None else client.local_host_key())
     head = (
         "POST /attach HTTP/1.1\r\n"
         f"Host: {netloc}\r\n"
-        "Upgrade: flynn-attach/0\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in auth.items())
+        + "Upgrade: flynn-attach/0\r\n"
         "Connection: Upgrade\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flynn_host.types import Job
+from flynn_host.types import SYSTEM_PARTITION, Job
 
 CONTAINER_INIT = "/.containerinit"
 # where a job with `config.host_bundle` finds the host's own flynn-host program (read-only)
@@ -111,6 +111,10 @@ def oci_spec(
     cfg = job.config
     env = job_env(job, host)
     caps = list(DEFAULT_CAPABILITIES)
+    if job.partition != SYSTEM_PARTITION:
+        # raw packets would bypass the netfilter fence of a user job's namespace (see
+        # jobnet.sandbox_netns); ping still works through unprivileged ICMP sockets
+        caps.remove("CAP_NET_RAW")
     if cfg.get("host_network"):
         caps.append("CAP_NET_ADMIN")
     caps += [c for c in cfg.get("linux_capabilities") or [] if c not in caps]

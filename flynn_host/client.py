@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 DEFAULT_ADDR = "127.0.0.1:1113"
+DEFAULT_CONFIG_FILE = "/etc/flynn/host.json"
+# the environment variable that carries the cluster's host key to system jobs and commands
+HOST_KEY_ENV = "FLYNN_HOST_KEY"
 
 
 class HostAPIError(Exception):
@@ -41,6 +44,23 @@ def job_host_url() -> str:
     return host_url(os.environ.get("EXTERNAL_IP") or "127.0.0.1")
 
 
+def local_host_key() -> str | None:
+    """The cluster's host key as a command on a host finds it: `$FLYNN_HOST_KEY` (what system
+    jobs get), else `host_key` in the host config file (`$FLYNN_HOST_CONFIG`, default
+    /etc/flynn/host.json, root-only), else None."""
+    key = os.environ.get(HOST_KEY_ENV)
+    if key:
+        return key
+    path = os.environ.get("FLYNN_HOST_CONFIG") or DEFAULT_CONFIG_FILE
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    key = data.get("host_key") if isinstance(data, dict) else None
+    return key if isinstance(key, str) and key else None
+
+
 def auth_headers(key: str | None) -> dict[str, str]:
     """The `Authorization` header that carries the cluster's host key (HTTP Basic, empty user,
     the key as password, as Flynn's clients send the controller key)."""
@@ -51,12 +71,15 @@ def auth_headers(key: str | None) -> dict[str, str]:
 
 
 class HostClient:
+    """`key` is the cluster's host key; None: the one `local_host_key` finds."""
+
     def __init__(
         self, addr: str | None = None, timeout: float = 30.0, key: str | None = None
     ) -> None:
         self.url = host_url(addr)
         self.timeout = timeout
-        self.headers = auth_headers(key)
+        self.key = key if key is not None else local_host_key()
+        self.headers = auth_headers(self.key)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None

@@ -89,8 +89,16 @@ class HostConfig:
     env: dict[str, str] = field(default_factory=dict)
     discovery: str = ""  # discovery token URL (`flynn-host init --init-discovery`)
     peer_ips: list[str] = field(default_factory=list)  # the cluster's host IPs
+    # the cluster's host key: every host API request but the health checks must carry it
+    # (host.json's `host_key`, written root-only by `flynn-host init`, or $FLYNN_HOST_KEY)
+    host_key: str = field(default="", repr=False)
+    # TCP ports that jobs outside the system partition may not connect to, on any address:
+    # the host API and discoverd's etcd (client and peer)
+    protected_ports: list[int] = field(default_factory=lambda: [1113, 2379, 2380])
 
     def __post_init__(self) -> None:
+        if self.http_port not in self.protected_ports:
+            self.protected_ports = [self.http_port, *self.protected_ports]
         if not re.fullmatch(r"[a-zA-Z0-9_.]{1,64}", self.id):
             raise ValueError(
                 f"invalid host id {self.id!r}: use letters, digits, '_' or '.', no '-' "
@@ -122,6 +130,16 @@ class HostConfig:
     @property
     def url(self) -> str:
         return f"http://{self.external_ip or '127.0.0.1'}:{self.http_port}"
+
+
+MIN_HOST_KEY_LENGTH = 16
+
+
+def check_host_key(key: Any, where: str) -> str:
+    if not isinstance(key, str) or len(key) < MIN_HOST_KEY_LENGTH or not key.isprintable():
+        raise ValueError(f"{where}: the host key must be at least {MIN_HOST_KEY_LENGTH} "
+                         "printable characters")  # fmt: skip
+    return key
 
 
 def load_config_file(path: str | None = None) -> dict[str, Any]:

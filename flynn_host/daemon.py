@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
 import urllib.parse
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pluggy
 from aiohttp import web
 
 from flynn_host import __version__
-from flynn_host.api import make_app
+from flynn_host.api import STREAMS, make_app
 from flynn_host.config import HostConfig
 from flynn_host.imagestore import ImageStore
 from flynn_host.jobnet import JobNetwork
@@ -31,6 +34,50 @@ from flynn_host.layers import LayerStore
 from flynn_host.plugins.manager import choose_components
 
 log = logging.getLogger("flynn_host")
+
+# how long the API waits for a request still being answered when the daemon stops (streams
+# and attach sessions are ended at once, not waited for)
+API_SHUTDOWN_TIMEOUT = 3.0
+LOCK_NAME = "flynn-host.lock"
+
+
+def lock_files(config: HostConfig) -> list[Path]:
+    """One lock per place a daemon owns: its state, its work directory (job bundles, layer
+    mounts) and its runc state."""
+    return [
+        config.state.with_name(config.state.name + ".lock"),
+        config.work_dir / LOCK_NAME,
+        config.run_dir / config.id / LOCK_NAME,
+    ]
+
+
+@contextlib.contextmanager
+def exclusive_state(config: HostConfig) -> Iterator[None]:
+    """Hold an exclusive `flock` on each of the daemon's places for as long as it runs, so a
+    second daemon started on the same state, work or run directory exits at once instead of
+    adopting (and later killing) the first one's jobs. The lock files hold the holder's pid;
+    the locks go with the process, also when it is killed."""
+    fds: list[int] = []
+    try:
+        for path in lock_files(config):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RuntimeError(
+                    f"another flynn-host daemon (pid {holder}) is using {path.parent} "
+                    f"(it holds {path}): stop it first, or give this one its own --state, "
+                    "--work-dir and --run-dir"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class Host:
@@ -116,9 +163,9 @@ class Host:
             if heartbeater is not None:
                 with contextlib.suppress(Exception):
                     # Flynn marks a host that is going away before it disappears
-                    await asyncio.wait_for(heartbeater.set_meta({**meta, "shutdown": "true"}), 5)
+                    await asyncio.wait_for(heartbeater.set_meta({**meta, "shutdown": "true"}), 2)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(heartbeater.close(), 5)
+                    await asyncio.wait_for(heartbeater.close(), 2)
             await client.close()
 
     async def _deregister(self) -> None:
@@ -199,7 +246,9 @@ class Host:
                     await self.jobs.stop_all(self.config.stop_timeout + 10)
                 await self.jobs.shutdown()
 
-            runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+            app = make_app(self)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   shutdown_timeout=API_SHUTDOWN_TIMEOUT)  # fmt: skip
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, self.config.listen_ip or None, self.config.http_port,
@@ -208,6 +257,9 @@ class Host:
             log.info("flynn-host %s listening on port %d", self.config.id, self.config.http_port)
             self.register_in_discoverd()
             stack.push_async_callback(self._deregister)
+            # first of all at shutdown: end every event stream and attach session, whatever
+            # their clients do, so none holds up stopping the jobs
+            stack.push_async_callback(app[STREAMS].close)
             yield self
 
     async def serve(self) -> int:

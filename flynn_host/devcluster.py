@@ -21,6 +21,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError
 
 from flynn_host import images
-from flynn_host.atomicfile import write_json_atomic
+from flynn_host.atomicfile import write_atomic, write_json_atomic
 from flynn_host.client import HostClient
 from flynn_host.devhost import cgroups_of, delete_runc_containers, mounts_under, remove_cgroups
 from flynn_host.network import NETNS_DIR, create_netns, delete_netns, iproute_in
@@ -232,6 +233,17 @@ class Cluster:
     def bin_dir(self) -> Path:
         return self.dir / "bin"
 
+    @property
+    def key_file(self) -> Path:
+        return self.dir / "host-key"
+
+    @property
+    def key(self) -> str | None:
+        """The cluster's host key (every host's config has it; made by `up`)."""
+        with contextlib.suppress(OSError):
+            return self.key_file.read_text().strip()
+        return None
+
     def load(self) -> None:
         data = json.loads(self.state_file.read_text())
         self.hosts = [ClusterHost(**h) for h in data["hosts"]]
@@ -268,7 +280,7 @@ class Cluster:
         return self.host(which).url
 
     def client(self, which: int | str, timeout: float = 30.0) -> HostClient:
-        return HostClient(self.host(which).url, timeout=timeout)
+        return HostClient(self.host(which).url, timeout=timeout, key=self.key)
 
     # --- up --------------------------------------------------------------------------------
 
@@ -299,6 +311,8 @@ class Cluster:
         ]  # fmt: skip
         try:
             self.dir.mkdir(parents=True)
+            key = secrets.token_hex(32)
+            write_atomic(self.key_file, key + "\n", fsync=False, mode=0o600)
             self.save()
             self._write_launcher()
             self.say(f"bridge {self.bridge} {self.gateway}/24")
@@ -307,7 +321,9 @@ class Cluster:
                 self.say(f"{h.id}: namespace {h.netns}, eth0 {h.ip}/24 (veth {h.veth})")
                 self._make_host_network(h)
                 Path(h.dir).mkdir(parents=True)
-                h.config_file.write_text(json.dumps({"args": [], "env": {}}) + "\n")
+                # one host key for the whole cluster, root-only as `flynn-host init` keeps it
+                config = {"args": [], "env": {}, "host_key": key}
+                write_atomic(h.config_file, json.dumps(config) + "\n", fsync=False, mode=0o600)
             if bootstrap:
                 # Flynn's order: `init` writes host.json, then the daemon starts from it
                 for h in self.hosts:
@@ -429,7 +445,7 @@ class Cluster:
         self.save()
 
     def _wait_answering(self, h: ClusterHost, timeout: float = 30.0) -> None:
-        client = HostClient(h.url, timeout=2)
+        client = HostClient(h.url, timeout=2, key=self.key)
         deadline = time.monotonic() + timeout
         while True:
             if not h.pid or not pid_alive(h.pid):
@@ -496,7 +512,7 @@ class Cluster:
                                    "pid": h.pid, "running": bool(h.pid and pid_alive(h.pid)),
                                    "answering": False, "jobs": None}  # fmt: skip
             with contextlib.suppress(Exception):
-                jobs = HostClient(h.url, timeout=2).list_jobs(active=True)
+                jobs = HostClient(h.url, timeout=2, key=self.key).list_jobs(active=True)
                 row["answering"], row["jobs"] = True, len(jobs)
             rows.append(row)
         return rows

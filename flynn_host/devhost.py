@@ -6,7 +6,9 @@ cgroups removed)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flynn_host import images
+from flynn_host.atomicfile import write_atomic
 from flynn_host.client import HostAPIError, HostClient, auth_headers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +53,9 @@ def free_port() -> int:
 def busybox_job(job_id: str, args: list[str], **config: Any) -> dict[str, Any]:
     manifest, _ = images.load_manifest(str(IMAGES / "busybox" / "manifest.json"), IMAGES)
     resources = config.pop("resources", {})
+    partition = config.pop("partition", None)
     return {
+        **({"partition": partition} if partition else {}),
         "id": job_id,
         "mountspecs": images.mountspecs_for(manifest, images.local_layer_template(IMAGES)),
         "config": {"args": args, **config},
@@ -86,8 +91,11 @@ class Daemon:
 
     @property
     def cli_env(self) -> dict[str, str]:
+        """The environment of a `flynn-host` command run on this host: it finds the daemon,
+        the images and the host key as an operator's command finds them."""
         return {**os.environ, "FLYNN_HOST_ADDR": f"127.0.0.1:{self.port}",
-                "FLYNN_IMAGES": str(IMAGES)}  # fmt: skip
+                "FLYNN_IMAGES": str(IMAGES),
+                "FLYNN_HOST_CONFIG": str(self.base / "host.json")}  # fmt: skip
 
     def args(self) -> list[str]:
         b = self.base
@@ -100,10 +108,19 @@ class Daemon:
             "--stop-timeout", "3", *self.extra_args,
         ]  # fmt: skip
 
+    def write_host_config(self, data: dict[str, Any] | None = None) -> Path:
+        """Write the daemon's host.json: `data` and a new host key (root-only, as `flynn-host
+        init` writes it)."""
+        self.key = self.key or secrets.token_hex(32)
+        path = self.base / "host.json"
+        write_atomic(path, json.dumps({"host_key": self.key, **(data or {})}), fsync=False,
+                     mode=0o600)  # fmt: skip
+        return path
+
     def start(self, timeout: float = 20.0) -> None:
         env = {**os.environ, "FLYNN_HOST_CONFIG": str(self.base / "host.json"), **self.env}
         if not (self.base / "host.json").exists():
-            (self.base / "host.json").write_text("{}")
+            self.write_host_config()
         self.proc = subprocess.Popen(self.args(), env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

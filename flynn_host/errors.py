@@ -18,6 +18,7 @@ STATUS_BY_CODE = {
     "validation_error": 400,
     "request_body_too_big": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "unknown_error": 500,
     "ratelimited": 429,
     "service_unavailable": 503,

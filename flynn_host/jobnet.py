@@ -17,6 +17,8 @@ import ipaddress
 import json
 import logging
 import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from flynn_host.atomicfile import write_json_atomic
@@ -28,6 +30,7 @@ from flynn_host.network import (
     SubnetAllocator,
     create_netns,
     delete_netns,
+    in_netns,
     list_netns,
     netns_path,
     veth_name,
@@ -73,12 +76,38 @@ def _has_netns(name: str) -> bool:
     return os.path.exists(netns_path(name))
 
 
+def sandbox_netns(name: str, blocked_ports: list[int]) -> None:
+    """Fence a user job's namespace: its outgoing TCP connections to `blocked_ports` (the host
+    API and etcd's ports, on any address, IPv4 and IPv6) are reset by a netfilter table in the
+    namespace itself. The job cannot lift it: user jobs have neither CAP_NET_ADMIN nor
+    CAP_NET_RAW (which could send frames around netfilter), so `ping` works through the
+    kernel's unprivileged ICMP sockets, enabled here for every group instead."""
+    ports = ", ".join(str(p) for p in sorted(set(blocked_ports)))
+    rules = (
+        "table inet flynn_job {\n"
+        "  chain output {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        f"    tcp dport {{ {ports} }} reject with tcp reset\n"
+        "  }\n"
+        "}\n"
+    )
+    # nsenter, not `ip netns exec`: it only enters the network namespace (no mount namespace
+    # or /sys remount), and runs no shell
+    done = subprocess.run(["nsenter", f"--net={netns_path(name)}", "nft", "-f", "-"],
+                          input=rules, capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise NetworkError(f"firewall for {name}: nft: {done.stderr.strip()}")
+    with in_netns(name):  # /proc/sys/net shows the namespace of the thread that opens it
+        Path("/proc/sys/net/ipv4/ping_group_range").write_text("0 2147483647\n")
+
+
 class JobNetwork:
     """One host's job networking. Blocking netlink work runs in worker threads."""
 
     def __init__(self, config: HostConfig) -> None:
         state = config.state
         self.bridge_name = config.bridge_name
+        self.protected_ports = list(config.protected_ports)
         self.config_file = state.with_name(state.name + ".network")
         self.addresses_file = state.with_name(state.name + ".addresses")
         self.resolv_conf = state.with_name(state.name + ".resolv.conf")
@@ -130,9 +159,10 @@ class JobNetwork:
             if save:
                 write_json_atomic(self.config_file, info)
 
-    async def attach(self, job_id: str) -> tuple[str, str] | None:
+    async def attach(self, job_id: str, sandboxed: bool = True) -> tuple[str, str] | None:
         """Give the job a namespace with an address; returns (namespace path, address), or
-        None while the host has no network. On failure nothing is left."""
+        None while the host has no network. A `sandboxed` job (any outside the system
+        partition) cannot connect to the protected ports. On failure nothing is left."""
         async with self._lock:
             net, alloc = self.net, self.alloc
         if net is None or alloc is None:
@@ -141,6 +171,8 @@ class JobNetwork:
         ip = ""
         try:
             path = await asyncio.to_thread(create_netns, name)
+            if sandboxed:
+                await asyncio.to_thread(sandbox_netns, name, self.protected_ports)
             ip = alloc.allocate(job_id)
             await asyncio.to_thread(net.attach, job_id, name, ip)
         except BaseException:

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from flynn_host import bundle, shim
+from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
 from flynn_host.jobnet import JobNetwork
 from flynn_host.layers import LayerStore
-from flynn_host.types import ActiveJob
+from flynn_host.types import SYSTEM_PARTITION, ActiveJob
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ class RuncBackend:
 
         job_ip = netns = ""
         if self.network is not None and not job.job.config.get("host_network"):
-            attached = await self.network.attach(job.job.id)
+            sandboxed = job.job.partition != SYSTEM_PARTITION
+            attached = await self.network.attach(job.job.id, sandboxed)
             if attached is not None:
                 netns, job_ip = attached
                 job.internal_ip = job_ip
@@ -256,7 +258,7 @@ class RuncBackend:
             listen_ip=self.config.listen_ip,
             job_ip=job_ip,
             netns=netns,
-            env=self.config.env,
+            env=self.job_host_env(job),
         )
         extra = list(self.host_bundle) if job.job.config.get("host_bundle") else []
         if job_ip and self.network is not None:
@@ -277,6 +279,14 @@ class RuncBackend:
         }
         (rund / "shim.json").write_text(json.dumps(shim_conf))
         return await self._spawn_shim(rund)
+
+    def job_host_env(self, job: ActiveJob) -> dict[str, str]:
+        """The host's environment for a job; system jobs (platform components, which drive
+        the host APIs of the cluster) also get the cluster's host key."""
+        env = dict(self.config.env)
+        if job.job.partition == SYSTEM_PARTITION and self.config.host_key:
+            env[HOST_KEY_ENV] = self.config.host_key
+        return env
 
     async def _spawn_shim(self, rund: Path) -> int:
         proc = self.pool.take()

@@ -38,6 +38,18 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 ENDED_STATES = frozenset({DONE, CRASHED, FAILED})
 
 PARTITIONS = ("system", "background", "user")
+SYSTEM_PARTITION = "system"
+
+# config fields that give a job a way out of its sandbox (the host's files, network, devices,
+# cgroups or extra capabilities): only platform components, in the system partition, get them
+SYSTEM_ONLY_FIELDS = (
+    "mounts",
+    "host_network",
+    "host_pid_namespace",
+    "linux_capabilities",
+    "writeable_cgroups",
+    "allowed_devices",
+)
 
 # --- resources --------------------------------------------------------------------------------
 
@@ -257,10 +269,17 @@ class Job:
         partition = raw.get("partition") or "user"
         if partition not in PARTITIONS:
             raise ValidationError("partition", f"must be one of {', '.join(PARTITIONS)}")
+        config = _validate_config(dict(_obj(raw.get("config"), "config")))
+        if partition != SYSTEM_PARTITION:
+            for key in SYSTEM_ONLY_FIELDS:
+                if config.get(key):
+                    raise ValidationError(
+                        f"config.{key}", "is only allowed for jobs in the system partition"
+                    )
         return cls(
             id=jid,
             mountspecs=[MountSpec.from_json(s, f"mountspecs[{i}]") for i, s in enumerate(specs)],
-            config=_validate_config(dict(_obj(raw.get("config"), "config"))),
+            config=config,
             metadata=_str_map(raw.get("metadata"), "metadata"),
             resources=_resources(raw.get("resources")),
             partition=partition,

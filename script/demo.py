@@ -80,7 +80,7 @@ def main() -> int:
         )
         req = urllib.request.Request(
             f"{d.url}/host/jobs/{job_id}", data=json.dumps(job).encode(), method="PUT",
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **d.auth_headers},
         )  # fmt: skip
         print(f"PUT /host/jobs/{job_id} -> {urllib.request.urlopen(req).read().decode()}")
         final = d.wait_job(job_id)
@@ -140,6 +140,7 @@ def main() -> int:
         comp = d.new_job_id()
         job = {
             "id": comp,
+            "partition": "system",  # a platform component: it may use the host network
             "mountspecs": d.client.request("GET", "/host/images/components")["mountspecs"],
             "config": {
                 "args": ["/.flynn-host/flynn-host", "component", "ping", "--port", str(port)],
@@ -165,6 +166,7 @@ def main() -> int:
         d.client.add_job(
             {
                 "id": node,
+                "partition": "system",
                 "mountspecs": d.client.request("GET", "/host/images/components")["mountspecs"],
                 "config": {
                     "args": ["/.flynn-host/flynn-host", "component", "discoverd",

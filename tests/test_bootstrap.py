@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -91,9 +92,10 @@ def hosts() -> Iterator[list[devhost.Daemon]]:
     if os.geteuid() != 0:
         pytest.skip("needs root (mounts, runc)")
     made: list[devhost.Daemon] = []
+    key = secrets.token_hex(32)  # a cluster's hosts share one host key
     try:
         for _ in range(2):
-            d = devhost.make_daemon()
+            d = devhost.make_daemon(key=key)
             made.append(d)
             d.client.request(
                 "POST", "/host/images", {"manifest_url": str(IMAGES / "busybox" / "manifest.json")}
@@ -129,7 +131,7 @@ def bootstrap(
             *args,
             str(manifest),
         ],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "FLYNN_HOST_KEY": hosts[0].key or "", **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,

@@ -41,6 +41,7 @@ def test_ping_component_runs_from_the_host_bundle(daemon, components_image):
     job_id = daemon.new_job_id()
     job = {
         "id": job_id,
+        "partition": "system",
         "mountspecs": components_image["mountspecs"],
         "config": {
             "args": ["/.flynn-host/flynn-host", "component", "ping", "--port", str(port)],

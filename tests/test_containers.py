@@ -99,7 +99,9 @@ def test_dev_shm_and_writable_root(daemon):
 def test_host_network_versus_own_namespace(daemon):
     own, hostnet = daemon.new_job_id(), daemon.new_job_id()
     daemon.client.add_job(busybox_job(own, ["cat", "/proc/net/dev"]))
-    daemon.client.add_job(busybox_job(hostnet, ["cat", "/proc/net/dev"], host_network=True))
+    daemon.client.add_job(
+        busybox_job(hostnet, ["cat", "/proc/net/dev"], host_network=True, partition="system")
+    )
     daemon.wait_job(own)
     daemon.wait_job(hostnet)
     own_ifs = re.findall(r"^\s*(\S+):", daemon.run_cli("log", own).stdout, re.M)

@@ -117,7 +117,7 @@ class FrozenDaemon(Daemon):
         return [str(self.exe), *args[args.index("daemon") :]]
 
     def start(self, timeout: float = 20.0) -> None:
-        (self.base / "host.json").write_text("{}")
+        self.write_host_config()
         env = host_env(FLYNN_HOST_CONFIG=str(self.base / "host.json"), **self.env)
         self.proc = subprocess.Popen(without_venv(self.args()), env=env, cwd="/")
         deadline = time.monotonic() + timeout
@@ -137,7 +137,8 @@ class FrozenDaemon(Daemon):
         raise RuntimeError(f"daemon did not answer in {timeout}s: {self.log()}")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_frozen(self.exe, *args, FLYNN_HOST_ADDR=f"127.0.0.1:{self.port}")
+        return run_frozen(self.exe, *args, FLYNN_HOST_ADDR=f"127.0.0.1:{self.port}",
+                          FLYNN_HOST_CONFIG=str(self.base / "host.json"))  # fmt: skip
 
     def in_namespace(self, *command: str) -> subprocess.CompletedProcess[str]:
         assert self.ns_fd is not None
@@ -249,6 +250,7 @@ def test_component_job_runs_from_the_frozen_bundle(frozen: FrozenDaemon) -> None
     frozen.client.add_job(
         {
             "id": job_id,
+            "partition": "system",
             "mountspecs": image["mountspecs"],
             "config": {
                 "args": ["/.flynn-host/flynn-host", "component", "ping", "--port", str(port)],

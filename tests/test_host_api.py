@@ -73,7 +73,7 @@ def test_attach_to_a_failed_job_gets_its_error(daemon):
 
     async def try_attach() -> str:
         with pytest.raises(attach.AttachError) as err:
-            await attach.attach_host(daemon.url, {"job_id": job_id, "flags": 1 | 16})
+            await attach.attach_host(daemon.url, {"job_id": job_id, "flags": 1 | 16}, daemon.key)
         return str(err.value)
 
     assert "not found" in asyncio.run(try_attach())

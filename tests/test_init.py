@@ -42,11 +42,48 @@ def test_writes_only_given_flags(tmp_path: Path) -> None:
         "10.0.0.1, 10.0.0.2,10.0.0.3",
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(conf.read_text()) == {
+    written = json.loads(conf.read_text())
+    assert written == {
         "args": ["--external-ip", "10.0.0.1", "--peer-ips", "10.0.0.1,10.0.0.2,10.0.0.3"],
         "env": {},
+        "host_key": written["host_key"],
     }
     assert [p.name for p in conf.parent.iterdir()] == ["host.json"]  # no temporary file left
+
+
+def test_host_key_is_made_once_kept_and_root_only(tmp_path: Path) -> None:
+    conf = tmp_path / "host.json"
+    out = init("--file", str(conf))
+    assert out.returncode == 0, out.stderr
+    key = json.loads(conf.read_text())["host_key"]
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert "generated a new host key" in out.stderr and key not in out.stderr + out.stdout
+    assert conf.stat().st_mode & 0o777 == 0o600
+    # a second init keeps the key; --host-key (or $FLYNN_HOST_KEY) replaces it
+    assert init("--file", str(conf), "--external-ip", "10.0.0.2").returncode == 0
+    assert json.loads(conf.read_text())["host_key"] == key
+    assert init("--file", str(conf), "--host-key", "k" * 20).returncode == 0
+    assert json.loads(conf.read_text())["host_key"] == "k" * 20
+    assert init("--file", str(conf), env={"FLYNN_HOST_KEY": "e" * 16}).returncode == 0
+    assert json.loads(conf.read_text())["host_key"] == "e" * 16
+    short = init("--file", str(conf), "--host-key", "short")
+    assert short.returncode == 1 and "at least 16" in short.stderr
+    assert json.loads(conf.read_text())["host_key"] == "e" * 16
+
+
+def test_daemon_refuses_to_start_without_a_host_key(tmp_path: Path) -> None:
+    conf = tmp_path / "host.json"
+    conf.write_text("{}")
+    out = subprocess.run(
+        [sys.executable, "-m", "flynn_host.cli.main", "daemon", "--id", "h1"],
+        env={**os.environ, "FLYNN_HOST_CONFIG": str(conf)},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert "no host key: run `flynn-host init`" in out.stderr
 
 
 def test_updates_an_existing_file(tmp_path: Path) -> None:
@@ -69,6 +106,7 @@ def test_updates_an_existing_file(tmp_path: Path) -> None:
     out = init("--file", str(conf), "--external-ip", "10.0.0.1", "--discovery", "http://d/c/1")
     assert out.returncode == 0, out.stderr
     assert json.loads(conf.read_text()) == {
+        "host_key": json.loads(conf.read_text())["host_key"],
         "args": [
             "--max-job-concurrency",
             "8",
@@ -158,6 +196,8 @@ def test_daemon_accepts_what_init_writes(tmp_path: Path, monkeypatch: pytest.Mon
         == 0
     )
     monkeypatch.setenv("FLYNN_HOST_CONFIG", str(conf))
+    monkeypatch.delenv("FLYNN_HOST_KEY", raising=False)
     config = parse_daemon_args(["--id", "h1"])
+    assert config.host_key == json.loads(conf.read_text())["host_key"]
     assert config.peer_ips == ["10.0.0.1", "10.0.0.2"]
     assert config.discovery == "http://d/clusters/1"

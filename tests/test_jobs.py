@@ -22,6 +22,7 @@ def test_job_from_curl_runs_logs_and_ends_done(daemon):
     job = busybox_job(job_id, ["sh", "-c", "echo hello from $HOSTNAME; echo oops >&2"])
     out = subprocess.run(
         ["curl", "-sS", "-X", "PUT", "-H", "Content-Type: application/json",
+         "-u", f":{daemon.key}",  # the host key, as curl sends a Basic password
          "--data-binary", json.dumps(job), f"{daemon.url}/host/jobs/{job_id}"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip

@@ -76,11 +76,13 @@ def web_job(c: Cluster, host: int) -> dict[str, Any]:
     return start_job(c, host, ["sh", "-c", f"{page} && exec httpd -f -p 8080 -h /www"])
 
 
-def run_job(c: Cluster, host: int, script: str, timeout: float = 30.0) -> tuple[int, str]:
+def run_job(
+    c: Cluster, host: int, script: str, timeout: float = 30.0, partition: str = "user"
+) -> tuple[int, str]:
     """Run `sh -c script` in a busybox job on `host`; its exit status and output."""
     client = c.client(host)
     job_id = f"{c.host(host).id}-{uuid.uuid4().hex}"
-    client.add_job(busybox_job(job_id, ["sh", "-c", script]))
+    client.add_job(busybox_job(job_id, ["sh", "-c", script], partition=partition))
     job = wait_for(lambda: (j := client.get_job(job_id))["status"] in ("done", "crashed") and j,
                    timeout)  # fmt: skip
     out = c.exec(host, ["flynn-host", "log", job_id], capture_output=True, text=True).stdout
@@ -169,6 +171,37 @@ def test_job_reaches_the_private_bridge_through_nat(cluster: Cluster) -> None:
         srv.server_close()
     assert (status, out.strip()) == (0, "outside")
     assert seen == [cluster.host(2).ip]  # masqueraded to the host's address
+
+
+def test_user_jobs_cannot_reach_host_apis_or_etcd(cluster: Cluster) -> None:
+    """The fence of docs/security.md: from a user job on host 2, every host's API and etcd
+    ports refuse, wherever they are (host 1, its own host's bridge address); discoverd still
+    answers. A system job on the same host reaches them all."""
+    h1 = cluster.host(1).ip
+    gateway2 = cluster.client(2).status()["network"]["subnet"].rsplit(".", 1)[0] + ".1"
+    targets = [f"{h1}:1113", f"{h1}:2379", f"{h1}:2380", f"{gateway2}:1113", f"{h1}:1111"]
+    # busybox nc connects and, its stdin empty, closes at once: no output when it connected
+    script = (
+        "".join(
+            f"echo {t} $(nc -w 5 {t.replace(':', ' ')} </dev/null 2>&1 | tr -d '\\n');"
+            for t in targets
+        )
+        + "echo ping_group_range $(cat /proc/sys/net/ipv4/ping_group_range)"
+    )
+
+    def results(partition: str) -> dict[str, str]:
+        status, out = run_job(cluster, 2, script, partition=partition)
+        assert status == 0, out
+        return {ln.split(" ")[0]: ln.partition(" ")[2] for ln in out.strip().splitlines()}
+
+    user = results("user")
+    for t in targets[:4]:
+        assert user[t].endswith("Connection refused"), user
+    assert user[f"{h1}:1111"] == "", user  # discoverd's API answers user jobs
+    # no CAP_NET_RAW for user jobs: ping needs the kernel's unprivileged ICMP sockets
+    assert user["ping_group_range"].split() == ["0", "2147483647"], user
+    system = results("system")
+    assert all(system[t] == "" for t in targets), system
 
 
 def host_links(c: Cluster, host: int) -> set[str]:

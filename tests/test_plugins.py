@@ -393,7 +393,7 @@ def test_installed_plugin_is_not_chosen_without_component_flag(make_daemon, plug
 def start_failing(d: Daemon, host_json: dict[str, Any] | None = None) -> str:
     """Run a daemon that must refuse to start; its exit status must be non-zero and it must
     leave no mount. Returns what it printed and logged."""
-    (d.base / "host.json").write_text(json.dumps(host_json or {}))
+    d.write_host_config(host_json)
     env = {**os.environ, "FLYNN_HOST_CONFIG": str(d.base / "host.json"), **d.env}
     proc = subprocess.Popen(d.args(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)  # fmt: skip

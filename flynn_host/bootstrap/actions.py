@@ -50,7 +50,7 @@ def last_log_lines(host: ClusterHost, job_id: str, lines: int = 5) -> list[str]:
     async def read() -> bytes:
         flags = attach.ATTACH_LOGS | attach.ATTACH_STDOUT | attach.ATTACH_STDERR
         request = {"job_id": job_id, "flags": flags, "lines": lines}
-        reader, writer = await attach.attach_host(host.client.url, request)
+        reader, writer = await attach.attach_host(host.client.url, request, host.client.key)
         out = b""
         try:
             while (frame := await attach.read_frame(reader)) is not None:

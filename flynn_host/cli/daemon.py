@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 from flynn_host.cli.usage import Parser
-from flynn_host.config import DAEMON_USAGE, HostConfig, load_config_file, parse_tags
+from flynn_host.client import HOST_KEY_ENV
+from flynn_host.config import (
+    DAEMON_USAGE,
+    HostConfig,
+    check_host_key,
+    load_config_file,
+    parse_tags,
+)
 
 
 def parse_daemon_args(argv: list[str]) -> HostConfig:
@@ -57,6 +64,15 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
     extra = {}
     if args.id:
         extra["id"] = args.id
+    if os.environ.get(HOST_KEY_ENV):
+        host_key = check_host_key(os.environ[HOST_KEY_ENV], HOST_KEY_ENV)
+    elif file_conf.get("host_key") is not None:
+        host_key = check_host_key(file_conf["host_key"], "host config 'host_key'")
+    else:
+        raise ValueError(
+            "no host key: run `flynn-host init` (it writes one into /etc/flynn/host.json; "
+            f"give every host of a cluster the same, with --host-key) or set {HOST_KEY_ENV}"
+        )
     return HostConfig(
         http_port=args.http_port,
         external_ip=args.external_ip,
@@ -78,6 +94,7 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
         components=components,
         discovery=args.discovery,
         peer_ips=[ip.strip() for ip in args.peer_ips.split(",") if ip.strip()],
+        host_key=host_key,
         **extra,
     )
 
@@ -99,13 +116,14 @@ def cmd_daemon(argv: list[str]) -> int:
 
     from pluggy import PluginValidationError
 
-    from flynn_host.daemon import Host
+    from flynn_host.daemon import Host, exclusive_state
     from flynn_host.plugins.manager import PluginError, make_plugin_manager
 
     try:
-        pm = make_plugin_manager(config.disabled_plugins)
-        host = Host(config, pm)
-        return asyncio.run(host.serve())
+        with exclusive_state(config):
+            pm = make_plugin_manager(config.disabled_plugins)
+            host = Host(config, pm)
+            return asyncio.run(host.serve())
     except (PluginError, PluginValidationError, RuntimeError, ValueError, OSError) as exc:
         # a configuration the daemon cannot start with: say why, in its log and to the operator
         logging.getLogger("flynn_host").error("cannot start: %s", exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import sys
 import urllib.error
 import urllib.parse
@@ -21,7 +22,8 @@ from typing import Any
 
 from flynn_host.atomicfile import write_atomic
 from flynn_host.cli.usage import Parser
-from flynn_host.config import load_config_file
+from flynn_host.client import HOST_KEY_ENV
+from flynn_host.config import check_host_key, load_config_file
 
 USAGE = """\
 usage: flynn-host init [options]
@@ -31,9 +33,12 @@ Options:
   --discovery=TOKEN     join cluster with discovery token
   --peer-ips=IPLIST     join cluster using IPs
   --external-ip=IP      external IP address of host, defaults to the first IPv4 address of eth0
+  --host-key=KEY        the cluster's host key (default: $FLYNN_HOST_KEY, the file's, or a new one)
   --file=NAME           file to write to [default: /etc/flynn/host.json]
 
-Write the config file that `flynn-host daemon` reads.
+Write the config file that `flynn-host daemon` reads. It holds the cluster's host key, which
+every request to a host's API must carry, so it is readable by root only. Every host of a
+cluster needs the same key: give the first host's to the others with --host-key.
 """
 
 DEFAULT_DISCOVERY_SERVER = "https://discovery.flynn.io"
@@ -101,13 +106,20 @@ def merge_args(old: list[str], new: dict[str, str]) -> list[str]:
     return out
 
 
-def write_config(path: Path, flags: dict[str, str]) -> dict[str, Any]:
+def write_config(path: Path, flags: dict[str, str], host_key: str | None = None) -> dict[str, Any]:
+    """Update (or create) the config file; `host_key` replaces the file's key, and a file
+    without one gets a new random key."""
     # an existing file is updated (read as the daemon reads it), a missing one created
     data = load_config_file(str(path)) if path.exists() else {}
     data["args"] = merge_args([str(a) for a in data.get("args") or []], flags)
     data.setdefault("env", {})
+    if host_key is not None:
+        data["host_key"] = check_host_key(host_key, "--host-key")
+    elif not data.get("host_key"):
+        data["host_key"] = secrets.token_hex(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(data, indent=2) + "\n", fsync=False, mode=0o644)
+    # root only: the host key is root on every host of the cluster
+    write_atomic(path, json.dumps(data, indent=2) + "\n", fsync=False, mode=0o600)
     return data
 
 
@@ -117,6 +129,7 @@ def cmd_init(argv: list[str]) -> int:
     p.add_argument("--discovery")
     p.add_argument("--peer-ips")
     p.add_argument("--external-ip")
+    p.add_argument("--host-key")
     p.add_argument("--file", default="/etc/flynn/host.json")
     args = p.parse(argv)
     if args.init_discovery and args.discovery:
@@ -132,6 +145,13 @@ def cmd_init(argv: list[str]) -> int:
         token = create_discovery_token()
         print(token)
         flags["--discovery"] = token
-    write_config(Path(args.file), flags)
+    path = Path(args.file)
+    had_key = path.exists() and bool(load_config_file(str(path)).get("host_key"))
+    host_key = args.host_key or os.environ.get(HOST_KEY_ENV) or None
+    write_config(path, flags, host_key)
     print(f"wrote {args.file}", file=sys.stderr)
+    if host_key is None and not had_key:
+        print(f"generated a new host key in {args.file} (root only): give the other hosts of "
+              "this cluster the same one, with `flynn-host init --host-key=...`",
+              file=sys.stderr)  # fmt: skip
     return 0

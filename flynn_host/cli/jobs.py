@@ -298,12 +298,17 @@ def build_run_job(args: Any, host_id: str, is_tty: bool, client: HostClient) -> 
         config["mounts"].append(
             {"location": parts[0], "target": parts[1], "writeable": parts[2:] == ["rw"]}
         )
-    return {
+    job = {
         "id": f"{host_id}-{uuid.uuid4().hex}",
         "mountspecs": mountspecs,
         "config": config,
         "resources": parse_limits(args.limits) if args.limits else {},
     }
+    if config["mounts"] or config["host_network"]:
+        # the host only lets system jobs see its files or its network: the operator's own
+        # command is one
+        job["partition"] = "system"
+    return job
 
 
 class _Terminal:

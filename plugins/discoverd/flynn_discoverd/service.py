@@ -27,7 +27,13 @@ from flynn_discoverd.dns import DNSServer
 from flynn_discoverd.etcd import EtcdClient, EtcdError, EtcdProcess
 from flynn_discoverd.server import SHUTDOWN, serve
 from flynn_discoverd.store import Store
-from flynn_host.client import HostAPIError, HostClient, job_host_url
+from flynn_host.client import (
+    HostAPIError,
+    HostClient,
+    auth_headers,
+    job_host_url,
+    local_host_key,
+)
 
 log = logging.getLogger("discoverd")
 
@@ -105,8 +111,9 @@ async def supervise(member: EtcdProcess, every: float = 1.0) -> None:
 
 
 def notify(url: str, body: dict[str, str]) -> None:
+    headers = {"Content-Type": "application/json", **auth_headers(local_host_key())}
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+                                 headers=headers)  # fmt: skip
     with urllib.request.urlopen(req, timeout=10):
         pass
 

@@ -69,6 +69,7 @@ def cluster() -> Iterator[tuple[devhost.Daemon, list[str]]]:
             d.client.add_job(
                 {
                     "id": job_id,
+                    "partition": "system",
                     "mountspecs": image["mountspecs"],
                     "config": {
                         "args": args,

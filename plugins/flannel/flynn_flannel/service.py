@@ -42,7 +42,7 @@ from flynn_flannel.types import (
 )
 from flynn_flannel.vxlan import DEVICE, Peer, VxlanDevice, VxlanError
 from flynn_host.atomicfile import write_atomic
-from flynn_host.client import job_host_url
+from flynn_host.client import auth_headers, job_host_url, local_host_key
 
 log = logging.getLogger("flannel")
 
@@ -118,7 +118,9 @@ async def notify_host(http: aiohttp.ClientSession, url: str, body: dict[str, Any
     failures = 0
     while True:
         try:
-            async with http.post(url, json=body, timeout=aiohttp.ClientTimeout(10)) as r:
+            headers = auth_headers(local_host_key())  # a system job gets the host key
+            async with http.post(url, json=body, headers=headers,
+                                 timeout=aiohttp.ClientTimeout(10)) as r:  # fmt: skip
                 if 200 <= r.status < 300:
                     return
                 error = f"HTTP {r.status}: {(await r.text())[:200]}"
