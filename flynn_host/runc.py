@@ -32,7 +32,7 @@ from typing import Any
 from flynn_host import bundle, shim
 from flynn_host.config import HostConfig
 from flynn_host.jobnet import JobNetwork
-from flynn_host.layers import LayerStore
+from flynn_host.layers import LayerError, LayerStore
 from flynn_host.types import ActiveJob
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,16 @@ class RuncBackend:
         remove_empty_cgroups(self.config)
 
     # --- lifecycle ----------------------------------------------------------------------------
+    async def fetch(self, job: ActiveJob) -> None:
+        """Bring the job's layers into the local cache, downloading what is missing. Called
+        before `start`, outside the job manager's start slots since it waits on the network;
+        cancelling it leaves no partial file."""
+        for spec in job.job.mountspecs:
+            try:
+                await self.layers.fetch(spec)
+            except LayerError as exc:
+                raise StartError(str(exc)) from exc
+
     async def start(self, job: ActiveJob, volume_paths: dict[str, str]) -> int:
         """Start the container; return its pid. On failure everything is undone."""
         jid = job.job.id

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flynn_host.client import HostAPIError
+from flynn_host.runc import job_key
 
 from .conftest import busybox_job, cgroups_of, mounts_under, needs_root
 
@@ -164,32 +169,133 @@ def test_validation_conflict_and_not_found_errors(daemon):
     daemon.wait_job(job_id)
 
 
-def test_concurrency_limit_gives_429_with_retry(make_daemon):
-    d = make_daemon(extra_args=["--max-job-concurrency", "1"])
-    first = d.new_job_id()
-    # a layer from a URL that never answers keeps the first job in `starting`
-    import socket
+class StalledServer:
+    """An HTTP server on 127.0.0.1 that accepts connections and never answers."""
 
-    hold = socket.socket()
-    hold.bind(("127.0.0.1", 0))
-    hold.listen(1)
-    job = busybox_job(first, ["true"])
-    job["mountspecs"][0].update(url=f"http://127.0.0.1:{hold.getsockname()[1]}/x",
-                                id="1" * 64, hashes={"sha512_256": "1" * 64})  # fmt: skip
-    try:
-        d.client.add_job(job)
-        assert d.client.get_job(first)["status"] == "starting"
-        with pytest.raises(HostAPIError) as err:
-            d.client.add_job(busybox_job(d.new_job_id(), ["true"]))
-        assert err.value.status == 429
-        assert err.value.body == {
-            "code": "ratelimited",
-            "message": "too many jobs starting (limit 1), retry shortly",
-            "retry": True,
-        }
-    finally:
-        hold.close()
-    assert d.wait_job(first)["status"] == "failed"
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/layer.squashfs"
+        self.conns: list[socket.socket] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def wait_connected(self, timeout: float = 20.0) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while not self.conns:
+            assert time.monotonic() < deadline, "nothing connected to the stalled server"
+            time.sleep(0.05)
+        return self.conns[0]
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def stalled_server() -> Iterator[StalledServer]:
+    server = StalledServer()
+    yield server
+    server.close()
+
+
+def left_of_job(d, job_id: str) -> list[str]:
+    """What a job left on its host: mounts, loop devices, cgroups, directories, layer files."""
+    d.wait_cleaned(job_id)
+    left = mounts_under(d.base)
+    left += [str(p) for p in cgroups_of(f"flynn/{d.host_id}") if p.name == job_id]
+    losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    left += [line for line in losetup.splitlines() if str(d.base) in line]
+    left += [str(p) for p in (d.base / "vol" / "layers").glob(".*")]  # partial downloads
+    return left
+
+
+def test_stalled_layer_download_holds_no_start_slot_and_delete_ends_it(make_daemon, stalled_server):
+    d = make_daemon(extra_args=["--max-job-concurrency", "1"])
+    stalled = d.new_job_id()
+    job = busybox_job(stalled, ["true"])
+    job["mountspecs"][0].update(url=stalled_server.url, id="1" * 64,
+                                hashes={"sha512_256": "1" * 64})  # fmt: skip
+    d.client.add_job(job)
+    conn = stalled_server.wait_connected()
+    # while its download hangs, jobs start one after another in the one start slot
+    others = [d.new_job_id() for _ in range(3)]
+    for job_id in others:
+        d.client.add_job(busybox_job(job_id, ["true"]))
+        assert d.wait_job(job_id)["status"] == "done"
+    assert d.client.get_job(stalled)["status"] == "starting"
+    # a DELETE cancels the download at once: the job failed, the host hung up
+    asked = time.monotonic()
+    d.client.stop_job(stalled)
+    final = d.wait_job(stalled, timeout=5)
+    assert time.monotonic() - asked < 5
+    assert (final["status"], final["error"]) == ("failed", "stopped while starting")
+    conn.settimeout(5)
+    assert conn.recv(65536).startswith(b"GET /layer.squashfs")
+    assert conn.recv(65536) == b""
+    for job_id in others:
+        d.wait_cleaned(job_id)
+    assert left_of_job(d, stalled) == []
+    assert not (d.base / "vol" / "layers" / f"{'1' * 64}.squashfs").exists()
+
+
+def slow_runc(directory: Path, seconds: int) -> dict[str, str]:
+    """A daemon environment whose `runc` takes `seconds` longer to `run` a container, which
+    keeps a job in its local start work that long."""
+    real = shutil.which("runc") or "/usr/sbin/runc"
+    wrapper = directory / "runc"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'for arg in "$@"; do if [ "$arg" = run ]; then sleep {seconds}; break; fi; done\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return {"PATH": f"{directory}:{os.environ['PATH']}"}
+
+
+def test_429_counts_jobs_in_local_start_work_and_delete_undoes_one(make_daemon, tmp_path):
+    d = make_daemon(extra_args=["--max-job-concurrency", "1"], env=slow_runc(tmp_path, 3))
+    first = d.new_job_id()
+    d.client.add_job(busybox_job(first, ["sleep", "60"]))
+    work = d.base / "work" / "jobs" / job_key(first)
+    deadline = time.monotonic() + 20
+    while not work.exists():  # its layers are here: it holds the slot, in its local work
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(HostAPIError) as err:
+        d.client.add_job(busybox_job(d.new_job_id(), ["true"]))
+    assert err.value.status == 429
+    assert err.value.body == {
+        "code": "ratelimited",
+        "message": "too many jobs starting (limit 1), retry shortly",
+        "retry": True,
+    }
+    # stopped in the middle of its local work: undone once that ends, never `running`
+    d.client.stop_job(first)
+    final = d.wait_job(first, timeout=20)
+    assert (final["status"], final["error"]) == ("failed", "stopped while starting")
+    assert final["started_at"].startswith("0001-")
+    assert left_of_job(d, first) == []
+    runc_root = d.base / "run" / d.host_id / "runc"
+    assert not runc_root.exists() or list(runc_root.iterdir()) == []
+    # the slot is free again: the retried PUT is accepted
+    second = d.new_job_id()
+    d.client.add_job(busybox_job(second, ["true"]))
+    assert d.wait_job(second, timeout=20)["status"] == "done"
 
 
 def test_twenty_jobs_leave_nothing_behind(make_daemon):
