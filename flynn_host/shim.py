@@ -8,6 +8,12 @@ one JSON line on its stdout, and then, until the container's init exits: logs it
 line (`attach`, `follow_logs`, `wait`, `signal` or `status`). On exit it drains the output,
 writes `JOBDIR/exit.json` atomically, tells its clients, and exits; the daemon removes the
 container with `runc delete` after reading its cgroup. Stdlib only, so it starts fast.
+
+Signals for the job go to tini (PID 1), which passes them to the job's process group, except
+SIGSTOP and SIGCONT: tini cannot pass on a SIGSTOP (it would only stop tini itself), and a
+SIGCONT must resume every process the SIGSTOP stopped, so those two go to every process of the
+container through `runc kill --all`. SIGKILL needs no help: when PID 1 of a pid namespace dies,
+the kernel kills every other process in it.
 """
 
 from __future__ import annotations
@@ -52,10 +58,13 @@ DRAIN_TIMEOUT = 2.0  # grandchildren may keep the output pipes open after init e
 CLIENT_LINGER = 2.0  # how long an attach client may take to close after its exit frame
 CLIENT_FLUSH_TIMEOUT = 5.0  # how long clients get to take the last output before the shim exits
 CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # a client this far behind is dropped, not waited for
+RUNC_KILL_TIMEOUT = 10.0  # `runc kill --all` freezes, signals and thaws: well under a second
 READ_SIZE = 64 * 1024
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 STREAM_NUMBERS = {"stdout": 1, "stderr": 2}  # attach.STDOUT, attach.STDERR
+# signals that go to every process of the container (`runc kill --all`), not to tini
+EVERY_PROCESS_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGCONT})
 
 
 @dataclass
@@ -265,6 +274,8 @@ class Shim:
         self.watchers: list[tuple[Subscriber, frozenset[str]]] = []
         self.followers: list[tuple[Subscriber, int]] = []
         self.clients: set[asyncio.Task[Any]] = set()
+        # our own short-lived children (`runc kill`): the reaper hands them their wait status
+        self.helpers: dict[int, asyncio.Future[int]] = {}
 
     def path(self, name: str) -> str:
         return os.path.join(self.job_dir, name)
@@ -488,6 +499,9 @@ class Shim:
             if pid == self.pid and not self.exited.is_set():
                 self.exit = exit_info(status)
                 self.exited.set()
+            helper = self.helpers.pop(pid, None)
+            if helper is not None and not helper.done():
+                helper.set_result(status)
 
     def _read_output(self, fd: int, stream: str, final: bool = False) -> None:
         try:
@@ -563,7 +577,7 @@ class Shim:
                 await self.finished.wait()
                 writer.write(_json_line({"exit": self.exit}))
             elif kind == "signal":
-                writer.write(_json_line(self._signal(arg)))
+                writer.write(_json_line(await self._signal(arg)))
             elif kind == "status":
                 writer.write(_json_line({"pid": self.pid, "running": not self.exited.is_set()}))
             else:
@@ -572,15 +586,60 @@ class Shim:
             writer.write(_json_line({"error": f"invalid {kind} request: {e}"}))
         await writer.drain()
 
-    def _signal(self, sig: Any) -> dict[str, Any]:
+    async def _signal(self, sig: Any) -> dict[str, Any]:
         if not isinstance(sig, int) or isinstance(sig, bool) or not 0 < sig < signal.NSIG:
             raise ValueError(f"{sig!r} is not a signal number")
         if self.exited.is_set():
             return {"error": "the job has exited"}
+        if sig in EVERY_PROCESS_SIGNALS:
+            return await self._signal_every_process(sig)
         try:
             os.kill(self.pid, sig)
         except OSError as e:
             return {"error": f"signalling pid {self.pid}: {e.strerror}"}
+        return {"ok": True}
+
+    async def _signal_every_process(self, sig: int) -> dict[str, Any]:
+        """`runc kill --all`: runc freezes the container's cgroup, signals each process in it
+        and thaws it, so none escapes by forking meanwhile."""
+        cfg = self.config
+        args = [cfg.runc, "--root", cfg.runc_root, "kill", "--all", cfg.job_id, str(sig)]
+        err_r, err_w = os.pipe()
+        try:
+            # spawned, not run through asyncio's subprocess support: the shim reaps every child
+            # itself (it is a subreaper), so the status comes from `_reap`; spawning does not
+            # wait for the child
+            pid = os.posix_spawn(  # noqa: ASYNC221
+                cfg.runc,
+                args,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+            )
+        except OSError as e:
+            os.close(err_r)
+            return {"error": f"runc kill: {e.strerror}"}
+        finally:
+            os.close(err_w)
+        done = asyncio.get_running_loop().create_future()
+        self.helpers[pid] = done
+        try:
+            status = await asyncio.wait_for(done, RUNC_KILL_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # reaped by `_reap` like any child
+            return {"error": f"runc kill did not finish within {RUNC_KILL_TIMEOUT:.0f}s"}
+        finally:
+            os.set_blocking(err_r, False)
+            stderr = _read_available(err_r)
+            os.close(err_r)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            return {"error": f"runc kill: {lines[-1] if lines else f'exit status {code}'}"}
         return {"ok": True}
 
     async def _follow_logs(
@@ -682,7 +741,7 @@ class Shim:
                     set_tty_size(self.master, frame.height or 0, frame.width or 0)
                 elif frame.kind == "signal" and frame.signal:
                     with contextlib.suppress(ValueError):
-                        self._signal(frame.signal)
+                        await self._signal(frame.signal)
         except (ValueError, OSError, asyncio.IncompleteReadError):
             sub.gone.set()  # a broken client only loses its own connection
 

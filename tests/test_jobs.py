@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,7 +90,8 @@ def test_sigterm_ignored_then_sigkill(daemon):
     assert daemon.run_cli("stop", job_id).returncode == 0
     final = daemon.wait_job(job_id, timeout=20)
     # SIGTERM came first and was caught and ignored; SIGKILL ended it after --stop-timeout
-    assert daemon.run_cli("log", job_id).stdout == "ready\ngot TERM\n"
+    # (stderr has sh's "Terminated": the SIGTERM reached its `sleep` too)
+    assert daemon.run_cli("log", "--split-stderr", job_id).stdout == "ready\ngot TERM\n"
     assert final["status"] == "crashed"
     assert final["error"] == "killed by signal SIGKILL"
     assert final["exit_status"] == 128 + 9
@@ -117,6 +119,76 @@ def test_signal_endpoint_and_cli(daemon):
     assert bad.returncode != 0 and "invalid signal" in bad.stderr
     assert daemon.run_cli("signal", job_id, "USR1").returncode == 0
     assert daemon.wait_job(job_id)["exit_status"] == 7
+
+
+def test_signals_reach_the_jobs_children(daemon):
+    job_id = daemon.new_job_id()
+    script = "trap 'echo trapped' USR1; sleep 100; echo sleep ended $?"
+    daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
+    daemon.wait_job(job_id, ("running",))
+    time.sleep(0.3)  # let sh install its trap
+    assert daemon.run_cli("signal", job_id, "USR1").returncode == 0
+    # tini passed USR1 to the whole process group: `sleep` died of it at once, then sh ran
+    # its trap (sh alone would have waited the 100 s for sleep to end)
+    assert daemon.wait_job(job_id, timeout=10)["status"] == "done"
+    log = daemon.run_cli("log", "--split-stderr", job_id)
+    assert log.stdout == "trapped\nsleep ended 138\n"  # 138: 128 + SIGUSR1
+
+
+def job_processes(d, job_id: str) -> dict[int, tuple[str, bytes]]:
+    """Every process of a running job (from its cgroup): pid → (state letter, command line)."""
+    for procs in Path("/sys/fs/cgroup").glob(f"*/flynn/{d.host_id}/user/{job_id}/cgroup.procs"):
+        out = {}
+        for pid in map(int, procs.read_text().split()):
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                out[pid] = (
+                    stat.rsplit(")", 1)[1].split()[0],
+                    Path(f"/proc/{pid}/cmdline").read_bytes(),
+                )
+        if out:
+            return out
+    raise AssertionError(f"no processes found for job {job_id}")
+
+
+def ticks(d, job_id: str) -> int:
+    return (d.base / "log" / f"{job_id}.log").read_text().count('"tick"')
+
+
+def wait_until(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_signal_stop_and_cont_reach_every_process_of_the_job(daemon):
+    job_id = daemon.new_job_id()
+    # the worker runs in a session of its own, out of reach of process-group signals
+    script = "setsid sh -c 'while true; do echo tick; sleep 0.1; done' & wait"
+    daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
+    daemon.wait_job(job_id, ("running",))
+    wait_until(lambda: ticks(daemon, job_id) >= 3)
+
+    def worker_states() -> list[str]:
+        procs = job_processes(daemon, job_id).values()
+        return [st for st, cmd in procs if cmd.startswith(b"sh\0-c\0while")]
+
+    assert daemon.run_cli("signal", job_id, "STOP").returncode == 0
+    # every process is stopped (T), tini and the worker included; zombies (Z) may wait for
+    # their stopped parent
+    states = job_processes(daemon, job_id)
+    assert len(states) >= 3 and {st for st, _ in states.values()} <= {"T", "Z"}, states
+    assert worker_states() == ["T"]
+    stopped_at = ticks(daemon, job_id)
+    time.sleep(1)
+    assert ticks(daemon, job_id) == stopped_at  # nothing ran
+
+    assert daemon.run_cli("signal", job_id, "CONT").returncode == 0
+    wait_until(lambda: ticks(daemon, job_id) >= stopped_at + 3)  # it runs again
+    assert "T" not in {st for st, _ in job_processes(daemon, job_id).values()}
+    daemon.client.stop_job(job_id)
+    daemon.wait_job(job_id)
 
 
 def test_corrupt_layer_is_refused_and_nothing_starts(daemon, tmp_path):
