@@ -110,8 +110,9 @@ class JobManager:
             }
         }
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        # no fsync: saved on every job change, on the path of every start and stop
-        write_json_atomic(self.state_file, data, fsync=False)
+        # no fsync: saved on every job change, on the path of every start and stop; 0600 as it
+        # holds every job's environment, secrets included
+        write_json_atomic(self.state_file, data, fsync=False, mode=0o600)
 
     def load(self) -> list[ActiveJob]:
         if not self.state_file.exists():

@@ -14,6 +14,9 @@ SIGSTOP and SIGCONT: tini cannot pass on a SIGSTOP (it would only stop tini itse
 SIGCONT must resume every process the SIGSTOP stopped, so those two go to every process of the
 container through `runc kill --all`. SIGKILL needs no help: when PID 1 of a pid namespace dies,
 the kernel kills every other process in it.
+
+Every file the shim makes is root's alone (0600): the job's log shows what the job prints,
+secrets included, and its directory is the daemon's private run directory.
 """
 
 from __future__ import annotations
@@ -136,15 +139,24 @@ def listen_unix(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # the socket is created 0600 by bind itself (no moment where others could connect); the
+    # umask is the only way to say so, and the shim is single-threaded while it starts
+    umask = os.umask(0o177)
     try:
         with unix_path(path) as name:
             sock.bind(name)
-        os.chmod(path, 0o600)
         sock.listen(64)
     except BaseException:
         sock.close()
         raise
+    finally:
+        os.umask(umask)
     return sock
+
+
+def create_private(path: str) -> None:
+    """Create `path` empty and 0600 unless it exists (for files another program appends to)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
 def set_tty_size(fd: int, height: int, width: int) -> None:
@@ -344,6 +356,7 @@ class Shim:
 
     def _run_runc(self, stdio: tuple[int, int, int], console_path: str | None) -> int | None:
         cfg = self.config
+        create_private(self.path("runc.log"))  # runc would make it 0644; it appends to ours
         args = [cfg.runc, "--root", cfg.runc_root, "--log", self.path("runc.log")]
         args += ["--log-format", "json", "run", "--detach"]
         args += ["--pid-file", self.path("container.pid"), "--bundle", cfg.bundle]
@@ -470,7 +483,7 @@ class Shim:
             for fd in list(self.outputs):
                 self._read_output(fd, self.outputs[fd], final=True)
         self.log.close()
-        write_atomic(self.path("exit.json"), _json_line(self.exit))
+        write_atomic(self.path("exit.json"), _json_line(self.exit), mode=0o600)
         if self.stdin is not None and not self.stdin.is_closing():
             self.stdin.transport.abort()
         self.finished.set()
@@ -837,14 +850,15 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = os.path.abspath(args[0])
     # tracebacks go to the job directory, where the daemon's operator can find them
     with contextlib.suppress(OSError):
-        err = os.open(os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        err = os.open(os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                      0o600)  # fmt: skip
         os.dup2(err, 2)
         os.close(err)
     os.chdir("/")  # do not keep whatever directory the daemon ran in busy
     try:
         config = ShimConfig.load(os.path.join(job_dir, "shim.json"))
         set_subreaper()
-        write_atomic(os.path.join(job_dir, "shim.pid"), f"{os.getpid()}\n".encode())
+        write_atomic(os.path.join(job_dir, "shim.pid"), f"{os.getpid()}\n".encode(), mode=0o600)
         shim = Shim(job_dir, config)
         pid = shim.start()
     except StartError as e:

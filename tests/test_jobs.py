@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -495,3 +496,50 @@ def test_ps_inspect_and_stop_cli(daemon):
     assert missing.returncode == 1 and "not found" in missing.stderr
     usage = daemon.run_cli("stop")
     assert usage.returncode == 2 and "usage: flynn-host stop ID..." in usage.stderr
+
+
+def files_containing(base: Path, text: bytes) -> list[Path]:
+    """Regular files under `base` (not inside mounts: layers, root filesystems) holding `text`."""
+    found = []
+    for top, dirs, files in os.walk(base):
+        dirs[:] = [n for n in dirs if not os.path.ismount(os.path.join(top, n))]
+        for name in files:
+            path = Path(top, name)
+            if path.is_file() and not path.is_symlink() and text in path.read_bytes():
+                found.append(path)
+    return found
+
+
+def test_files_holding_a_jobs_secrets_are_root_only(daemon):
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    job_id = daemon.new_job_id()
+    job = busybox_job(job_id, ["sh", "-c", 'echo "token $SECRET"; exec sleep 60'],
+                      env={"SECRET": secret})  # fmt: skip
+    daemon.client.add_job(job)
+    daemon.wait_job(job_id, ("running",))
+    log_file = daemon.base / "log" / f"{job_id}.log"
+    wait_until(lambda: log_file.exists() and secret in log_file.read_text())
+    work = daemon.base / "work" / "jobs" / job_key(job_id)
+    run = daemon.base / "run" / daemon.host_id / "jobs" / job_key(job_id)
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    found = files_containing(daemon.base, secret.encode())
+    # the job's environment is in the state file and its bundle, its output in its log
+    assert {daemon.base / "state.json", work / "bundle" / "config.json", log_file} <= set(found)
+    assert {str(p): mode(p) for p in found if mode(p) & 0o077} == {}
+    # the job's own files (its writable layer holds whatever it writes) and the directories
+    for name in ("disk.img", "bundle/config.json"):
+        assert mode(work / name) == 0o600, name
+    for name in ("shim.json", "shim.pid", "shim.err", "runc.log", "attach.sock"):
+        assert mode(run / name) == 0o600, name
+    for d in (work.parent, work, run.parent, run, log_file.parent):
+        assert mode(d) == 0o700, d
+
+    daemon.client.stop_job(job_id)
+    daemon.wait_job(job_id)
+    daemon.wait_cleaned(job_id)
+    found = files_containing(daemon.base, secret.encode())
+    assert {daemon.base / "state.json", log_file} <= set(found)
+    assert {str(p): mode(p) for p in found if mode(p) & 0o077} == {}
