@@ -230,11 +230,12 @@ def test_output_is_logged_and_exit_status_recorded(make_job):
 async def test_follow_logs_sends_entries_then_exit(make_job):
     job = make_job(["sh", "-c", "echo one; sleep 0.3; echo two"])
     job.start()
-    feeds = []
+    feeds, writers = [], []
     for since in (0, 1):
         reader, writer = await connect_shim(str(job.dir))
         writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
         feeds.append(reader)
+        writers.append(writer)  # a StreamWriter no longer referenced closes its connection
     results = []
     for reader in feeds:
         lines = []
