@@ -3,8 +3,9 @@ namespaces, mounts, capabilities, cgroup resources and rlimits.
 
 A pure function of the job and the host's settings, so it is tested without starting anything.
 PID 1 in every container is tini (Debian's `tini-static`, bind-mounted read-only at
-`/.containerinit` as Flynn mounted its own init): it forwards signals to the job's process and
-reaps zombies, so a plain `sleep` stops on SIGTERM instead of waiting for SIGKILL.
+`/.containerinit` as Flynn mounted its own init): it forwards signals to the job's process
+group (`-g`), so they reach the job's children too, not only its first process, and it reaps
+zombies, so a plain `sleep` stops on SIGTERM instead of waiting for SIGKILL.
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def oci_spec(
             # a program that asks its size at once must not see 0x0; attach resizes later
             **({"consoleSize": {"height": 24, "width": 80}} if cfg.get("tty") else {}),
             "user": {"uid": cfg.get("uid") or 0, "gid": cfg.get("gid") or 0},
-            "args": [CONTAINER_INIT, "--", *cfg["args"]],
+            # -g: a signal for the job goes to its whole process group (a shell's children
+            # too), as a terminal's Ctrl-C does; see `flynn_host.shim` for SIGSTOP/SIGCONT
+            "args": [CONTAINER_INIT, "-g", "--", *cfg["args"]],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": cfg.get("working_dir") or "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},

@@ -2,9 +2,16 @@
 `starting → failed`, persisted in the state file so a restarted daemon adopts running jobs
 instead of losing or duplicating them.
 
-The manager owns each job's life: it starts the container through the backend, waits for it,
-records how it ended, cleans up (container, `delete_on_stop` volumes) and publishes Flynn's job
-events (`create`, `start`, `stop`, `error`, `cleanup`) to API streams and plugins.
+The manager owns each job's life: it fetches the job's layers, starts the container through
+the backend, waits for it, records how it ended, cleans up (container, `delete_on_stop`
+volumes) and publishes Flynn's job events (`create`, `start`, `stop`, `error`, `cleanup`) to API
+streams and plugins.
+
+Starting is two phases. First the job's layers are fetched: that waits on the network and
+holds nothing, so a slow or stalled download delays only its own job. Then the job takes one of
+`--max-job-concurrency` start slots for the local work (mounts, bundle, runc); `PUT` answers 429
+while every slot is taken or queued for. A `DELETE` cancels a job still fetching or queued; one
+already in its local work is undone as soon as that ends. Either way it ends `failed`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,39 @@ log = logging.getLogger(__name__)
 
 # Ended jobs stay listed (`flynn-host ps -a`) with their logs until this many newer ones ended.
 KEEP_ENDED_JOBS = 500
+STOPPED_WHILE_STARTING = "stopped while starting"
+
+
+class StartSlots:
+    """At most `limit` jobs doing their local start work at once (0: no limit).
+
+    `busy` counts the jobs holding a slot or queued for one, which is what the API's 429 is
+    about: a host that already has that many jobs to set up locally is overloaded. A job takes
+    a slot only once its layers are here, so waiting on the network never holds one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self._free = asyncio.Semaphore(limit) if limit else None
+
+    @property
+    def full(self) -> bool:
+        return bool(self.limit) and self.busy >= self.limit
+
+    async def acquire(self) -> None:
+        self.busy += 1
+        if self._free is None:
+            return
+        try:
+            await self._free.acquire()
+        except BaseException:
+            self.busy -= 1
+            raise
+
+    def release(self) -> None:
+        self.busy -= 1
+        if self._free is not None:
+            self._free.release()
 
 
 class JobManager:
@@ -47,6 +87,7 @@ class JobManager:
         self.backend = backend
         self.volumes = volumes
         self.max_concurrency = max_concurrency
+        self.slots = StartSlots(max_concurrency)
         self.stop_timeout = stop_timeout
         self.on_event = on_event
         self.on_log = on_log
@@ -57,6 +98,8 @@ class JobManager:
         self._subscribers: list[tuple[str | None, asyncio.Queue[dict[str, Any] | None]]] = []
         self._running_events: dict[str, asyncio.Event] = {}
         self._ended_events: dict[str, asyncio.Event] = {}
+        # jobs fetching layers or queued for a start slot: a DELETE cancels their start task
+        self._cancellable: set[str] = set()
 
     # --- persistence --------------------------------------------------------------------------
     def save(self) -> None:
@@ -67,8 +110,9 @@ class JobManager:
             }
         }
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        # no fsync: saved on every job change, on the path of every start and stop
-        write_json_atomic(self.state_file, data, fsync=False)
+        # no fsync: saved on every job change, on the path of every start and stop; 0600 as it
+        # holds every job's environment, secrets included
+        write_json_atomic(self.state_file, data, fsync=False, mode=0o600)
 
     def load(self) -> list[ActiveJob]:
         if not self.state_file.exists():
@@ -145,8 +189,7 @@ class JobManager:
         """Accept a job and start it in the background (Flynn's `PUT /host/jobs/:id`)."""
         if job.id in self.jobs:
             raise conflict(f"job {job.id} already exists")
-        starting = sum(1 for j in self.jobs.values() if j.status == STARTING)
-        if self.max_concurrency and starting >= self.max_concurrency:
+        if self.slots.full:
             raise FlynnError(
                 "ratelimited",
                 f"too many jobs starting (limit {self.max_concurrency}), retry shortly",
@@ -185,28 +228,63 @@ class JobManager:
 
     async def _run(self, job: ActiveJob) -> None:
         jid = job.job.id
-        volume_paths = {
-            v["volume"]: str(self.volumes.path(v["volume"]))
-            for v in job.job.config.get("volumes") or []
-        }
         try:
-            job.pid = await self.backend.start(job, volume_paths)
+            job.pid = await self._start(job)
+        except asyncio.CancelledError:
+            if not job.force_stop:
+                raise  # the daemon is going away: the next one settles the job
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # the cancellation was ours and is handled here
+            await self._fail(job, STOPPED_WHILE_STARTING)
+            return
+        except StartError as exc:
+            await self._fail(job, str(exc))
+            return
         except Exception as exc:
-            job.error = str(exc) if isinstance(exc, StartError) else f"start failed: {exc}"
-            self._mark_ended(job, FAILED)
-            if not isinstance(exc, StartError):
-                log.exception("job %s failed to start", jid)
-            self._running_events[jid].set()
-            self._publish("error", job)
-            await self._finish(job)
+            log.exception("job %s failed to start", jid)
+            await self._fail(job, f"start failed: {exc}")
             return
         job.set_state(RUNNING)
         self._running_events[jid].set()
         self.save()
         self._publish("start", job)
-        if job.force_stop:
-            self._stoppers[jid] = asyncio.create_task(self._stop(job))
         await self._supervise(job)
+
+    async def _start(self, job: ActiveJob) -> int:
+        """Fetch the job's layers, then, holding a start slot, start its container; its pid."""
+        jid = job.job.id
+        self._cancellable.add(jid)
+        try:
+            if job.force_stop:  # stopped before this task first ran
+                raise StartError(STOPPED_WHILE_STARTING)
+            await self.backend.fetch(job)
+            await self.slots.acquire()
+        finally:
+            self._cancellable.discard(jid)
+        try:
+            if job.force_stop:
+                raise StartError(STOPPED_WHILE_STARTING)
+            volume_paths = {
+                v["volume"]: str(self.volumes.path(v["volume"]))
+                for v in job.job.config.get("volumes") or []
+            }
+            # not cancelled midway: the backend undoes a failed start itself, and a shim
+            # cut off while it starts could leave a container no one knows about
+            pid = await self.backend.start(job, volume_paths)
+        finally:
+            self.slots.release()
+        if job.force_stop:
+            # stopped during the local work: the container goes again (in _finish)
+            raise StartError(STOPPED_WHILE_STARTING)
+        return pid
+
+    async def _fail(self, job: ActiveJob, error: str) -> None:
+        job.error = error
+        self._mark_ended(job, FAILED)
+        self._running_events[job.job.id].set()
+        self._publish("error", job)
+        await self._finish(job)
 
     async def _supervise(self, job: ActiveJob) -> None:
         """Wait for a running job to end, feeding its log to plugins meanwhile."""
@@ -273,13 +351,19 @@ class JobManager:
                         p.unlink()
 
     def stop(self, job_id: str) -> None:
-        """Flynn's `DELETE /host/jobs/:id`: starting → marked force-stop; running → SIGTERM,
-        then SIGKILL after the stop timeout."""
+        """Flynn's `DELETE /host/jobs/:id`: running → SIGTERM, then SIGKILL after the stop
+        timeout; starting → the start is cancelled (at once while the job fetches layers or
+        waits for a slot, else when its local start work ends) and the job ends `failed`."""
         job = self.get(job_id)
         if job.ended:
             return
         job.force_stop = True
-        if job.status == RUNNING and job_id not in self._stoppers:
+        if job.status == STARTING:
+            if job_id in self._cancellable:
+                self._cancellable.discard(job_id)  # cancelled once, however many DELETEs
+                self._tasks[job_id].cancel()
+            return
+        if job_id not in self._stoppers:
             self._stoppers[job_id] = asyncio.create_task(self._stop(job))
 
     async def _stop(self, job: ActiveJob) -> None:

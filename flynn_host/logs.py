@@ -78,6 +78,10 @@ def _last_seq(path: str) -> int:
     return 0
 
 
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 def _parse(line: bytes) -> Entry | None:
     """An entry from one line of a log file, or None for a torn or foreign line."""
     if not line.strip():
@@ -111,8 +115,9 @@ class LogWriter:
             self._size += self._file.write(b"\n")
 
     def _open(self) -> io.FileIO:
-        # unbuffered: every entry reaches the OS as soon as it is written
-        return open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open until close())
+        # unbuffered: every entry reaches the OS as soon as it is written; created 0600, as a
+        # job's output often shows its secrets (rotation renames it, keeping the mode)
+        return open(self.path, "ab", buffering=0, opener=_private)  # noqa: SIM115 (kept open)
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

@@ -10,7 +10,11 @@ Where things live, per job (`<key>` is a short hash of the job id, to keep unix 
 under the kernel's 108-byte limit):
   <work-dir>/jobs/<key>/disk.img, disk/{upper,work}, bundle/{config.json,rootfs}
   <run-dir>/<host id>/jobs/<key>/shim.json, shim.pid, container.pid, attach.sock, exit.json
+  <log-dir>/<job id>.log
   cgroup /flynn/<host id>/<partition>/<job id> in every hierarchy
+A job's environment (its secrets) is in config.json, the state file and often its log, and its
+writable layer holds whatever it writes: these directories are 0700 and the files in them
+0600, made so when they are created.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from flynn_host import bundle, shim
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
 from flynn_host.jobnet import JobNetwork
-from flynn_host.layers import LayerStore
+from flynn_host.layers import LayerError, LayerStore
 from flynn_host.types import SYSTEM_PARTITION, ActiveJob
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,21 @@ MAX_SOCKET_PATH = 100
 
 class StartError(Exception):
     """The container could not be started; the message is what the job's `error` says."""
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` a directory only root can enter (missing parents are made as usual); an
+    existing one, made by an older version, is tightened too."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create `path` readable only by root (created with that mode: never readable by others,
+    not even for a moment) and write `text` to it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
+        f.write(text)
 
 
 @dataclass
@@ -193,7 +212,7 @@ class RuncBackend:
     # --- host set-up and tear-down ------------------------------------------------------------
     async def setup(self) -> None:
         for path in (self.config.jobs_dir, self.run_jobs, self.config.log_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path)
         setup_partitions(self.config)
         self.host_bundle = host_bundle_mounts(self.config.work_dir / "host-bundle")
         self.pool.refill()
@@ -203,13 +222,23 @@ class RuncBackend:
         remove_empty_cgroups(self.config)
 
     # --- lifecycle ----------------------------------------------------------------------------
+    async def fetch(self, job: ActiveJob) -> None:
+        """Bring the job's layers into the local cache, downloading what is missing. Called
+        before `start`, outside the job manager's start slots since it waits on the network;
+        cancelling it leaves no partial file."""
+        for spec in job.job.mountspecs:
+            try:
+                await self.layers.fetch(spec)
+            except LayerError as exc:
+                raise StartError(str(exc)) from exc
+
     async def start(self, job: ActiveJob, volume_paths: dict[str, str]) -> int:
         """Start the container; return its pid. On failure everything is undone."""
         jid = job.job.id
         work, rund = self.work_dir(jid), self.run_dir(jid)
         try:
-            work.mkdir(parents=True)
-            rund.mkdir(parents=True)
+            work.mkdir(mode=0o700)
+            rund.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise StartError(f"job {jid} already has a container directory") from exc
         try:
@@ -230,7 +259,8 @@ class RuncBackend:
         disk_img, disk = work / "disk.img", work / "disk"
         disk.mkdir()
         size = job.job.limit("temp_disk") or bundle_default_disk()
-        disk_img.touch()
+        # the job's writable layer: whatever it writes, its secrets too, so root's alone
+        os.close(os.open(disk_img, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         os.truncate(disk_img, size)  # sparse: the disk only takes what the job writes
         await run("mkfs.ext2", "-q", "-F", "-m", "0", str(disk_img))
         await run("mount", "-o", "loop", str(disk_img), str(disk))
@@ -264,7 +294,7 @@ class RuncBackend:
         if job_ip and self.network is not None:
             extra.append(_ro_bind(self.network.resolv_conf, "/etc/resolv.conf"))
         spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths, extra)
-        (work / "bundle" / "config.json").write_text(json.dumps(spec))
+        write_private(work / "bundle" / "config.json", json.dumps(spec))  # the job's env
         shim_conf = {
             "job_id": job.job.id,
             "runc": self.runc,
@@ -277,7 +307,7 @@ class RuncBackend:
             "height": 0,
             "width": 0,
         }
-        (rund / "shim.json").write_text(json.dumps(shim_conf))
+        write_private(rund / "shim.json", json.dumps(shim_conf))
         return await self._spawn_shim(rund)
 
     def job_host_env(self, job: ActiveJob) -> dict[str, str]:
@@ -294,7 +324,7 @@ class RuncBackend:
             proc.stdin.write(f"{rund}\n".encode())
             proc.stdin.close()
         else:
-            err = os.open(rund / "shim.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            err = os.open(rund / "shim.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *self.shim_command,
@@ -483,7 +513,9 @@ def host_bundle_mounts(launcher_dir: Path) -> list[dict[str, Any]]:
 
     tree = Path(flynn_host.__file__).resolve().parents[1]
     venv = Path(sys.prefix)
-    launcher_dir.mkdir(parents=True, exist_ok=True)
+    # 0755, unlike the job directories: it holds only this two-line launcher, no secret, and
+    # jobs running as any user must be able to run it
+    launcher_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     launcher = launcher_dir / "flynn-host"
     launcher.write_text(f'#!/bin/sh\nexec {venv}/bin/python -m flynn_host.cli.main "$@"\n')
     launcher.chmod(0o755)

@@ -8,6 +8,15 @@ one JSON line on its stdout, and then, until the container's init exits: logs it
 line (`attach`, `follow_logs`, `wait`, `signal` or `status`). On exit it drains the output,
 writes `JOBDIR/exit.json` atomically, tells its clients, and exits; the daemon removes the
 container with `runc delete` after reading its cgroup. Stdlib only, so it starts fast.
+
+Signals for the job go to tini (PID 1), which passes them to the job's process group, except
+SIGSTOP and SIGCONT: tini cannot pass on a SIGSTOP (it would only stop tini itself), and a
+SIGCONT must resume every process the SIGSTOP stopped, so those two go to every process of the
+container through `runc kill --all`. SIGKILL needs no help: when PID 1 of a pid namespace dies,
+the kernel kills every other process in it.
+
+Every file the shim makes is root's alone (0600): the job's log shows what the job prints,
+secrets included, and its directory is the daemon's private run directory.
 """
 
 from __future__ import annotations
@@ -52,10 +61,13 @@ DRAIN_TIMEOUT = 2.0  # grandchildren may keep the output pipes open after init e
 CLIENT_LINGER = 2.0  # how long an attach client may take to close after its exit frame
 CLIENT_FLUSH_TIMEOUT = 5.0  # how long clients get to take the last output before the shim exits
 CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # a client this far behind is dropped, not waited for
+RUNC_KILL_TIMEOUT = 10.0  # `runc kill --all` freezes, signals and thaws: well under a second
 READ_SIZE = 64 * 1024
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 STREAM_NUMBERS = {"stdout": 1, "stderr": 2}  # attach.STDOUT, attach.STDERR
+# signals that go to every process of the container (`runc kill --all`), not to tini
+EVERY_PROCESS_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGCONT})
 
 
 @dataclass
@@ -127,15 +139,24 @@ def listen_unix(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # the socket is created 0600 by bind itself (no moment where others could connect); the
+    # umask is the only way to say so, and the shim is single-threaded while it starts
+    umask = os.umask(0o177)
     try:
         with unix_path(path) as name:
             sock.bind(name)
-        os.chmod(path, 0o600)
         sock.listen(64)
     except BaseException:
         sock.close()
         raise
+    finally:
+        os.umask(umask)
     return sock
+
+
+def create_private(path: str) -> None:
+    """Create `path` empty and 0600 unless it exists (for files another program appends to)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
 def set_tty_size(fd: int, height: int, width: int) -> None:
@@ -265,6 +286,8 @@ class Shim:
         self.watchers: list[tuple[Subscriber, frozenset[str]]] = []
         self.followers: list[tuple[Subscriber, int]] = []
         self.clients: set[asyncio.Task[Any]] = set()
+        # our own short-lived children (`runc kill`): the reaper hands them their wait status
+        self.helpers: dict[int, asyncio.Future[int]] = {}
 
     def path(self, name: str) -> str:
         return os.path.join(self.job_dir, name)
@@ -333,6 +356,7 @@ class Shim:
 
     def _run_runc(self, stdio: tuple[int, int, int], console_path: str | None) -> int | None:
         cfg = self.config
+        create_private(self.path("runc.log"))  # runc would make it 0644; it appends to ours
         args = [cfg.runc, "--root", cfg.runc_root, "--log", self.path("runc.log")]
         args += ["--log-format", "json", "run", "--detach"]
         args += ["--pid-file", self.path("container.pid"), "--bundle", cfg.bundle]
@@ -459,7 +483,7 @@ class Shim:
             for fd in list(self.outputs):
                 self._read_output(fd, self.outputs[fd], final=True)
         self.log.close()
-        write_atomic(self.path("exit.json"), _json_line(self.exit))
+        write_atomic(self.path("exit.json"), _json_line(self.exit), mode=0o600)
         if self.stdin is not None and not self.stdin.is_closing():
             self.stdin.transport.abort()
         self.finished.set()
@@ -488,6 +512,9 @@ class Shim:
             if pid == self.pid and not self.exited.is_set():
                 self.exit = exit_info(status)
                 self.exited.set()
+            helper = self.helpers.pop(pid, None)
+            if helper is not None and not helper.done():
+                helper.set_result(status)
 
     def _read_output(self, fd: int, stream: str, final: bool = False) -> None:
         try:
@@ -563,7 +590,7 @@ class Shim:
                 await self.finished.wait()
                 writer.write(_json_line({"exit": self.exit}))
             elif kind == "signal":
-                writer.write(_json_line(self._signal(arg)))
+                writer.write(_json_line(await self._signal(arg)))
             elif kind == "status":
                 writer.write(_json_line({"pid": self.pid, "running": not self.exited.is_set()}))
             else:
@@ -572,15 +599,60 @@ class Shim:
             writer.write(_json_line({"error": f"invalid {kind} request: {e}"}))
         await writer.drain()
 
-    def _signal(self, sig: Any) -> dict[str, Any]:
+    async def _signal(self, sig: Any) -> dict[str, Any]:
         if not isinstance(sig, int) or isinstance(sig, bool) or not 0 < sig < signal.NSIG:
             raise ValueError(f"{sig!r} is not a signal number")
         if self.exited.is_set():
             return {"error": "the job has exited"}
+        if sig in EVERY_PROCESS_SIGNALS:
+            return await self._signal_every_process(sig)
         try:
             os.kill(self.pid, sig)
         except OSError as e:
             return {"error": f"signalling pid {self.pid}: {e.strerror}"}
+        return {"ok": True}
+
+    async def _signal_every_process(self, sig: int) -> dict[str, Any]:
+        """`runc kill --all`: runc freezes the container's cgroup, signals each process in it
+        and thaws it, so none escapes by forking meanwhile."""
+        cfg = self.config
+        args = [cfg.runc, "--root", cfg.runc_root, "kill", "--all", cfg.job_id, str(sig)]
+        err_r, err_w = os.pipe()
+        try:
+            # spawned, not run through asyncio's subprocess support: the shim reaps every child
+            # itself (it is a subreaper), so the status comes from `_reap`; spawning does not
+            # wait for the child
+            pid = os.posix_spawn(  # noqa: ASYNC221
+                cfg.runc,
+                args,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+            )
+        except OSError as e:
+            os.close(err_r)
+            return {"error": f"runc kill: {e.strerror}"}
+        finally:
+            os.close(err_w)
+        done = asyncio.get_running_loop().create_future()
+        self.helpers[pid] = done
+        try:
+            status = await asyncio.wait_for(done, RUNC_KILL_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # reaped by `_reap` like any child
+            return {"error": f"runc kill did not finish within {RUNC_KILL_TIMEOUT:.0f}s"}
+        finally:
+            os.set_blocking(err_r, False)
+            stderr = _read_available(err_r)
+            os.close(err_r)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            return {"error": f"runc kill: {lines[-1] if lines else f'exit status {code}'}"}
         return {"ok": True}
 
     async def _follow_logs(
@@ -682,7 +754,7 @@ class Shim:
                     set_tty_size(self.master, frame.height or 0, frame.width or 0)
                 elif frame.kind == "signal" and frame.signal:
                     with contextlib.suppress(ValueError):
-                        self._signal(frame.signal)
+                        await self._signal(frame.signal)
         except (ValueError, OSError, asyncio.IncompleteReadError):
             sub.gone.set()  # a broken client only loses its own connection
 
@@ -778,14 +850,15 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = os.path.abspath(args[0])
     # tracebacks go to the job directory, where the daemon's operator can find them
     with contextlib.suppress(OSError):
-        err = os.open(os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        err = os.open(os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                      0o600)  # fmt: skip
         os.dup2(err, 2)
         os.close(err)
     os.chdir("/")  # do not keep whatever directory the daemon ran in busy
     try:
         config = ShimConfig.load(os.path.join(job_dir, "shim.json"))
         set_subreaper()
-        write_atomic(os.path.join(job_dir, "shim.pid"), f"{os.getpid()}\n".encode())
+        write_atomic(os.path.join(job_dir, "shim.pid"), f"{os.getpid()}\n".encode(), mode=0o600)
         shim = Shim(job_dir, config)
         pid = shim.start()
     except StartError as e:

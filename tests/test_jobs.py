@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import socket
 import subprocess
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flynn_host.client import HostAPIError
+from flynn_host.runc import job_key
 
 from .conftest import busybox_job, cgroups_of, mounts_under, needs_root
 
@@ -85,7 +92,8 @@ def test_sigterm_ignored_then_sigkill(daemon):
     assert daemon.run_cli("stop", job_id).returncode == 0
     final = daemon.wait_job(job_id, timeout=20)
     # SIGTERM came first and was caught and ignored; SIGKILL ended it after --stop-timeout
-    assert daemon.run_cli("log", job_id).stdout == "ready\ngot TERM\n"
+    # (stderr has sh's "Terminated": the SIGTERM reached its `sleep` too)
+    assert daemon.run_cli("log", "--split-stderr", job_id).stdout == "ready\ngot TERM\n"
     assert final["status"] == "crashed"
     assert final["error"] == "killed by signal SIGKILL"
     assert final["exit_status"] == 128 + 9
@@ -113,6 +121,76 @@ def test_signal_endpoint_and_cli(daemon):
     assert bad.returncode != 0 and "invalid signal" in bad.stderr
     assert daemon.run_cli("signal", job_id, "USR1").returncode == 0
     assert daemon.wait_job(job_id)["exit_status"] == 7
+
+
+def test_signals_reach_the_jobs_children(daemon):
+    job_id = daemon.new_job_id()
+    script = "trap 'echo trapped' USR1; sleep 100; echo sleep ended $?"
+    daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
+    daemon.wait_job(job_id, ("running",))
+    time.sleep(0.3)  # let sh install its trap
+    assert daemon.run_cli("signal", job_id, "USR1").returncode == 0
+    # tini passed USR1 to the whole process group: `sleep` died of it at once, then sh ran
+    # its trap (sh alone would have waited the 100 s for sleep to end)
+    assert daemon.wait_job(job_id, timeout=10)["status"] == "done"
+    log = daemon.run_cli("log", "--split-stderr", job_id)
+    assert log.stdout == "trapped\nsleep ended 138\n"  # 138: 128 + SIGUSR1
+
+
+def job_processes(d, job_id: str) -> dict[int, tuple[str, bytes]]:
+    """Every process of a running job (from its cgroup): pid → (state letter, command line)."""
+    for procs in Path("/sys/fs/cgroup").glob(f"*/flynn/{d.host_id}/user/{job_id}/cgroup.procs"):
+        out = {}
+        for pid in map(int, procs.read_text().split()):
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                out[pid] = (
+                    stat.rsplit(")", 1)[1].split()[0],
+                    Path(f"/proc/{pid}/cmdline").read_bytes(),
+                )
+        if out:
+            return out
+    raise AssertionError(f"no processes found for job {job_id}")
+
+
+def ticks(d, job_id: str) -> int:
+    return (d.base / "log" / f"{job_id}.log").read_text().count('"tick"')
+
+
+def wait_until(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_signal_stop_and_cont_reach_every_process_of_the_job(daemon):
+    job_id = daemon.new_job_id()
+    # the worker runs in a session of its own, out of reach of process-group signals
+    script = "setsid sh -c 'while true; do echo tick; sleep 0.1; done' & wait"
+    daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
+    daemon.wait_job(job_id, ("running",))
+    wait_until(lambda: ticks(daemon, job_id) >= 3)
+
+    def worker_states() -> list[str]:
+        procs = job_processes(daemon, job_id).values()
+        return [st for st, cmd in procs if cmd.startswith(b"sh\0-c\0while")]
+
+    assert daemon.run_cli("signal", job_id, "STOP").returncode == 0
+    # every process is stopped (T), tini and the worker included; zombies (Z) may wait for
+    # their stopped parent
+    states = job_processes(daemon, job_id)
+    assert len(states) >= 3 and {st for st, _ in states.values()} <= {"T", "Z"}, states
+    assert worker_states() == ["T"]
+    stopped_at = ticks(daemon, job_id)
+    time.sleep(1)
+    assert ticks(daemon, job_id) == stopped_at  # nothing ran
+
+    assert daemon.run_cli("signal", job_id, "CONT").returncode == 0
+    wait_until(lambda: ticks(daemon, job_id) >= stopped_at + 3)  # it runs again
+    assert "T" not in {st for st, _ in job_processes(daemon, job_id).values()}
+    daemon.client.stop_job(job_id)
+    daemon.wait_job(job_id)
 
 
 def test_corrupt_layer_is_refused_and_nothing_starts(daemon, tmp_path):
@@ -165,32 +243,133 @@ def test_validation_conflict_and_not_found_errors(daemon):
     daemon.wait_job(job_id)
 
 
-def test_concurrency_limit_gives_429_with_retry(make_daemon):
-    d = make_daemon(extra_args=["--max-job-concurrency", "1"])
-    first = d.new_job_id()
-    # a layer from a URL that never answers keeps the first job in `starting`
-    import socket
+class StalledServer:
+    """An HTTP server on 127.0.0.1 that accepts connections and never answers."""
 
-    hold = socket.socket()
-    hold.bind(("127.0.0.1", 0))
-    hold.listen(1)
-    job = busybox_job(first, ["true"])
-    job["mountspecs"][0].update(url=f"http://127.0.0.1:{hold.getsockname()[1]}/x",
-                                id="1" * 64, hashes={"sha512_256": "1" * 64})  # fmt: skip
-    try:
-        d.client.add_job(job)
-        assert d.client.get_job(first)["status"] == "starting"
-        with pytest.raises(HostAPIError) as err:
-            d.client.add_job(busybox_job(d.new_job_id(), ["true"]))
-        assert err.value.status == 429
-        assert err.value.body == {
-            "code": "ratelimited",
-            "message": "too many jobs starting (limit 1), retry shortly",
-            "retry": True,
-        }
-    finally:
-        hold.close()
-    assert d.wait_job(first)["status"] == "failed"
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/layer.squashfs"
+        self.conns: list[socket.socket] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def wait_connected(self, timeout: float = 20.0) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while not self.conns:
+            assert time.monotonic() < deadline, "nothing connected to the stalled server"
+            time.sleep(0.05)
+        return self.conns[0]
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def stalled_server() -> Iterator[StalledServer]:
+    server = StalledServer()
+    yield server
+    server.close()
+
+
+def left_of_job(d, job_id: str) -> list[str]:
+    """What a job left on its host: mounts, loop devices, cgroups, directories, layer files."""
+    d.wait_cleaned(job_id)
+    left = mounts_under(d.base)
+    left += [str(p) for p in cgroups_of(f"flynn/{d.host_id}") if p.name == job_id]
+    losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    left += [line for line in losetup.splitlines() if str(d.base) in line]
+    left += [str(p) for p in (d.base / "vol" / "layers").glob(".*")]  # partial downloads
+    return left
+
+
+def test_stalled_layer_download_holds_no_start_slot_and_delete_ends_it(make_daemon, stalled_server):
+    d = make_daemon(extra_args=["--max-job-concurrency", "1"])
+    stalled = d.new_job_id()
+    job = busybox_job(stalled, ["true"])
+    job["mountspecs"][0].update(url=stalled_server.url, id="1" * 64,
+                                hashes={"sha512_256": "1" * 64})  # fmt: skip
+    d.client.add_job(job)
+    conn = stalled_server.wait_connected()
+    # while its download hangs, jobs start one after another in the one start slot
+    others = [d.new_job_id() for _ in range(3)]
+    for job_id in others:
+        d.client.add_job(busybox_job(job_id, ["true"]))
+        assert d.wait_job(job_id)["status"] == "done"
+    assert d.client.get_job(stalled)["status"] == "starting"
+    # a DELETE cancels the download at once: the job failed, the host hung up
+    asked = time.monotonic()
+    d.client.stop_job(stalled)
+    final = d.wait_job(stalled, timeout=5)
+    assert time.monotonic() - asked < 5
+    assert (final["status"], final["error"]) == ("failed", "stopped while starting")
+    conn.settimeout(5)
+    assert conn.recv(65536).startswith(b"GET /layer.squashfs")
+    assert conn.recv(65536) == b""
+    for job_id in others:
+        d.wait_cleaned(job_id)
+    assert left_of_job(d, stalled) == []
+    assert not (d.base / "vol" / "layers" / f"{'1' * 64}.squashfs").exists()
+
+
+def slow_runc(directory: Path, seconds: int) -> dict[str, str]:
+    """A daemon environment whose `runc` takes `seconds` longer to `run` a container, which
+    keeps a job in its local start work that long."""
+    real = shutil.which("runc") or "/usr/sbin/runc"
+    wrapper = directory / "runc"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'for arg in "$@"; do if [ "$arg" = run ]; then sleep {seconds}; break; fi; done\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return {"PATH": f"{directory}:{os.environ['PATH']}"}
+
+
+def test_429_counts_jobs_in_local_start_work_and_delete_undoes_one(make_daemon, tmp_path):
+    d = make_daemon(extra_args=["--max-job-concurrency", "1"], env=slow_runc(tmp_path, 3))
+    first = d.new_job_id()
+    d.client.add_job(busybox_job(first, ["sleep", "60"]))
+    work = d.base / "work" / "jobs" / job_key(first)
+    deadline = time.monotonic() + 20
+    while not work.exists():  # its layers are here: it holds the slot, in its local work
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(HostAPIError) as err:
+        d.client.add_job(busybox_job(d.new_job_id(), ["true"]))
+    assert err.value.status == 429
+    assert err.value.body == {
+        "code": "ratelimited",
+        "message": "too many jobs starting (limit 1), retry shortly",
+        "retry": True,
+    }
+    # stopped in the middle of its local work: undone once that ends, never `running`
+    d.client.stop_job(first)
+    final = d.wait_job(first, timeout=20)
+    assert (final["status"], final["error"]) == ("failed", "stopped while starting")
+    assert final["started_at"].startswith("0001-")
+    assert left_of_job(d, first) == []
+    runc_root = d.base / "run" / d.host_id / "runc"
+    assert not runc_root.exists() or list(runc_root.iterdir()) == []
+    # the slot is free again: the retried PUT is accepted
+    second = d.new_job_id()
+    d.client.add_job(busybox_job(second, ["true"]))
+    assert d.wait_job(second, timeout=20)["status"] == "done"
 
 
 def test_twenty_jobs_leave_nothing_behind(make_daemon):
@@ -318,3 +497,50 @@ def test_ps_inspect_and_stop_cli(daemon):
     assert missing.returncode == 1 and "not found" in missing.stderr
     usage = daemon.run_cli("stop")
     assert usage.returncode == 2 and "usage: flynn-host stop ID..." in usage.stderr
+
+
+def files_containing(base: Path, text: bytes) -> list[Path]:
+    """Regular files under `base` (not inside mounts: layers, root filesystems) holding `text`."""
+    found = []
+    for top, dirs, files in os.walk(base):
+        dirs[:] = [n for n in dirs if not os.path.ismount(os.path.join(top, n))]
+        for name in files:
+            path = Path(top, name)
+            if path.is_file() and not path.is_symlink() and text in path.read_bytes():
+                found.append(path)
+    return found
+
+
+def test_files_holding_a_jobs_secrets_are_root_only(daemon):
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    job_id = daemon.new_job_id()
+    job = busybox_job(job_id, ["sh", "-c", 'echo "token $SECRET"; exec sleep 60'],
+                      env={"SECRET": secret})  # fmt: skip
+    daemon.client.add_job(job)
+    daemon.wait_job(job_id, ("running",))
+    log_file = daemon.base / "log" / f"{job_id}.log"
+    wait_until(lambda: log_file.exists() and secret in log_file.read_text())
+    work = daemon.base / "work" / "jobs" / job_key(job_id)
+    run = daemon.base / "run" / daemon.host_id / "jobs" / job_key(job_id)
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    found = files_containing(daemon.base, secret.encode())
+    # the job's environment is in the state file and its bundle, its output in its log
+    assert {daemon.base / "state.json", work / "bundle" / "config.json", log_file} <= set(found)
+    assert {str(p): mode(p) for p in found if mode(p) & 0o077} == {}
+    # the job's own files (its writable layer holds whatever it writes) and the directories
+    for name in ("disk.img", "bundle/config.json"):
+        assert mode(work / name) == 0o600, name
+    for name in ("shim.json", "shim.pid", "shim.err", "runc.log", "attach.sock"):
+        assert mode(run / name) == 0o600, name
+    for d in (work.parent, work, run.parent, run, log_file.parent):
+        assert mode(d) == 0o700, d
+
+    daemon.client.stop_job(job_id)
+    daemon.wait_job(job_id)
+    daemon.wait_cleaned(job_id)
+    found = files_containing(daemon.base, secret.encode())
+    assert {daemon.base / "state.json", log_file} <= set(found)
+    assert {str(p): mode(p) for p in found if mode(p) & 0o077} == {}

@@ -230,11 +230,12 @@ def test_output_is_logged_and_exit_status_recorded(make_job):
 async def test_follow_logs_sends_entries_then_exit(make_job):
     job = make_job(["sh", "-c", "echo one; sleep 0.3; echo two"])
     job.start()
-    feeds = []
+    feeds, writers = [], []
     for since in (0, 1):
         reader, writer = await connect_shim(str(job.dir))
         writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
         feeds.append(reader)
+        writers.append(writer)  # a StreamWriter no longer referenced closes its connection
     results = []
     for reader in feeds:
         lines = []
@@ -310,10 +311,12 @@ async def test_tty_size_resize_and_eof(make_job):
     assert b"40 120" in await read_until(reader, b"40 120")
     writer.write(attach.resize_frame(30, 100))
     writer.write(attach.data_frame(attach.STDIN, b"b\n"))
-    assert b"30 100" in await read_until(reader, b"30 100")
+    resized = await read_until(reader, b"30 100")
+    assert b"30 100" in resized
     writer.write(attach.data_frame(attach.STDIN, b""))  # ^D ends cat
     frames = await read_until_closed(reader)
-    text = output(frames, attach.STDOUT)
+    # `tty`'s answer may have come in the same chunk as `stty size`'s
+    text = resized + output(frames, attach.STDOUT)
     assert b"/dev/pts/0" in text and b"done" in text
     assert frames[-1] == Frame("exit", status=0)
     job.wait()

@@ -203,12 +203,9 @@ options:
 
 async def _print_attach(url: str, request: dict[str, Any], split_stderr: bool) -> int:
     """Print a job's log frames; 1 if the host reported an error, else 0 (whatever the job's
-    own exit status: the log was shown)."""
-    try:
-        reader, writer = await attach.attach_host(url, request)
-    except attach.AttachError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    own exit status: the log was shown). A refused attach (no such job) is raised, for
+    `main` to report like every other command's errors."""
+    reader, writer = await attach.attach_host(url, request)
     try:
         while (frame := await attach.read_frame(reader)) is not None:
             if frame.kind == "data" and frame.data:
@@ -318,7 +315,9 @@ class _Terminal:
         self.saved = termios.tcgetattr(0)
 
     def __enter__(self) -> _Terminal:
-        tty.setraw(0)
+        # TCSANOW, not setraw's default TCSAFLUSH: that discards input not yet read, which
+        # here is whatever the user typed while the job was starting
+        tty.setraw(0, termios.TCSANOW)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,7 +1,9 @@
 """`flynn-host`: the daemon and the operator's commands (Flynn's usage texts, facts §3.8).
 
 Every command but `daemon` is a client of a host API (the local one by default; set
-`FLYNN_HOST_ADDR=ip:port` to talk to another). Errors print a message and exit non-zero.
+`FLYNN_HOST_ADDR=ip:port` to talk to another). Errors print a message and exit non-zero: one
+line for what a user can cause (a bad argument, an image or job that does not exist, a host
+that does not answer), handled here for every command; a traceback only for a bug.
 """
 
 from __future__ import annotations
@@ -60,8 +62,23 @@ def commands() -> dict[str, Callable[[list[str]], int]]:
     }
 
 
+VERSION_USAGE = """\
+usage: flynn-host version [--release]
+
+Options:
+  --release   print the release version
+
+Show current version.
+"""
+
+
 def cmd_version(argv: list[str]) -> int:
-    Parser("usage: flynn-host version [--release]\n").parse(argv)
+    p = Parser(VERSION_USAGE)
+    p.add_argument("--release", action="store_true")
+    p.parse(argv)
+    # Flynn prints its build's version string, or with --release the release the build
+    # belongs to; a build of this project carries nothing beyond its release, so both print
+    # `__version__`
     print(__version__)
     return 0
 
@@ -142,16 +159,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except (ConnectionError, ValueError, OSError) as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
         print(f"flynn-host {name}: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:
-        from flynn_host.client import HostAPIError
 
-        if isinstance(exc, HostAPIError):
-            print(f"flynn-host {name}: {exc}", file=sys.stderr)
-            return 1
-        raise
+
+def is_user_error(exc: BaseException) -> bool:
+    """Errors a command's input or the host's answer cause, which get a one-line message: bad
+    values (ValueError), files and hosts that are not there (OSError, ConnectionError), Flynn
+    errors raised here (an image not found) or by the host API, a refused attach."""
+    from flynn_host.attach import AttachError
+    from flynn_host.client import HostAPIError
+    from flynn_host.errors import FlynnError
+
+    return isinstance(exc, (ValueError, OSError, FlynnError, HostAPIError, AttachError))
 
 
 if __name__ == "__main__":
