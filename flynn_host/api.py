@@ -207,8 +207,7 @@ async def host_discoverd(request: web.Request) -> web.Response:
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ValidationError(key, "must be a string")
     host = request.app[HOST]
-    host.set_discoverd(raw)
-    host.register_in_discoverd()
+    host.discoverd.set(raw)
     return json_response({})
 
 

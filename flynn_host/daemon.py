@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -32,6 +30,7 @@ from flynn_host.jobnet import JobNetwork
 from flynn_host.jobs import JobManager
 from flynn_host.layers import LayerStore
 from flynn_host.plugins.manager import choose_components
+from flynn_host.registration import DiscoverdRegistration
 
 log = logging.getLogger("flynn_host")
 
@@ -107,72 +106,7 @@ class Host:
             on_log=self._on_log if has_log_hook else None,
         )
         self.keep_jobs = False
-        # set by discoverd's job through POST /host/discoverd; kept across restarts
-        self.discoverd_file = config.state.with_name(config.state.name + ".discoverd")
-        self.discoverd: dict[str, Any] | None = None
-        self._registration: asyncio.Task[None] | None = None
-        if self.discoverd_file.exists():
-            self.set_discoverd(json.loads(self.discoverd_file.read_text()), save=False)
-
-    def set_discoverd(self, info: dict[str, Any], save: bool = True) -> None:
-        """Connect this host to discoverd: new jobs get `DISCOVERD`, status shows it."""
-        self.discoverd = {k: info.get(k) for k in ("job_id", "url", "dns")}
-        if info.get("url"):
-            self.config.env["DISCOVERD"] = str(info["url"])
-        if save:
-            self.discoverd_file.write_text(json.dumps(self.discoverd))
-
-    # --- this host in discoverd -------------------------------------------------------------
-    def register_in_discoverd(self) -> None:
-        """(Re)start registering this host as an instance of service `flynn-host`."""
-        if not (self.discoverd and self.discoverd.get("url")):
-            return
-        if self._registration is not None:
-            self._registration.cancel()
-        self._registration = asyncio.get_running_loop().create_task(self._register())
-
-    def discoverd_urls(self) -> list[str]:
-        """The local discoverd first, then the peers' (`--peer-ips`, same port), so a host
-        whose own discoverd is not back yet still joins the cluster through the others."""
-        assert self.discoverd is not None
-        local = str(self.discoverd["url"]).rstrip("/")
-        port = urllib.parse.urlsplit(local).port or 1111
-        peers = [f"http://{ip}:{port}" for ip in self.config.peer_ips]
-        return [local] + [u for u in peers if u != local]
-
-    async def _register(self) -> None:
-        from flynn_discoverd.client import Client
-
-        assert self.discoverd is not None
-        addr = f"{self.config.external_ip or self.config.listen_ip or '127.0.0.1'}:"
-        addr += str(self.config.http_port)
-        meta = {"id": self.config.id, **{f"tag:{k}": v for k, v in self.config.tags.items()}}
-        client = Client(self.discoverd_urls())
-        heartbeater = None
-        try:
-            while heartbeater is None:
-                try:
-                    heartbeater = await client.add_service_and_register("flynn-host", addr,
-                                                                        meta=meta)  # fmt: skip
-                except Exception as exc:  # discoverd not up yet: keep trying
-                    log.warning("registering in discoverd failed, retrying: %s", exc)
-                    await asyncio.sleep(2)
-            log.info("registered in discoverd as %s", addr)
-            await asyncio.Event().wait()  # heartbeats run in the heartbeater until cancelled
-        finally:
-            if heartbeater is not None:
-                with contextlib.suppress(Exception):
-                    # Flynn marks a host that is going away before it disappears
-                    await asyncio.wait_for(heartbeater.set_meta({**meta, "shutdown": "true"}), 2)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(heartbeater.close(), 2)
-            await client.close()
-
-    async def _deregister(self) -> None:
-        if self._registration is not None:
-            self._registration.cancel()
-            with contextlib.suppress(BaseException):
-                await self._registration
+        self.discoverd = DiscoverdRegistration(config)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         self.pm.hook.flynn_host_job_event(host=self, event=event)
@@ -189,7 +123,7 @@ class Host:
             "tags": self.config.tags,
             "pid": os.getpid(),
             "url": self.config.url,
-            "discoverd": self.discoverd,
+            "discoverd": self.discoverd.info,
             "network": self.network.status(),
             "version": __version__,
             "flags": {
@@ -251,12 +185,13 @@ class Host:
                                    shutdown_timeout=API_SHUTDOWN_TIMEOUT)  # fmt: skip
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
+            # before the API takes jobs (they get $DISCOVERD from it); left before jobs stop,
+            # so the host is marked as going away while discoverd (maybe a job here) still runs
+            await stack.enter_async_context(self.discoverd)
             site = web.TCPSite(runner, self.config.listen_ip or None, self.config.http_port,
                                reuse_address=True)  # fmt: skip
             await site.start()
             log.info("flynn-host %s listening on port %d", self.config.id, self.config.http_port)
-            self.register_in_discoverd()
-            stack.push_async_callback(self._deregister)
             # first of all at shutdown: end every event stream and attach session, whatever
             # their clients do, so none holds up stopping the jobs
             stack.push_async_callback(app[STREAMS].close)
