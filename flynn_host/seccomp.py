@@ -14,12 +14,14 @@ flag that changes how memory is laid out (ASLR off, readable implies executable,
 `clone3` fails with ENOSYS, not EPERM, so that glibc falls back to `clone`, whose flags the
 filter can see (clone3 passes them in memory, out of seccomp's reach).
 
-Why a deny-list, not Docker's allow-list: with runc 1.1 and libseccomp 2.5, compiling an
-allow-list of the ~390 calls programs use costs 15-20 ms of every job start (libseccomp's BPF
-generation), a fifth of a start on a busy host, where this list costs 1-2 ms. The price is that
-a call a future kernel adds is allowed until it is named here. `ALLOWED` records what was
-reviewed and let through, and tests/test_seccomp.py fails as soon as the host's libseccomp
-knows a call that is in neither list, so a new call is decided on, not let through unseen.
+Why a deny-list, not Docker's allow-list: with runc 1.1 and libseccomp 2.5, an allow-list of
+the ~390 calls programs use made every `runc run` 15-20 ms slower (most of it libseccomp
+generating the BPF program), a fifth of a job start; this list costs 3-4 ms, within the 10%
+the issue allows. The price is that a call a future kernel adds is allowed until it is named.
+`ALLOWED` records what was reviewed and let through, and tests/test_seccomp.py fails as soon as
+the host's libseccomp knows a call that is in neither list, so that a new call is decided on,
+not let through unseen.
+
 runc skips names its libseccomp does not know (a newer call such as `open_tree_attr` is listed
 for when it does) and applies names of another architecture (the i386 `clock_settime64`, arm's
 `pciconfig_read`) only where they exist, so one list fits every host.
