@@ -10,10 +10,14 @@ and the container's removal are outside that timed region. It prints median, p95
 both, their ratio against the goal (within 3× of bare runc), and where flynn-host's time went,
 read from the mtimes of the files each start step writes.
 
+`--seccomp` compares flynn-host with itself instead: jobs under the default seccomp profile
+(`flynn_host.seccomp`) next to system-partition jobs with `seccomp: unconfined`, alternating in
+blocks of five the same way, against the goal that the filter costs at most 10% of a start.
+
 By default one long-running job keeps the image's layer mounted, as on a host already running
 that image; `--cold-layer` leaves it out so every job also mounts and unmounts the squashfs.
 
-    python bench/job_start.py [--images DIR] [--jobs 50] [--cold-layer] [--json]
+    python bench/job_start.py [--images DIR] [--jobs 50] [--cold-layer] [--seccomp] [--json]
 
 Needs root (mounts, loop devices, runc). Everything it makes is removed at the end, also on
 Ctrl-C or an error: daemon, shims, containers, mounts, loop devices, cgroups and the temp dir.
@@ -50,6 +54,9 @@ from flynn_host.runc import find_init, job_key  # noqa: E402
 from flynn_host.types import Job  # noqa: E402
 
 GOAL_RATIO = 3.0
+SECCOMP_GOAL_RATIO = 1.10  # the default profile may make a start at most 10% slower
+# what turns the filter off: only a system-partition job may ask
+UNCONFINED = {"partition": "system", "config": {"seccomp": "unconfined"}}
 WARMUP = 3
 BLOCK = 5  # measurements per turn when alternating flynn-host and bare runc
 JOB_ARGS = ["sleep", "30"]  # stays running until stopped; tini passes on the SIGTERM
@@ -106,10 +113,10 @@ class EventStream:
     """`GET /host/jobs` as server-sent events, read in a thread; each event is queued with the
     `perf_counter` time it arrived."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, headers: dict[str, str]) -> None:
         self.events: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=None)
-        self.conn.request("GET", "/host/jobs", headers={"Accept": "text/event-stream"})
+        self.conn.request("GET", "/host/jobs", headers={"Accept": "text/event-stream", **headers})
         self.resp = self.conn.getresponse()  # headers sent: the daemon has subscribed us
         if self.resp.status != 200:
             raise RuntimeError(f"GET /host/jobs (event stream): HTTP {self.resp.status}")
@@ -159,7 +166,7 @@ class FlynnHost:
 
     def start(self) -> None:
         self.daemon.start()
-        self.stream = EventStream(self.port)
+        self.stream = EventStream(self.port, self.daemon.auth_headers)
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         """One request on a kept-alive connection (reopened if the daemon closed it)."""
@@ -167,7 +174,9 @@ class FlynnHost:
             if self.api is None:
                 self.api = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             try:
-                headers = {"Content-Type": "application/json"} if body is not None else {}
+                headers = dict(self.daemon.auth_headers)
+                if body is not None:
+                    headers["Content-Type"] = "application/json"
                 self.api.request(method, path, body=body, headers=headers)
                 resp = self.api.getresponse()
                 return resp.status, resp.read()
@@ -178,16 +187,22 @@ class FlynnHost:
                     raise
         raise AssertionError("unreachable")
 
-    def job(self, job_id: str, args: list[str]) -> bytes:
+    def job(self, job_id: str, args: list[str], extra: dict[str, Any] | None = None) -> bytes:
+        """The job's JSON: the template, `args`, and `extra`'s top-level and config fields."""
         raw = json.loads(json.dumps(self.job_template))
         raw["id"] = job_id
         raw["config"]["args"] = args
+        extra = extra or {}
+        raw.update({k: v for k, v in extra.items() if k != "config"})
+        raw["config"].update(extra.get("config") or {})
         return json.dumps(raw).encode()
 
-    def start_job(self, job_id: str, args: list[str] = JOB_ARGS) -> dict[str, float]:
+    def start_job(
+        self, job_id: str, args: list[str] = JOB_ARGS, extra: dict[str, Any] | None = None
+    ) -> dict[str, float]:
         """Start a job; return its start latency and phases in seconds."""
         assert self.stream is not None
-        body = self.job(job_id, args)
+        body = self.job(job_id, args, extra)
         t0_wall, t0 = time.time_ns(), time.perf_counter()
         status, reply = self.request("PUT", f"/host/jobs/{job_id}", body)
         t_api = time.perf_counter()
@@ -344,6 +359,60 @@ def measure(host: FlynnHost, bare: BareRunc, jobs: int, progress: bool) -> dict[
     }
 
 
+def measure_seccomp(host: FlynnHost, jobs: int, progress: bool) -> dict[str, Any]:
+    """flynn-host starts under the default seccomp profile and unconfined, alternating."""
+
+    def one(tag: str, extra: dict[str, Any] | None) -> float:
+        job_id = f"{host.host_id}-{tag}{uuid.uuid4().hex[:12]}"
+        sample = host.start_job(job_id, extra=extra)
+        host.stop_job(job_id)
+        return sample["total"]
+
+    for _ in range(WARMUP):
+        one("warm", None)
+        one("warm", UNCONFINED)
+    confined: list[float] = []
+    unconfined: list[float] = []
+    while len(confined) < jobs or len(unconfined) < jobs:
+        for _ in range(min(BLOCK, jobs - len(confined))):
+            confined.append(one("sc", None))
+        for _ in range(min(BLOCK, jobs - len(unconfined))):
+            unconfined.append(one("unc", UNCONFINED))
+        if progress:
+            print(f"\r  {len(confined)}/{jobs} default profile, {len(unconfined)}/{jobs} "
+                  "unconfined", end="", file=sys.stderr, flush=True)  # fmt: skip
+    if progress:
+        print(file=sys.stderr)
+    c, u = summary(confined), summary(unconfined)
+    ratio = {"median": round(c["median"] / u["median"], 3), "p95": round(c["p95"] / u["p95"], 3)}
+    return {
+        "jobs": jobs,
+        "seccomp_default_ms": c,
+        "seccomp_unconfined_ms": u,
+        "ratio": ratio,
+        "goal_ratio": SECCOMP_GOAL_RATIO,
+        "goal_met": {k: v <= SECCOMP_GOAL_RATIO for k, v in ratio.items()},
+        "samples_ms": {
+            "seccomp_default": [round(x * 1000, 2) for x in confined],
+            "seccomp_unconfined": [round(x * 1000, 2) for x in unconfined],
+        },
+    }
+
+
+def print_seccomp_table(result: dict[str, Any], cold_layer: bool) -> None:
+    c, u, ratio = result["seccomp_default_ms"], result["seccomp_unconfined_ms"], result["ratio"]
+    layer = "mounted for every job" if cold_layer else "kept mounted by a running job"
+    print(f"flynn-host job start (API call → running), {result['jobs']} busybox "
+          f"`{' '.join(JOB_ARGS)}` jobs each (image layer {layer})")  # fmt: skip
+    print(f"{'':34}{'median':>9}{'p95':>9}{'min':>9}{'max':>9}  ms")
+    for label, s in (("default seccomp profile", c), ("unconfined (system partition)", u)):
+        print(f"{label:34}" + "".join(f"{s[k]:9.1f}" for k in ("median", "p95", "min", "max")))
+    print(f"{'ratio':34}{ratio['median']:8.3f}×{ratio['p95']:8.3f}×")
+    verdict = ", ".join(f"{k} {'met' if ok else 'missed'}" for k, ok in result["goal_met"].items())
+    goal = round((SECCOMP_GOAL_RATIO - 1) * 100)
+    print(f"goal: the profile costs at most {goal}% of a start: {verdict}")
+
+
 def print_table(result: dict[str, Any], cold_layer: bool) -> None:
     f, r, ratio = result["flynn_host_ms"], result["bare_runc_ms"], result["ratio"]
     layer = "mounted for every job" if cold_layer else "kept mounted by a running job"
@@ -399,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no job holds the layer: every flynn-host job mounts it afresh",
     )
+    p.add_argument(
+        "--seccomp",
+        action="store_true",
+        help="compare the default seccomp profile with unconfined jobs instead of bare runc",
+    )
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -435,8 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         host.start()
         if not args.cold_layer:
             host.start_job(f"{host_id}-hold", ["sleep", "3600"])
-        bare = BareRunc(base, host_id, template, layer)
-        result = measure(host, bare, args.jobs, progress=sys.stderr.isatty())
+        if args.seccomp:
+            result = measure_seccomp(host, args.jobs, progress=sys.stderr.isatty())
+        else:
+            bare = BareRunc(base, host_id, template, layer)
+            result = measure(host, bare, args.jobs, progress=sys.stderr.isatty())
     except (OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -455,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     result["cold_layer"] = args.cold_layer
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.seccomp:
+        print_seccomp_table(result, args.cold_layer)
     else:
         print_table(result, args.cold_layer)
     return 1 if left else 0

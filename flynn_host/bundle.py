@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flynn_host import seccomp
 from flynn_host.types import SYSTEM_PARTITION, Job
 
 CONTAINER_INIT = "/.containerinit"
@@ -167,7 +168,9 @@ def oci_spec(
             "cwd": cfg.get("working_dir") or "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "rlimits": rlimits,
-            "noNewPrivileges": False,
+            # setuid programs cannot gain privileges the job was not given (a job may ask
+            # otherwise with `config.no_new_privileges: false`)
+            "noNewPrivileges": cfg.get("no_new_privileges", True),
         },
         "root": {"path": rootfs, "readonly": False},
         "hostname": job.hostname,
@@ -184,5 +187,8 @@ def oci_spec(
             "readonlyPaths": [
                 "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
             ],
+            # `unconfined` only for system jobs (flynn_host.types checks that)
+            **({} if cfg.get("seccomp") == seccomp.UNCONFINED
+               else {"seccomp": seccomp.default_profile()}),
         },
     }  # fmt: skip

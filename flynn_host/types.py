@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from flynn_host import seccomp
 from flynn_host.errors import ValidationError
 
 # --- job states -------------------------------------------------------------------------------
@@ -233,9 +234,12 @@ def _validate_config(raw: dict[str, Any]) -> dict[str, Any]:
     for key in ("uid", "gid"):
         if raw.get(key) is not None and (not isinstance(raw[key], int) or raw[key] < 0):
             raise ValidationError(f"config.{key}", "must be a non-negative integer")
-    for key in ("tty", "stdin", "data", "host_network", "disable_log", "host_bundle"):
+    for key in ("tty", "stdin", "data", "host_network", "disable_log", "host_bundle",
+                "no_new_privileges"):  # fmt: skip
         if not isinstance(raw.get(key, False), bool):
             raise ValidationError(f"config.{key}", "must be a boolean")
+    if raw.get("seccomp") not in (None, *seccomp.PROFILES):
+        raise ValidationError("config.seccomp", 'must be "default" or "unconfined"')
     return raw
 
 
@@ -276,6 +280,12 @@ class Job:
                     raise ValidationError(
                         f"config.{key}", "is only allowed for jobs in the system partition"
                     )
+            # without the filter a job reaches the host's keyrings and makes user namespaces
+            if config.get("seccomp") == seccomp.UNCONFINED:
+                raise ValidationError(
+                    "config.seccomp",
+                    '"unconfined" is only allowed for jobs in the system partition',
+                )
         return cls(
             id=jid,
             mountspecs=[MountSpec.from_json(s, f"mountspecs[{i}]") for i, s in enumerate(specs)],
