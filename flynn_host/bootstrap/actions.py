@@ -33,6 +33,8 @@ CONFIG_FIELDS = (
     "allowed_devices",
     "disable_log",
     "data",
+    "seccomp",
+    "no_new_privileges",
 )
 FINISHED = ("done", "crashed", "failed")
 
