@@ -106,10 +106,10 @@ class EventStream:
     """`GET /host/jobs` as server-sent events, read in a thread; each event is queued with the
     `perf_counter` time it arrived."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, headers: dict[str, str]) -> None:
         self.events: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=None)
-        self.conn.request("GET", "/host/jobs", headers={"Accept": "text/event-stream"})
+        self.conn.request("GET", "/host/jobs", headers={"Accept": "text/event-stream", **headers})
         self.resp = self.conn.getresponse()  # headers sent: the daemon has subscribed us
         if self.resp.status != 200:
             raise RuntimeError(f"GET /host/jobs (event stream): HTTP {self.resp.status}")
@@ -159,7 +159,7 @@ class FlynnHost:
 
     def start(self) -> None:
         self.daemon.start()
-        self.stream = EventStream(self.port)
+        self.stream = EventStream(self.port, dict(self.daemon.auth_headers))
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         """One request on a kept-alive connection (reopened if the daemon closed it)."""
@@ -167,7 +167,9 @@ class FlynnHost:
             if self.api is None:
                 self.api = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             try:
-                headers = {"Content-Type": "application/json"} if body is not None else {}
+                headers = dict(self.daemon.auth_headers)
+                if body is not None:
+                    headers["Content-Type"] = "application/json"
                 self.api.request(method, path, body=body, headers=headers)
                 resp = self.api.getresponse()
                 return resp.status, resp.read()
