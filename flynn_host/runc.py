@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flynn_host import bundle, shim
+from flynn_host import bundle
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
 from flynn_host.jobnet import JobNetwork
 from flynn_host.layers import LayerError, LayerStore
+from flynn_host.shim.client import connect_shim, shim_request
 from flynn_host.types import SYSTEM_PARTITION, ActiveJob
 
 log = logging.getLogger(__name__)
@@ -355,7 +356,7 @@ class RuncBackend:
         return int(reply["pid"])
 
     async def _request(self, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        return await shim.shim_request(str(self.run_dir(job_id)), request)
+        return await shim_request(str(self.run_dir(job_id)), request)
 
     async def wait(self, job: ActiveJob) -> ExitInfo:
         """Wait until the container exits; its exit status, and an error for an OOM kill."""
@@ -409,14 +410,14 @@ class RuncBackend:
     async def open_attach(
         self, job_id: str, request: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await shim.connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self.run_dir(job_id)))
         writer.write(json.dumps({"attach": request}).encode() + b"\n")
         await writer.drain()
         return reader, writer
 
     async def follow_logs(self, job_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         """Log entries after `since`, live, until the container exits."""
-        reader, writer = await shim.connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self.run_dir(job_id)))
         try:
             writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
             await writer.drain()

@@ -26,7 +26,7 @@ import pytest
 from flynn_host import attach
 from flynn_host.attach import Frame, read_frame
 from flynn_host.logs import read_entries
-from flynn_host.shim import connect_shim, shim_request
+from flynn_host.shim.client import connect_shim, shim_request
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"

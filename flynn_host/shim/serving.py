@@ -1,171 +1,47 @@
-"""The per-job shim: owns one container so it outlives restarts of the daemon.
-
-The daemon prepares a job directory (`bundle/` and `shim.json`) and runs
-`python -m flynn_host.shim JOBDIR` in a new session. The shim makes itself a child subreaper,
-starts the container with `runc run --detach`, reports `{"pid": N}` (or `{"error": "..."}`) as
-one JSON line on its stdout, and then, until the container's init exits: logs its output
-(`logs.LogWriter`), and serves `JOBDIR/attach.sock`, where each client sends one JSON request
-line (`attach`, `follow_logs`, `wait`, `signal` or `status`). On exit it drains the output,
-writes `JOBDIR/exit.json` atomically, tells its clients, and exits; the daemon removes the
-container with `runc delete` after reading its cgroup. Stdlib only, so it starts fast.
-
-Signals for the job go to tini (PID 1), which passes them to the job's process group, except
-SIGSTOP and SIGCONT: tini cannot pass on a SIGSTOP (it would only stop tini itself), and a
-SIGCONT must resume every process the SIGSTOP stopped, so those two go to every process of the
-container through `runc kill --all`. SIGKILL needs no help: when PID 1 of a pid namespace dies,
-the kernel kills every other process in it.
-
-Every file the shim makes is root's alone (0600): the job's log shows what the job prints,
-secrets included, and its directory is the daemon's private run directory.
+"""The shim's serving, from the moment the container's pid is reported until its init has
+exited: it pumps the container's output into the log (`logs.LogWriter`) and to attached
+clients, reaps init (the shim is a child subreaper), and serves `JOBDIR/attach.sock`, where
+each client sends one JSON request line (`attach`, `follow_logs`, `wait`, `signal` or
+`status`). On init's exit it drains the output, writes `JOBDIR/exit.json` atomically, tells its
+clients and returns; the daemon removes the container with `runc delete` after reading its
+cgroup. The shim imports this module (and asyncio with it, ~35 ms) only after the report, so
+none of it is on a job's start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import ctypes
-import fcntl
 import json
 import os
-import select
 import signal
-import socket
-import struct
-import subprocess
-import sys
-import termios
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from flynn_host import attach
 from flynn_host.atomicfile import write_atomic
-from flynn_host.logs import LogWriter, encode_entry, format_entry, read_entries
+from flynn_host.logs import encode_entry, format_entry, read_entries
+from flynn_host.shim.startup import (
+    READ_SIZE,
+    Container,
+    json_line,
+    read_available,
+    set_tty_size,
+)
+from flynn_host.shim.subscriber import Subscriber, discard_until_eof, watch_hangup, write_all
 
-if TYPE_CHECKING:
-    import asyncio
-
-    from flynn_host import attach
-
-
-def load_serving_modules() -> None:
-    """Import what serving needs. asyncio alone costs ~35 ms, so it is imported after the
-    container has started and its pid is reported, off the job's start latency."""
-    global asyncio, attach
-    import asyncio
-
-    from flynn_host import attach
-
-
-PR_SET_CHILD_SUBREAPER = 36
-RUNC_TIMEOUT = 60.0  # runc run --detach takes well under a second; a hang must not block forever
 DRAIN_TIMEOUT = 2.0  # grandchildren may keep the output pipes open after init exits
 CLIENT_LINGER = 2.0  # how long an attach client may take to close after its exit frame
 CLIENT_FLUSH_TIMEOUT = 5.0  # how long clients get to take the last output before the shim exits
-CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # a client this far behind is dropped, not waited for
 RUNC_KILL_TIMEOUT = 10.0  # `runc kill --all` freezes, signals and thaws: well under a second
-READ_SIZE = 64 * 1024
-UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 STREAM_NUMBERS = {"stdout": 1, "stderr": 2}  # attach.STDOUT, attach.STDERR
 # signals that go to every process of the container (`runc kill --all`), not to tini
 EVERY_PROCESS_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGCONT})
 
 
-@dataclass
-class ShimConfig:
-    """`shim.json`, written by the daemon."""
-
-    job_id: str
-    runc: str
-    runc_root: str
-    bundle: str
-    log_file: str
-    log_max_bytes: int
-    tty: bool = False
-    stdin: bool = False
-    height: int = 0
-    width: int = 0
-
-    @classmethod
-    def load(cls, path: str) -> ShimConfig:
-        with open(path) as f:
-            raw = json.load(f)
-        return cls(
-            job_id=raw["job_id"],
-            runc=raw["runc"],
-            runc_root=raw["runc_root"],
-            bundle=raw["bundle"],
-            log_file=raw["log_file"],
-            log_max_bytes=int(raw["log_max_bytes"]),
-            tty=bool(raw.get("tty", False)),
-            stdin=bool(raw.get("stdin", False)),
-            height=int(raw.get("height") or 0),
-            width=int(raw.get("width") or 0),
-        )
-
-
-class StartError(Exception):
-    """The container could not be started; the message goes to the daemon as `{"error"}`."""
-
-
-# --- small helpers ------------------------------------------------------------------------
-
-
-def set_subreaper() -> None:
-    """Become the parent of the container's init once runc (its real parent) exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def unix_path(path: str) -> Iterator[str]:
-    """A name for `path` usable with bind/connect even past the 107-byte sun_path limit.
-
-    Job directories can be deep (job ids are up to 128 characters); a long path is reached
-    through an O_PATH descriptor of its directory, `/proc/self/fd/N/name`.
-    """
-    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
-        yield path
-        return
-    dir_fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
-    finally:
-        os.close(dir_fd)
-
-
-def listen_unix(path: str) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # the socket is created 0600 by bind itself (no moment where others could connect); the
-    # umask is the only way to say so, and the shim is single-threaded while it starts
-    umask = os.umask(0o177)
-    try:
-        with unix_path(path) as name:
-            sock.bind(name)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(umask)
-    return sock
-
-
-def create_private(path: str) -> None:
-    """Create `path` empty and 0600 unless it exists (for files another program appends to)."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-
-
-def set_tty_size(fd: int, height: int, width: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
-
-
-def get_tty_size(fd: int) -> tuple[int, int]:
-    height, width, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
-    return height, width
+def serve(container: Container) -> int:
+    """Serve a started container until it has exited (the shim's exit status)."""
+    return asyncio.run(Shim(container).serve())
 
 
 def exit_info(wait_status: int) -> dict[str, int | None]:
@@ -176,113 +52,27 @@ def exit_info(wait_status: int) -> dict[str, int | None]:
     return {"status": code, "signal": None}
 
 
-def _read_available(fd: int, limit: int = 1024 * 1024) -> bytes:
-    """Whatever can be read from a non-blocking `fd` right now, up to `limit` bytes."""
-    out = bytearray()
-    while len(out) < limit:
-        try:
-            data = os.read(fd, READ_SIZE)
-        except (BlockingIOError, OSError):
-            break
-        if not data:
-            break
-        out += data
-    return bytes(out)
-
-
-def _json_line(obj: Any) -> bytes:
-    return json.dumps(obj).encode() + b"\n"
-
-
-# --- clients ------------------------------------------------------------------------------
-
-
-class Subscriber:
-    """A client that receives output as it happens.
-
-    While its replay (log entries from the files) is being written, live data is held back so
-    it cannot overtake the replay. A client that falls too far behind is disconnected rather
-    than slowing the container down or growing the shim without bound; one that closes its
-    end is gone too (Flynn clients end their stdin with an empty frame, not by shutting down).
-    """
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.held: list[bytes] | None = []
-        self.held_bytes = 0
-        self.gone = asyncio.Event()
-
-    def send(self, data: bytes) -> None:
-        if self.gone.is_set():
-            return
-        if self.writer.is_closing():
-            self.gone.set()
-            return
-        if self.held is not None:
-            self.held.append(data)
-            self.held_bytes += len(data)
-            behind = self.held_bytes
-        else:
-            self.writer.write(data)
-            behind = self.writer.transport.get_write_buffer_size()
-        if behind > CLIENT_BUFFER_LIMIT:
-            self.writer.transport.abort()
-            self.gone.set()
-
-    async def release(self) -> None:
-        """The replay is written: send what was held and from now on write directly."""
-        held, self.held = self.held or [], None
-        if not self.gone.is_set():
-            for data in held:
-                self.writer.write(data)
-            await self.writer.drain()
-
-    async def wait_for(self, finished: asyncio.Event) -> bool:
-        """Wait until `finished` is set or the client is gone; True if it is still there."""
-        waiters = [asyncio.ensure_future(finished.wait()), asyncio.ensure_future(self.gone.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        return not self.gone.is_set()
-
-
-async def _write_all(writer: asyncio.StreamWriter, chunks: Iterator[bytes]) -> None:
-    """Write `chunks`, waiting for the client now and then so a big replay is not all in memory."""
-    pending = 0
-    for chunk in chunks:
-        writer.write(chunk)
-        pending += len(chunk)
-        if pending >= READ_SIZE:
-            await writer.drain()
-            pending = 0
-    await writer.drain()
-
-
 # --- the shim -----------------------------------------------------------------------------
 
 
 class Shim:
-    """One job's container: started by `start()` (blocking), then served by `serve()`."""
+    """One job's started container, served by `serve()` until it has exited."""
 
-    def __init__(self, job_dir: str, config: ShimConfig) -> None:
-        self.job_dir = job_dir
-        self.config = config
-        self.pid = 0
-        self.log: LogWriter | None = None
-        self.server_sock: socket.socket | None = None
-        # our ends of the container's stdio
-        self.outputs: dict[int, str] = {}  # fd -> stream name
-        self.stdin_fd: int | None = None
-        self._ours: set[int] = set()  # every descriptor above, to close if the start fails
-        self.master: int | None = None  # pty master, tty jobs only
+    def __init__(self, container: Container) -> None:
+        assert container.log is not None and container.server_sock is not None
+        self.job_dir = container.job_dir
+        self.config = container.config
+        self.pid = container.pid
+        self.log = container.log
+        self.server_sock = container.server_sock
+        self.outputs = container.outputs  # fd -> stream name, until each reaches EOF
+        self.stdin_fd = container.stdin_fd
+        self.master = container.master  # pty master, tty jobs only
         self.stdin: asyncio.StreamWriter | None = None  # writes to the stdin pipe or the pty
         self.exit: dict[str, int | None] | None = None  # {"status", "signal"} once init exited
-        # made in serve(): asyncio is only imported once the container runs
-        self.exited: asyncio.Event  # init has exited
-        self.outputs_done: asyncio.Event  # every output reached EOF
-        self.finished: asyncio.Event  # output drained, log closed, exit.json written
+        self.exited = asyncio.Event()  # init has exited
+        self.outputs_done = asyncio.Event()  # every output reached EOF
+        self.finished = asyncio.Event()  # output drained, log closed, exit.json written
         self.watchers: list[tuple[Subscriber, frozenset[str]]] = []
         self.followers: list[tuple[Subscriber, int]] = []
         self.clients: set[asyncio.Task[Any]] = set()
@@ -292,174 +82,10 @@ class Shim:
     def path(self, name: str) -> str:
         return os.path.join(self.job_dir, name)
 
-    # --- start ----------------------------------------------------------------------------
-
-    def start(self) -> int:
-        """Start the container; return its init pid or raise StartError, leaving nothing behind."""
-        cfg = self.config
-        theirs: list[int] = []  # runc's ends of the stdio pipes, closed once runc has run
-        console_sock = console_path = None
-        try:
-            self.log = LogWriter(cfg.log_file, cfg.log_max_bytes)
-            self.server_sock = listen_unix(self.path("attach.sock"))
-            if cfg.tty:
-                console_path = self.path("console.sock")
-                if len(os.fsencode(console_path)) > UNIX_PATH_MAX:
-                    # runc connects by name, so a deep job directory needs a short private one
-                    import tempfile
-
-                    console_path = os.path.join(tempfile.mkdtemp(prefix="flynn-shim-"), "c.sock")
-                console_sock = listen_unix(console_path)
-
-            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            theirs.append(devnull)
-            # Without a tty runc's stdio becomes the container's; with one, runc's stderr
-            # only carries its error message.
-            err_r, err_w = self._pipe(theirs, ours_reads=True)
-            if cfg.tty:
-                stdio = (devnull, devnull, err_w)
-            else:
-                out_r, out_w = self._pipe(theirs, ours_reads=True)
-                self.outputs = {out_r: "stdout", err_r: "stderr"}
-                in_r = devnull
-                if cfg.stdin:
-                    in_r, self.stdin_fd = self._pipe(theirs, ours_reads=False)
-                stdio = (in_r, out_w, err_w)
-            returncode = self._run_runc(stdio, console_path)
-            # the container holds its own copies now; ours would keep the pipes from EOF
-            for fd in theirs:
-                os.close(fd)
-            theirs.clear()
-
-            if returncode != 0:
-                os.set_blocking(err_r, False)
-                raise StartError(self._runc_error(returncode, _read_available(err_r)))
-            with open(self.path("container.pid")) as f:
-                self.pid = int(f.read().strip())
-            if console_sock is not None:
-                self.master = self._receive_console(console_sock)
-                self._close(err_r)
-        except BaseException:
-            for fd in theirs:
-                os.close(fd)
-            self._abandon_start()
-            raise
-        finally:
-            if console_sock is not None and console_path is not None:
-                console_sock.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(console_path)
-                if os.path.dirname(console_path) != self.job_dir:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(os.path.dirname(console_path))
-        return self.pid
-
-    def _run_runc(self, stdio: tuple[int, int, int], console_path: str | None) -> int | None:
-        cfg = self.config
-        create_private(self.path("runc.log"))  # runc would make it 0644; it appends to ours
-        args = [cfg.runc, "--root", cfg.runc_root, "--log", self.path("runc.log")]
-        args += ["--log-format", "json", "run", "--detach"]
-        args += ["--pid-file", self.path("container.pid"), "--bundle", cfg.bundle]
-        if console_path is not None:
-            args += ["--console-socket", console_path]
-        args.append(cfg.job_id)
-        proc = subprocess.Popen(args, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
-        # wait on a pidfd: subprocess's own timed wait polls with sleeps of up to 50 ms,
-        # which showed up as the largest avoidable part of a job's start latency
-        pidfd = os.pidfd_open(proc.pid)
-        try:
-            ready, _, _ = select.select([pidfd], [], [], RUNC_TIMEOUT)
-        finally:
-            os.close(pidfd)
-        if not ready:
-            proc.kill()
-            proc.wait()
-            return None
-        return proc.wait()
-
-    def _runc_error(self, returncode: int | None, stderr: bytes) -> str:
-        """The best description of a failed `runc run`: runc's own log, else its stderr."""
-        last = last_error = None
-        with contextlib.suppress(OSError), open(self.path("runc.log"), "rb") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict) and entry.get("msg"):
-                    last = entry["msg"]
-                    if entry.get("level") in ("error", "fatal", "panic"):
-                        last_error = entry["msg"]
-        if last_error or last:
-            return str(last_error or last)
-        lines = stderr.decode("utf-8", errors="replace").strip().splitlines()
-        if lines:
-            return lines[-1]
-        if returncode is None:
-            return f"runc run did not finish within {RUNC_TIMEOUT:.0f}s"
-        return f"runc run exited with status {returncode}"
-
-    def _receive_console(self, sock: socket.socket) -> int:
-        """The pty master runc sent over the console socket (it is queued there already)."""
-        sock.settimeout(10)
-        try:
-            conn, _ = sock.accept()
-            with conn:
-                _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
-        except OSError as e:
-            raise StartError(f"receiving the container's console: {e}") from e
-        if not fds:
-            raise StartError("runc did not send the container's console")
-        master = fds[0]
-        if self.config.height > 0 and self.config.width > 0:
-            set_tty_size(master, self.config.height, self.config.width)
-        elif get_tty_size(master) == (0, 0):
-            set_tty_size(master, 24, 80)
-        self.outputs = {master: "stdout"}
-        return master
-
-    def _pipe(self, theirs: list[int], ours_reads: bool) -> tuple[int, int]:
-        """A pipe between the shim and runc: our end is kept in `_ours`, runc's in `theirs`."""
-        r, w = os.pipe()
-        mine, other = (r, w) if ours_reads else (w, r)
-        self._ours.add(mine)
-        theirs.append(other)
-        return r, w
-
-    def _close(self, fd: int) -> None:
-        self._ours.discard(fd)
-        os.close(fd)
-
-    def _abandon_start(self) -> None:
-        """Undo a failed start: remove whatever runc created, close and unlink our ends."""
-        subprocess.run(
-            [self.config.runc, "--root", self.config.runc_root, "delete", "--force"]
-            + [self.config.job_id],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
-        )
-        for fd in list(self._ours):
-            self._close(fd)
-        if self.master is not None:
-            os.close(self.master)
-            self.master = None
-        if self.server_sock is not None:
-            self.server_sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path("attach.sock"))
-        if self.log is not None:
-            self.log.close()
-
     # --- run ------------------------------------------------------------------------------
 
     async def serve(self) -> int:
         """Run until the container has exited and its exit has been recorded and announced."""
-        assert self.log is not None and self.server_sock is not None
-        self.exited = asyncio.Event()
-        self.outputs_done = asyncio.Event()
-        self.finished = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self._reap()  # init may have exited before runc did
@@ -483,7 +109,7 @@ class Shim:
             for fd in list(self.outputs):
                 self._read_output(fd, self.outputs[fd], final=True)
         self.log.close()
-        write_atomic(self.path("exit.json"), _json_line(self.exit), mode=0o600)
+        write_atomic(self.path("exit.json"), json_line(self.exit), mode=0o600)
         if self.stdin is not None and not self.stdin.is_closing():
             self.stdin.transport.abort()
         self.finished.set()
@@ -518,7 +144,7 @@ class Shim:
 
     def _read_output(self, fd: int, stream: str, final: bool = False) -> None:
         try:
-            data = _read_available(fd) if final else os.read(fd, READ_SIZE)
+            data = read_available(fd) if final else os.read(fd, READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -528,13 +154,12 @@ class Shim:
             for sub, streams in list(self.watchers):
                 if stream in streams:
                     sub.send(frame)
-            assert self.log is not None
             self.log.write(stream, data)
         if not data or final:
             asyncio.get_running_loop().remove_reader(fd)
             del self.outputs[fd]
             if fd != self.master:
-                self._close(fd)
+                os.close(fd)
             if not self.outputs:
                 self.outputs_done.set()
 
@@ -577,7 +202,7 @@ class Shim:
             if not isinstance(request, dict) or len(request) != 1:
                 raise ValueError("request must be an object with exactly one key")
         except ValueError as e:
-            writer.write(_json_line({"error": f"invalid request: {e}"}))
+            writer.write(json_line({"error": f"invalid request: {e}"}))
             await writer.drain()
             return
         ((kind, arg),) = request.items()
@@ -588,18 +213,23 @@ class Shim:
                 await self._follow_logs(arg, reader, writer)
             elif kind == "wait":
                 await self.finished.wait()
-                writer.write(_json_line({"exit": self.exit}))
+                writer.write(json_line({"exit": self.exit}))
             elif kind == "signal":
-                writer.write(_json_line(await self._signal(arg)))
+                writer.write(json_line(await self._signal(arg)))
             elif kind == "status":
-                writer.write(_json_line({"pid": self.pid, "running": not self.exited.is_set()}))
+                writer.write(json_line({"pid": self.pid, "running": not self.exited.is_set()}))
             else:
                 raise ValueError(f"unknown request {kind!r}")
         except (ValueError, TypeError, KeyError) as e:
-            writer.write(_json_line({"error": f"invalid {kind} request: {e}"}))
+            writer.write(json_line({"error": f"invalid {kind} request: {e}"}))
         await writer.drain()
 
     async def _signal(self, sig: Any) -> dict[str, Any]:
+        """Signal the job: through tini (PID 1), which passes it to the job's process group,
+        except SIGSTOP and SIGCONT. tini cannot pass on a SIGSTOP (it would only stop tini
+        itself), and a SIGCONT must resume every process the SIGSTOP stopped, so those two go
+        to every process of the container (`runc kill --all`). SIGKILL needs no help: when
+        PID 1 of a pid namespace dies, the kernel kills every other process in it."""
         if not isinstance(sig, int) or isinstance(sig, bool) or not 0 < sig < signal.NSIG:
             raise ValueError(f"{sig!r} is not a signal number")
         if self.exited.is_set():
@@ -647,7 +277,7 @@ class Shim:
             return {"error": f"runc kill did not finish within {RUNC_KILL_TIMEOUT:.0f}s"}
         finally:
             os.set_blocking(err_r, False)
-            stderr = _read_available(err_r)
+            stderr = read_available(err_r)
             os.close(err_r)
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
@@ -661,22 +291,21 @@ class Shim:
         since = arg.get("since", 0) if isinstance(arg, dict) else None
         if not isinstance(since, int) or since < 0:
             raise ValueError("since must be a non-negative integer")
-        assert self.log is not None
         # reading the files and subscribing happen without a yield in between: no gap
         entries = read_entries(self.config.log_file, since=since)
         sub = Subscriber(writer)
         entry = (sub, since)
         self.followers.append(entry)
-        hangup = asyncio.create_task(_watch_hangup(reader, sub))
+        hangup = asyncio.create_task(watch_hangup(reader, sub))
         try:
-            await _write_all(writer, map(encode_entry, entries))
+            await write_all(writer, map(encode_entry, entries))
             await sub.release()
             if not await sub.wait_for(self.finished):
                 return
         finally:
             self.followers.remove(entry)
             hangup.cancel()
-        writer.write(_json_line({"exit": self.exit}))
+        writer.write(json_line({"exit": self.exit}))
 
     async def _attach(
         self, arg: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -698,7 +327,6 @@ class Shim:
         if self.master is not None and height > 0 and width > 0:
             set_tty_size(self.master, height, width)
 
-        assert self.log is not None
         entries: list[dict[str, Any]] = []
         if flags & attach.ATTACH_LOGS and streams:
             # a pending partial line goes into the log now, so it is replayed exactly once
@@ -712,7 +340,7 @@ class Shim:
         use_stdin = bool(flags & attach.ATTACH_STDIN) and self.stdin is not None
         inputs = asyncio.create_task(self._client_input(reader, use_stdin, sub))
         try:
-            await _write_all(
+            await write_all(
                 writer,
                 (attach.data_frame(STREAM_NUMBERS[e["s"]], format_entry(e)) for e in entries),
             )
@@ -736,7 +364,7 @@ class Shim:
             await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
-            await asyncio.wait_for(_discard_until_eof(reader), CLIENT_LINGER)
+            await asyncio.wait_for(discard_until_eof(reader), CLIENT_LINGER)
 
     async def _client_input(
         self, reader: asyncio.StreamReader, use_stdin: bool, sub: Subscriber
@@ -775,19 +403,6 @@ class Shim:
             await stdin.drain()
 
 
-async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
-    while await reader.read(READ_SIZE):
-        pass
-
-
-async def _watch_hangup(reader: asyncio.StreamReader, sub: Subscriber) -> None:
-    """Notice when a client that only listens closes its connection."""
-    with contextlib.suppress(OSError):
-        while await reader.read(READ_SIZE):
-            pass
-    sub.gone.set()
-
-
 async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
     """An asyncio writer for the container's stdin (a pipe, or a dup of the pty master)."""
     loop = asyncio.get_running_loop()
@@ -795,85 +410,3 @@ async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
         lambda: asyncio.streams.FlowControlMixin(loop=loop), os.fdopen(fd, "wb", buffering=0)
     )
     return asyncio.StreamWriter(transport, protocol, None, loop)
-
-
-# --- clients of the shim (used by the daemon) ---------------------------------------------
-
-
-async def connect_shim(job_dir: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to a job's shim socket (also when the job directory's path is long)."""
-    load_serving_modules()
-    with unix_path(os.path.join(job_dir, "attach.sock")) as name:
-        # log lines reach 64 KiB before JSON escaping: allow longer lines than asyncio's default
-        return await asyncio.open_unix_connection(name, limit=1 << 20)
-
-
-async def shim_request(job_dir: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Send a one-reply request (`wait`, `signal`, `status`) and return the reply."""
-    reader, writer = await connect_shim(job_dir)
-    try:
-        writer.write(_json_line(request))
-        await writer.drain()
-        line = await reader.readline()
-    finally:
-        writer.close()
-    if not line:
-        raise ConnectionError("the shim closed the connection without replying")
-    return json.loads(line)
-
-
-# --- entry point --------------------------------------------------------------------------
-
-
-def _report(message: dict[str, Any]) -> None:
-    """Tell the daemon how the start went, then let go of stdout (the daemon may go away)."""
-    with contextlib.suppress(OSError):
-        os.write(1, _json_line(message))
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[1] == "--idle":
-        # a pre-started shim (the daemon keeps a few ready): everything is imported, and the
-        # job directory arrives on stdin when a job starts; EOF means no job is coming
-        load_serving_modules()
-        line = sys.stdin.readline().strip()
-        if not line:
-            return 0
-        args = [line]
-    if len(args) != 1:
-        print("usage: python -m flynn_host.shim JOBDIR | JOBS_DIR --idle", file=sys.stderr)
-        return 2
-    job_dir = os.path.abspath(args[0])
-    # tracebacks go to the job directory, where the daemon's operator can find them
-    with contextlib.suppress(OSError):
-        err = os.open(os.path.join(job_dir, "shim.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                      0o600)  # fmt: skip
-        os.dup2(err, 2)
-        os.close(err)
-    os.chdir("/")  # do not keep whatever directory the daemon ran in busy
-    try:
-        config = ShimConfig.load(os.path.join(job_dir, "shim.json"))
-        set_subreaper()
-        write_atomic(os.path.join(job_dir, "shim.pid"), f"{os.getpid()}\n".encode(), mode=0o600)
-        shim = Shim(job_dir, config)
-        pid = shim.start()
-    except StartError as e:
-        _report({"error": str(e)})
-        return 1
-    except Exception as e:
-        import traceback
-
-        traceback.print_exc()
-        _report({"error": f"shim: {e}"})
-        return 1
-    _report({"pid": pid})
-    load_serving_modules()
-    return asyncio.run(shim.serve())
-
-
-if __name__ == "__main__":
-    sys.exit(main())
