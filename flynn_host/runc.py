@@ -38,7 +38,7 @@ from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
 from flynn_host.jobnet import JobNetwork
 from flynn_host.layers import LayerError, LayerStore
-from flynn_host.shim.client import connect_shim, shim_request
+from flynn_host.shim.client import ShimPool, connect_shim, shim_request
 from flynn_host.types import SYSTEM_PARTITION, ActiveJob
 
 log = logging.getLogger(__name__)
@@ -113,61 +113,6 @@ def _pid_alive(pid: int, needle: str) -> bool:
     except OSError:
         return False
     return needle.encode() in cmdline
-
-
-class ShimPool:
-    """A few shims started ahead of time, already past Python's start-up and imports (most
-    of a shim's start cost), each waiting on its stdin for the job directory it will own.
-    An idle shim whose stdin closes exits, so none outlives the daemon that started it."""
-
-    def __init__(self, command: list[str], jobs_dir: Path, size: int) -> None:
-        self.command = [*command, str(jobs_dir), "--idle"]
-        self.size = size
-        self.idle: list[asyncio.subprocess.Process] = []
-        self._filling: asyncio.Task[None] | None = None
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *self.command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # once it owns a job, it must outlive a daemon restart
-        )
-
-    async def _fill(self) -> None:
-        while len(self.idle) < self.size:
-            self.idle.append(await self._spawn())
-
-    def refill(self) -> None:
-        if self.size and (self._filling is None or self._filling.done()):
-            self._filling = asyncio.get_running_loop().create_task(self._fill())
-
-    def take(self) -> asyncio.subprocess.Process | None:
-        """An idle shim that is still alive, or None (the caller starts one cold)."""
-        while self.idle:
-            proc = self.idle.pop(0)
-            if proc.returncode is None:
-                self.refill()
-                return proc
-        self.refill()
-        return None
-
-    async def close(self) -> None:
-        if self._filling is not None:
-            self._filling.cancel()
-            with contextlib.suppress(BaseException):
-                await self._filling
-        idle, self.idle = self.idle, []
-        for proc in idle:
-            if proc.stdin is not None:
-                proc.stdin.close()  # EOF: no job is coming, the shim exits
-        for proc in idle:
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 class RuncBackend:
