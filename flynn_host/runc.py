@@ -39,6 +39,7 @@ from flynn_host.config import HostConfig
 from flynn_host.jobnet import JobNetwork
 from flynn_host.layers import LayerError, LayerStore
 from flynn_host.shim.client import ShimPool, connect_shim, shim_request
+from flynn_host.shim.startup import ShimConfig
 from flynn_host.types import SYSTEM_PARTITION, ActiveJob
 
 log = logging.getLogger(__name__)
@@ -241,19 +242,16 @@ class RuncBackend:
             extra.append(_ro_bind(self.network.resolv_conf, "/etc/resolv.conf"))
         spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths, extra)
         write_private(work / "bundle" / "config.json", json.dumps(spec))  # the job's env
-        shim_conf = {
-            "job_id": job.job.id,
-            "runc": self.runc,
-            "runc_root": str(self.config.runc_root),
-            "bundle": str(work / "bundle"),
-            "log_file": str(self.log_path(job.job.id)),
-            "log_max_bytes": self.config.log_max_bytes,
-            "tty": bool(job.job.config.get("tty")),
-            "stdin": bool(job.job.config.get("stdin")),
-            "height": 0,
-            "width": 0,
-        }
-        write_private(rund / "shim.json", json.dumps(shim_conf))
+        ShimConfig(
+            job_id=job.job.id,
+            runc=self.runc,
+            runc_root=str(self.config.runc_root),
+            bundle=str(work / "bundle"),
+            log_file=str(self.log_path(job.job.id)),
+            log_max_bytes=self.config.log_max_bytes,
+            tty=bool(job.job.config.get("tty")),
+            stdin=bool(job.job.config.get("stdin")),
+        ).save(str(rund / "shim.json"))
         return await self._spawn_shim(rund)
 
     def job_host_env(self, job: ActiveJob) -> dict[str, str]:

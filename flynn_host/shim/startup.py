@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import json
 import os
@@ -34,7 +35,7 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 @dataclass
 class ShimConfig:
-    """`shim.json`, written by the daemon."""
+    """`shim.json`: written by the daemon (`save`), read by the shim (`load`)."""
 
     job_id: str
     runc: str
@@ -63,6 +64,13 @@ class ShimConfig:
             height=int(raw.get("height") or 0),
             width=int(raw.get("width") or 0),
         )
+
+    def save(self, path: str) -> None:
+        """Write a new `path`, root's alone from the moment it exists (a job directory's files
+        are the daemon's private business)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
+            json.dump(dataclasses.asdict(self), f)
 
 
 class StartError(Exception):
