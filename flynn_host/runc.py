@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flynn_host import bundle, shim
+from flynn_host import bundle
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
 from flynn_host.jobnet import JobNetwork
 from flynn_host.layers import LayerError, LayerStore
+from flynn_host.shim.client import ShimPool, connect_shim, shim_request
+from flynn_host.shim.startup import ShimConfig
 from flynn_host.types import SYSTEM_PARTITION, ActiveJob
 
 log = logging.getLogger(__name__)
@@ -112,61 +114,6 @@ def _pid_alive(pid: int, needle: str) -> bool:
     except OSError:
         return False
     return needle.encode() in cmdline
-
-
-class ShimPool:
-    """A few shims started ahead of time, already past Python's start-up and imports (most
-    of a shim's start cost), each waiting on its stdin for the job directory it will own.
-    An idle shim whose stdin closes exits, so none outlives the daemon that started it."""
-
-    def __init__(self, command: list[str], jobs_dir: Path, size: int) -> None:
-        self.command = [*command, str(jobs_dir), "--idle"]
-        self.size = size
-        self.idle: list[asyncio.subprocess.Process] = []
-        self._filling: asyncio.Task[None] | None = None
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *self.command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # once it owns a job, it must outlive a daemon restart
-        )
-
-    async def _fill(self) -> None:
-        while len(self.idle) < self.size:
-            self.idle.append(await self._spawn())
-
-    def refill(self) -> None:
-        if self.size and (self._filling is None or self._filling.done()):
-            self._filling = asyncio.get_running_loop().create_task(self._fill())
-
-    def take(self) -> asyncio.subprocess.Process | None:
-        """An idle shim that is still alive, or None (the caller starts one cold)."""
-        while self.idle:
-            proc = self.idle.pop(0)
-            if proc.returncode is None:
-                self.refill()
-                return proc
-        self.refill()
-        return None
-
-    async def close(self) -> None:
-        if self._filling is not None:
-            self._filling.cancel()
-            with contextlib.suppress(BaseException):
-                await self._filling
-        idle, self.idle = self.idle, []
-        for proc in idle:
-            if proc.stdin is not None:
-                proc.stdin.close()  # EOF: no job is coming, the shim exits
-        for proc in idle:
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 class RuncBackend:
@@ -295,19 +242,16 @@ class RuncBackend:
             extra.append(_ro_bind(self.network.resolv_conf, "/etc/resolv.conf"))
         spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths, extra)
         write_private(work / "bundle" / "config.json", json.dumps(spec))  # the job's env
-        shim_conf = {
-            "job_id": job.job.id,
-            "runc": self.runc,
-            "runc_root": str(self.config.runc_root),
-            "bundle": str(work / "bundle"),
-            "log_file": str(self.log_path(job.job.id)),
-            "log_max_bytes": self.config.log_max_bytes,
-            "tty": bool(job.job.config.get("tty")),
-            "stdin": bool(job.job.config.get("stdin")),
-            "height": 0,
-            "width": 0,
-        }
-        write_private(rund / "shim.json", json.dumps(shim_conf))
+        ShimConfig(
+            job_id=job.job.id,
+            runc=self.runc,
+            runc_root=str(self.config.runc_root),
+            bundle=str(work / "bundle"),
+            log_file=str(self.log_path(job.job.id)),
+            log_max_bytes=self.config.log_max_bytes,
+            tty=bool(job.job.config.get("tty")),
+            stdin=bool(job.job.config.get("stdin")),
+        ).save(str(rund / "shim.json"))
         return await self._spawn_shim(rund)
 
     def job_host_env(self, job: ActiveJob) -> dict[str, str]:
@@ -355,7 +299,7 @@ class RuncBackend:
         return int(reply["pid"])
 
     async def _request(self, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        return await shim.shim_request(str(self.run_dir(job_id)), request)
+        return await shim_request(str(self.run_dir(job_id)), request)
 
     async def wait(self, job: ActiveJob) -> ExitInfo:
         """Wait until the container exits; its exit status, and an error for an OOM kill."""
@@ -409,14 +353,14 @@ class RuncBackend:
     async def open_attach(
         self, job_id: str, request: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await shim.connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self.run_dir(job_id)))
         writer.write(json.dumps({"attach": request}).encode() + b"\n")
         await writer.drain()
         return reader, writer
 
     async def follow_logs(self, job_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
         """Log entries after `since`, live, until the container exits."""
-        reader, writer = await shim.connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self.run_dir(job_id)))
         try:
             writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
             await writer.drain()

@@ -26,7 +26,8 @@ import pytest
 from flynn_host import attach
 from flynn_host.attach import Frame, read_frame
 from flynn_host.logs import read_entries
-from flynn_host.shim import connect_shim, shim_request
+from flynn_host.shim.client import connect_shim, shim_request
+from flynn_host.shim.startup import ShimConfig
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"
@@ -88,20 +89,16 @@ class Job:
         spec["process"]["terminal"] = options.get("tty", False)
         spec["linux"]["cgroupsPath"] = f"/{CGROUP_PARENT}/{self.id}"
         (bundle / "config.json").write_text(json.dumps(spec))
-        config = {
-            "job_id": self.id,
-            "runc": RUNC,
-            "runc_root": self.runc_root,
-            "bundle": str(bundle),
-            "log_file": self.log_file,
-            "log_max_bytes": 1 << 20,
-            "tty": False,
-            "stdin": False,
-            "height": 0,
-            "width": 0,
-        }
-        config.update(options)
-        (self.dir / "shim.json").write_text(json.dumps(config))
+        config = ShimConfig(
+            job_id=self.id,
+            runc=RUNC,
+            runc_root=self.runc_root,
+            bundle=str(bundle),
+            log_file=self.log_file,
+            log_max_bytes=options.pop("log_max_bytes", 1 << 20),
+            **options,
+        )
+        config.save(str(self.dir / "shim.json"))
 
     def start(self) -> dict:
         """Start the shim as the daemon does and return its report line."""

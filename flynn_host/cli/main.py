@@ -111,9 +111,9 @@ def cmd_component(argv: list[str]) -> int:
 
 def cmd_shim(argv: list[str]) -> int:
     """Internal: the per-job shim (the daemon runs it; listed nowhere)."""
-    from flynn_host import shim
+    from flynn_host.shim.__main__ import main as shim_main
 
-    return shim.main(argv)
+    return shim_main(argv)
 
 
 def plugin_commands() -> dict[str, Callable[[list[str]], int]]:
