@@ -12,7 +12,7 @@ import pytest
 from flynn_host import attach
 from flynn_host.client import HostAPIError
 
-from .conftest import busybox_job, mounts_under, needs_root
+from .conftest import IMAGES, busybox_job, mounts_under, needs_root
 
 pytestmark = needs_root
 
@@ -65,7 +65,8 @@ def test_force_kills_jobs_an_earlier_daemon_left(make_daemon):
 def test_attach_to_a_failed_job_gets_its_error(daemon):
     job_id = daemon.new_job_id()
     job = busybox_job(job_id, ["true"])
-    job["mountspecs"][0]["url"] = "file:///nonexistent/layer.squashfs"
+    # under the image directories (file:// URLs elsewhere are refused at once), but missing
+    job["mountspecs"][0]["url"] = f"file://{IMAGES}/layers/nonexistent-{job_id}.squashfs"
     job["mountspecs"][0]["id"] = job["mountspecs"][0]["hashes"]["sha512_256"] = "2" * 64
     daemon.client.add_job(job)
     failed = daemon.wait_job(job_id)
