@@ -19,7 +19,7 @@ import errno
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -39,12 +39,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOST: web.AppKey[Host] = web.AppKey("host")
+# handlers that last as long as their client wants (event streams, attaches): the app ends them
+# when it shuts down, or aiohttp would wait for them (60 s) before the daemon stops its jobs
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
 SSE_KEEPALIVE = 30.0
 ATTACH_LINGER = 2.0
 # ports one resource check may ask about (each is a bind in the event loop)
 MAX_CHECK_PORTS = 1024
 # strings the host keeps and hands on (discoverd's URL goes into every job's environment)
 MAX_FIELD = 2048
+
+
+@contextlib.contextmanager
+def long_lived(request: web.Request) -> Iterator[None]:
+    """Mark the running handler as one that `end_streams` cancels at shutdown (the handlers
+    treat that cancellation as the end of their stream)."""
+    task = asyncio.current_task()
+    assert task is not None
+    request.app[STREAMS].add(task)
+    try:
+        yield
+    finally:
+        request.app[STREAMS].discard(task)
+
+
+async def end_streams(app: web.Application) -> None:
+    """on_shutdown: the host is going away, so event streams and attaches end now."""
+    for task in list(app[STREAMS]):
+        task.cancel()
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -64,7 +86,8 @@ async def sse_events(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
     )
     await resp.prepare(request)
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+    # cancelled (by end_streams) or cut off: the stream ends, the handler returns normally
+    with long_lived(request), contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
@@ -339,6 +362,19 @@ async def attach_job(request: web.Request) -> web.StreamResponse:
         status=101, headers={"Upgrade": "flynn-attach/0", "Connection": "Upgrade"}
     )
     await resp.prepare(request)
+    with long_lived(request):
+        return await _attached(request, host, job, req, flags, resp)
+
+
+async def _attached(
+    request: web.Request,
+    host: Host,
+    job: Any,
+    req: dict[str, Any],
+    flags: int,
+    resp: web.StreamResponse,
+) -> web.StreamResponse:
+    """An upgraded attach connection, from the status byte to the lingering close."""
     client = asyncio.StreamReader()
     assert request.protocol is not None
     request.protocol.set_parser(_Feeder(client))  # type: ignore[arg-type]
@@ -467,6 +503,8 @@ async def _proxy(
 def make_app(host: Host) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=limits.MAX_JSON_BODY)
     app[HOST] = host
+    app[STREAMS] = set()
+    app.on_shutdown.append(end_streams)
     r = app.router
     r.add_get("/host/jobs", list_jobs)
     r.add_get("/host/jobs/{id}", get_job)

@@ -4,9 +4,11 @@ and the command's own usage texts."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import socket
+import time
 from urllib.parse import quote
 
 import pytest
@@ -299,3 +301,34 @@ def test_network_reports_that_would_take_over_the_host_are_refused():
         assert err.value.field == field, body
     assert parse_network({"subnet": "100.100.3.0/24", "mtu": 0}) == {
         "job_id": "", "subnet": "100.100.3.0/24", "mtu": 1500}  # fmt: skip
+
+
+def test_sigterm_ends_event_streams_and_attaches(daemon):
+    """Found by the fuzz test: an open event stream kept a SIGTERMed daemon from stopping (for
+    more than 100 s), one whose client had left for 30 s, an attach for 60 s."""
+    job_id = daemon.new_job_id()
+    daemon.client.add_job(busybox_job(job_id, ["sleep", "60"]))
+    daemon.wait_job(job_id, ("running",))
+    events = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    events.request("GET", "/host/jobs", headers={**daemon.auth_headers,
+                                                "Accept": "text/event-stream"})  # fmt: skip
+    stream = events.getresponse()
+    left = raw_request(daemon, "GET", f"/host/jobs/{job_id}",
+                       headers={"Accept": "text/event-stream"})  # fmt: skip
+    assert (stream.status, left.status) == (200, 200)
+    body = json.dumps({"job_id": job_id, "flags": attach.ATTACH_STDOUT | attach.ATTACH_STREAM})
+    attached = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    head = ["POST /attach HTTP/1.1", "Host: x", "Upgrade: flynn-attach/0",
+            "Connection: Upgrade", f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in daemon.auth_headers.items())]  # fmt: skip
+    attached.sendall(("\r\n".join(head) + "\r\n\r\n" + body).encode())
+    assert attached.recv(12) == b"HTTP/1.1 101"
+    try:
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(3 + 5) == 0  # the daemon's --stop-timeout is 3 s
+        assert time.monotonic() - started < 8
+        stream.read()  # the stream ended (EOF), it was not cut mid-event
+    finally:
+        events.close()
+        attached.close()
