@@ -69,6 +69,7 @@ RESOURCE_BOUNDS: dict[str, tuple[int, int]] = {
 }
 # execve refuses a single argument or environment string of 32 pages or more (MAX_ARG_STRLEN)
 MAX_ARG_BYTES = 32 * 4096 - 1
+MAX_PATH_BYTES = 4096  # PATH_MAX, terminating NUL included: mount and chdir refuse longer
 MAX_ID = 2**32 - 2  # uid_t/gid_t; 2^32-1 is (uid_t)-1, "no change"
 
 _UNITS = {
@@ -241,6 +242,8 @@ class MountSpec:
 def _check_abs(path: Any, where: str) -> str:
     if not isinstance(path, str) or not path.startswith("/") or "/../" in f"{path}/":
         raise ValidationError(where, "must be an absolute path without ..")
+    if len(path.encode(errors="surrogatepass")) >= MAX_PATH_BYTES:
+        raise ValidationError(where, f"must be shorter than {MAX_PATH_BYTES} bytes")
     return _c_string(path, where, "a path")
 
 

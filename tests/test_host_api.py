@@ -221,6 +221,7 @@ REFUSED_JOB_VALUES = [
     ("config.uid", True, "config.uid"),
     ("config.gid", 2**32, "config.gid"),
     ("config.working_dir", "/tmp\0x", "config.working_dir"),
+    ("config.working_dir", "/" + "d" * 4096, "config.working_dir"),
     ("config.ports", [{"port": True}], "config.ports[0].port"),
     ("config.mounts", [{"target": "/m", "location": "/tmp", "writeable": "false"}],
      "config.mounts[0].writeable"),
