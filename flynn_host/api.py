@@ -4,6 +4,11 @@ Jobs (`/host/jobs`), their event streams (SSE), signals, host status, the job ne
 (`POST /host/network`, from flannel), resource checks, attach
 (`POST /attach`, upgraded to Flynn's framing and proxied to the job's shim), volumes
 (`/storage/...`), plugins (`/plugins`) and `/.well-known/status`. Errors are Flynn's JSON.
+
+Every body is read through `httphelper.read_json` (capped in size, time and nesting: see
+`flynn_host.limits`) and checked before anything acts on it: a request either gets a clear 4xx
+naming the field, or does what it asked; it never gets a 500, a hang, or a 101 followed by a
+traceback.
 """
 
 from __future__ import annotations
@@ -19,16 +24,17 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from flynn_host import __version__, attach, httphelper, logs
+from flynn_host import __version__, attach, httphelper, limits, logs
 from flynn_host.errors import FlynnError, ValidationError
 from flynn_host.httphelper import read_json, wants_stream
 from flynn_host.jobnet import parse_network
 from flynn_host.network import NetworkError
 from flynn_host.plugins.manager import list_plugins
-from flynn_host.types import RUNNING, STARTING, Job, parse_signal
+from flynn_host.types import RUNNING, STARTING, Job, int_field, parse_signal
 
 if TYPE_CHECKING:
     from flynn_host.daemon import Host
@@ -39,10 +45,13 @@ HOST: web.AppKey[Host] = web.AppKey("host")
 # the long-lived handlers (event streams, attach sessions): shutdown ends them at once
 STREAMS: web.AppKey[Streams] = web.AppKey("streams")
 SSE_KEEPALIVE = 30.0
-MAX_BODY = 16 * 1024 * 1024
 ATTACH_LINGER = 2.0
 # what a load balancer or monitor may ask without the host key
 OPEN_PATHS = frozenset({"/host/status", "/.well-known/status"})
+# ports one resource check may ask about (each is a bind in the event loop)
+MAX_CHECK_PORTS = 1024
+# strings the host keeps and hands on (discoverd's URL goes into every job's environment)
+MAX_FIELD = 2048
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -161,8 +170,8 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["id"]
     if wants_stream(request):
         async with host.jobs.subscribe(job_id) as queue:
-            job = host.jobs.jobs.get(job_id)
-            if job is not None and job.ended:
+            job = host.jobs.get(job_id)  # an unknown job is a 404, not a stream that never ends
+            if job.ended:
                 # a stream of a finished job says how it ended, then closes
                 queue.put_nowait({"event": "stop", "job_id": job_id, "job": job.to_json()})
                 queue.put_nowait(None)
@@ -174,6 +183,11 @@ async def put_job(request: web.Request) -> web.Response:
     host = request.app[HOST]
     raw = await read_json(request)
     job = Job.from_json(raw, request.match_info["id"])
+    for i, spec in enumerate(job.mountspecs):
+        try:
+            host.layers.check_url(spec.url)
+        except limits.FileRefused as exc:
+            raise ValidationError(f"mountspecs[{i}].url", f"is refused: {exc}") from exc
     host.jobs.add(job)
     return json_response({})
 
@@ -195,17 +209,37 @@ async def signal_job(request: web.Request) -> web.Response:
 # --- host -------------------------------------------------------------------------------------
 
 
+def _plain_string(raw: dict[str, Any], key: str) -> None:
+    """An optional string the host keeps and hands on: printable, of sane length."""
+    value = raw.get(key)
+    if value is not None and (
+        not isinstance(value, str) or len(value) > MAX_FIELD or not value.isprintable()
+    ):
+        raise ValidationError(key, f"must be a printable string of at most {MAX_FIELD} characters")
+
+
+def _http_url(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > MAX_FIELD or not value.isprintable():
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not one)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and " " not in value
+
+
 async def host_discoverd(request: web.Request) -> web.Response:
     """discoverd's job tells its host where discoverd answers (facts §3.2)."""
     raw = await read_json(request)
     if not isinstance(raw, dict):
         raise ValidationError("", "body must be a JSON object")
-    url = raw.get("url")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+    # the URL goes into every new job's environment and the host registers there: a value
+    # that would fail later (a NUL, a port of 99999) is refused here
+    if not _http_url(raw.get("url")):
         raise ValidationError("url", "must be an http(s) URL")
     for key in ("job_id", "dns"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise ValidationError(key, "must be a string")
+        _plain_string(raw, key)
     host = request.app[HOST]
     host.discoverd.set(raw)
     return json_response({})
@@ -244,12 +278,13 @@ async def resource_check(request: web.Request) -> web.Response:
     host = request.app[HOST]
     raw = await read_json(request)
     ports = raw.get("ports") if isinstance(raw, dict) else None
-    if not isinstance(ports, list):
-        raise ValidationError("ports", "must be an array")
+    if not isinstance(ports, list) or len(ports) > MAX_CHECK_PORTS:
+        raise ValidationError("ports", f"must be an array of at most {MAX_CHECK_PORTS} ports")
     conflicts = []
     for i, p in enumerate(ports):
-        if not isinstance(p, dict) or not isinstance(p.get("port"), int):
-            raise ValidationError(f"ports[{i}].port", "must be an integer")
+        if not isinstance(p, dict):
+            raise ValidationError(f"ports[{i}]", "must be an object")
+        int_field(p.get("port"), f"ports[{i}].port", 0, 65535)
         proto = p.get("proto") or "tcp"
         if proto not in ("tcp", "udp"):
             raise ValidationError(f"ports[{i}].proto", "must be tcp or udp")
@@ -276,8 +311,8 @@ async def create_volume(request: web.Request) -> web.Response:
     provider = request.match_info["provider"]
     if provider != "default":
         raise FlynnError("not_found", f"volume provider {provider} not found")
-    raw = await request.read()
-    body = json.loads(raw) if raw.strip() else {}
+    body = await read_json(request, required=False)
+    body = {} if body is None else body
     if not isinstance(body, dict):
         raise ValidationError("", "body must be a JSON object")
     meta = body.get("meta")
@@ -310,8 +345,15 @@ async def delete_volume(request: web.Request) -> web.Response:
 
 async def import_image(request: web.Request) -> web.Response:
     raw = await read_json(request)
-    if not isinstance(raw, dict) or not isinstance(raw.get("manifest_url"), str):
-        raise ValidationError("manifest_url", "must be a path or URL of an image manifest")
+    ref = raw.get("manifest_url") if isinstance(raw, dict) else None
+    if (
+        not isinstance(ref, str)
+        or not ref.isprintable()
+        or not ref.startswith(("/", "file://", "http://", "https://"))
+    ):
+        raise ValidationError(
+            "manifest_url", "must be an absolute path or a file:// or http(s):// URL"
+        )
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
         raise ValidationError("name", "must be a string")
@@ -361,29 +403,29 @@ class _Feeder:
         self.reader.feed_eof()
 
 
-def tracked(handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
-    """A handler that may hold its connection as long as the client likes."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        with request.app[STREAMS].track():
-            return await handler(request)
-
-    return wrapped
-
-
 async def attach_job(request: web.Request) -> web.StreamResponse:
     host = request.app[HOST]
-    req = await read_json(request)
-    if not isinstance(req, dict) or not isinstance(req.get("job_id"), str):
-        raise ValidationError("job_id", "must be a string")
-    flags = req.get("flags", 0)
-    if not isinstance(flags, int) or flags < 0:
-        raise ValidationError("flags", "must be a non-negative integer")
+    req = _attach_request(await read_json(request))
+    flags = req.get("flags") or 0
     job = host.jobs.get(req["job_id"])
     resp = web.StreamResponse(
         status=101, headers={"Upgrade": "flynn-attach/0", "Connection": "Upgrade"}
     )
-    await resp.prepare(request)
+    # tracked from before the upgrade: a shutdown refuses a new attach, or ends this one
+    with request.app[STREAMS].track():
+        await resp.prepare(request)
+        return await _attached(request, host, job, req, flags, resp)
+
+
+async def _attached(
+    request: web.Request,
+    host: Host,
+    job: Any,
+    req: dict[str, Any],
+    flags: int,
+    resp: web.StreamResponse,
+) -> web.StreamResponse:
+    """An upgraded attach connection, from the status byte to the lingering close."""
     client = asyncio.StreamReader()
     assert request.protocol is not None
     request.protocol.set_parser(_Feeder(client))  # type: ignore[arg-type]
@@ -422,6 +464,21 @@ async def attach_job(request: web.Request) -> web.StreamResponse:
             transport.write_eof()
         await asyncio.wait_for(_discard_until_eof(client), ATTACH_LINGER)
     return resp
+
+
+def _attach_request(req: Any) -> dict[str, Any]:
+    """Check an attach request before the upgrade: past the 101, an error can only be a frame,
+    and a value the shim or the log reader refuses would end the stream with a traceback."""
+    if not isinstance(req, dict) or not isinstance(req.get("job_id"), str):
+        raise ValidationError("job_id", "must be a string")
+    if req.get("flags") is not None:
+        int_field(req["flags"], "flags", 0, attach.ALL_FLAGS)
+    for key in ("height", "width"):  # a terminal size, 16 bits in the resize frame
+        if req.get(key) is not None:
+            int_field(req[key], key, 0, 0xFFFF)
+    if req.get("lines") is not None:
+        int_field(req["lines"], "lines", 0, 2**31 - 1)
+    return req
 
 
 async def _attach_ended(
@@ -496,7 +553,7 @@ async def _proxy(
 
 def make_app(host: Host) -> web.Application:
     middlewares = [errors_middleware, guard_middleware(host.config.host_key)]
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+    app = web.Application(middlewares=middlewares, client_max_size=limits.MAX_JSON_BODY)
     app[HOST] = host
     app[STREAMS] = Streams()
     r = app.router
@@ -509,7 +566,7 @@ def make_app(host: Host) -> web.Application:
     r.add_post("/host/discoverd", host_discoverd)
     r.add_post("/host/network", host_network)
     r.add_post("/host/resource-check", resource_check)
-    r.add_post("/attach", tracked(attach_job))
+    r.add_post("/attach", attach_job)
     r.add_post("/storage/providers/{provider}/volumes", create_volume)
     r.add_get("/storage/volumes", list_volumes)
     r.add_get("/storage/volumes/{id}", get_volume)

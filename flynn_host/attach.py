@@ -41,6 +41,7 @@ ATTACH_STDIN = 4
 ATTACH_LOGS = 8
 ATTACH_STREAM = 16
 ATTACH_INIT_LOG = 32
+ALL_FLAGS = 63  # every flag above; the host refuses other bits
 
 _U32 = struct.Struct(">I")
 _DATA = struct.Struct(">BBI")

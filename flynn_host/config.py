@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flynn_host.images import images_dir
+
 DEFAULT_CONFIG_FILE = "/etc/flynn/host.json"
 
 # Flynn's default CPU shares of the mandatory partitions (facts §3.1).
@@ -46,6 +48,8 @@ options:
   --shim-pool=NUM            job shims kept started ahead, to start jobs faster [default: 2]
   --disable-plugin=NAMES     comma separated plugin names not to load
   --component=KIND=NAME      choose the implementation of a component (repeatable)
+  --image-dir=PATH           a directory file:// manifests and layers may be read from, besides
+                             $FLYNN_IMAGES [default: /var/lib/flynn/images] (repeatable)
 """
 
 
@@ -95,6 +99,9 @@ class HostConfig:
     # TCP ports that jobs outside the system partition may not connect to, on any address:
     # the host API and discoverd's etcd (client and peer)
     protected_ports: list[int] = field(default_factory=lambda: [1113, 2379, 2380])
+    # the only directories a file:// manifest or layer URL may name a file in (the layer
+    # cache is allowed too: see LayerStore); $FLYNN_IMAGES first, then each --image-dir
+    image_dirs: list[Path] = field(default_factory=lambda: [images_dir()])
 
     def __post_init__(self) -> None:
         if self.http_port not in self.protected_ports:

@@ -85,7 +85,7 @@ class Host:
     def __init__(self, config: HostConfig, pm: pluggy.PluginManager) -> None:
         self.config = config
         self.pm = pm
-        self.layers = LayerStore(config.layer_cache, config.layer_mounts)
+        self.layers = LayerStore(config.layer_cache, config.layer_mounts, config.image_dirs)
         self.images = ImageStore(config.volpath, self.layers)
         self.network = JobNetwork(config)
         self.components = choose_components(pm, config, config.components)
@@ -136,6 +136,7 @@ class Host:
                 "bridge_name": self.config.bridge_name,
                 "peer_ips": self.config.peer_ips,
                 "max_job_concurrency": self.config.max_job_concurrency,
+                "image_dirs": [str(d) for d in self.config.image_dirs],
             },
             "components": {k: c.name for k, c in self.components.items()},
         }

@@ -17,6 +17,7 @@ STATUS_BY_CODE = {
     "syntax_error": 400,
     "validation_error": 400,
     "request_body_too_big": 400,
+    "request_timeout": 408,  # this host's: a request body that did not arrive in time
     "unauthorized": 401,
     "forbidden": 403,
     "unknown_error": 500,

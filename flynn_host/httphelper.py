@@ -1,9 +1,11 @@
 """HTTP helpers shared by every aiohttp API in the project (Flynn's `pkg/httphelper`): the
 error middleware that answers in Flynn's error JSON, reading a JSON body with Flynn's
-`syntax_error`, and telling an SSE request apart."""
+`syntax_error` (bounded in size, time and nesting: `flynn_host.limits`), and telling an SSE
+request apart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -11,21 +13,41 @@ from typing import Any
 
 from aiohttp import web
 
+from flynn_host import limits
 from flynn_host.errors import FlynnError
 
 log = logging.getLogger(__name__)
 
 
-async def read_json(request: web.Request, required: bool = True) -> Any:
-    """The request's JSON body; an empty body is a `syntax_error` unless not `required`."""
-    body = await request.read()
+async def read_json(
+    request: web.Request,
+    required: bool = True,
+    max_bytes: int = limits.MAX_JSON_BODY,
+    within: float = limits.BODY_TIMEOUT,
+) -> Any:
+    """The request's JSON body; an empty body is a `syntax_error` unless not `required`.
+    A body over `max_bytes` is `request_body_too_big`, one that has not all arrived
+    `within` seconds `request_timeout`, and invalid UTF-8, invalid JSON or JSON nested deeper
+    than `limits.MAX_JSON_DEPTH` a `syntax_error`."""
+    too_big = FlynnError("request_body_too_big", f"request body is larger than {max_bytes} bytes")
+    if (request.content_length or 0) > max_bytes:
+        raise too_big  # refused before reading any of it
+    try:
+        async with asyncio.timeout(within):
+            body = await limits.read_stream(request.content, max_bytes, "request body")
+    except limits.TooBig:
+        raise too_big from None
+    except TimeoutError:
+        raise FlynnError(
+            "request_timeout", f"request body not received within {within:g} seconds"
+        ) from None
     if not body.strip():
         if required:
             raise FlynnError("syntax_error", "request body is empty: expected JSON")
         return None
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return limits.loads_json(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FlynnError("syntax_error", f"invalid JSON: {exc}") from exc
 
 

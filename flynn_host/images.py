@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from flynn_host import limits
 from flynn_host.errors import not_found
 
 # Where images are built and looked up by name: machine-wide, so every checkout (and CI's fresh
@@ -135,12 +136,12 @@ def load_manifest(ref: str, images_dir: Path) -> tuple[dict[str, Any], str]:
     path, what = _manifest_file(ref, images_dir)
     path = path.absolute()
     try:
-        text = path.read_text()
+        text = limits.read_capped_file(path, limits.MAX_MANIFEST, str(path))
     except FileNotFoundError:
         raise not_found(f"{what} not found: no {path}") from None
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
+        manifest = limits.loads_json(text)
+    except ValueError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("_type") != MANIFEST_TYPE:
         raise ValueError(f"{path}: not a Flynn image manifest (_type must be {MANIFEST_TYPE})")
@@ -158,14 +159,22 @@ def entrypoint(manifest: dict[str, Any]) -> dict[str, Any]:
 def mountspecs_for(manifest: dict[str, Any], layer_url_template: str) -> list[dict[str, Any]]:
     """Job mountspecs (Flynn's JSON) for the manifest's linux/amd64 layers, bottom layer first;
     each url is `layer_url_template` with `{id}` replaced by the layer id."""
-    for rootfs in manifest.get("rootfs") or []:
-        if rootfs.get("platform") == PLATFORM:
+    # a manifest may come from anywhere: each part's shape is checked before it is used
+    all_rootfs = manifest.get("rootfs") or []
+    if not isinstance(all_rootfs, list):
+        raise ValueError("image manifest rootfs must be an array")
+    for rootfs in all_rootfs:
+        if isinstance(rootfs, dict) and rootfs.get("platform") == PLATFORM:
             break
     else:
         raise ValueError("image manifest has no rootfs for linux/amd64")
+    layers = rootfs.get("layers") or []
+    if not isinstance(layers, list):
+        raise ValueError("image manifest layers must be an array")
     specs = []
-    for i, layer in enumerate(rootfs.get("layers") or []):
-        digest = (layer.get("hashes") or {}).get("sha512_256")
+    for i, layer in enumerate(layers):
+        hashes = layer.get("hashes") if isinstance(layer, dict) else None
+        digest = hashes.get("sha512_256") if isinstance(hashes, dict) else None
         if not digest or not layer.get("length"):
             raise ValueError(f"image manifest layer {i} has no sha512_256 hash or length")
         layer_id = layer.get("id") or digest

@@ -7,6 +7,9 @@ image under a name. An image's layers are found beside its manifest, in the layo
 images` writes and any static file server can serve: `<dir>/<name>/manifest.json` and
 `<dir>/layers/<layer id>.squashfs`. A job then names the image's layers by their cache files,
 so starting it needs nothing but the host.
+
+A manifest is read with the caps of `flynn_host.limits` (size, time, JSON nesting) and a
+`file://` one only from under the image directories, as layers are.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import json
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlparse
+from urllib.parse import urljoin, urlparse
 
 import aiohttp
 
-from flynn_host import images
+from flynn_host import images, limits
 from flynn_host.atomicfile import write_json_atomic
 from flynn_host.errors import FlynnError, ValidationError, not_found
 from flynn_host.layers import LayerError, LayerStore
@@ -53,24 +56,39 @@ class ImageStore:
         write_json_atomic(self.index, {"images": self._images}, fsync=False, indent=2)
 
     async def _read_manifest(self, url: str) -> dict[str, Any]:
-        parsed = urlparse(url)
+        what = f"image manifest {url}"
         try:
-            if parsed.scheme == "file":
-                text = await asyncio.to_thread(Path(unquote(parsed.path)).read_text)
+            if urlparse(url).scheme == "file":
+                path = limits.file_url_path(url)
+                data = await asyncio.to_thread(
+                    limits.read_image_file,
+                    path,
+                    self.layers.image_dirs,
+                    limits.MAX_MANIFEST,
+                    what,
+                )
             else:
-                timeout = aiohttp.ClientTimeout(total=60)
                 async with (
-                    aiohttp.ClientSession(timeout=timeout) as session,
+                    asyncio.timeout(limits.MANIFEST_TIMEOUT),
+                    aiohttp.ClientSession() as session,
                     session.get(url) as resp,
                 ):
                     if resp.status != 200:
-                        raise FlynnError("not_found", f"image manifest {url}: HTTP {resp.status}")
-                    text = await resp.text()
-        except (OSError, aiohttp.ClientError) as exc:
-            raise FlynnError("not_found", f"image manifest {url}: {exc}") from exc
+                        raise FlynnError("not_found", f"{what}: HTTP {resp.status}")
+                    if (resp.content_length or 0) > limits.MAX_MANIFEST:
+                        raise limits.TooBig(what, limits.MAX_MANIFEST)
+                    data = await limits.read_stream(resp.content, limits.MAX_MANIFEST, what)
+        except (limits.TooBig, limits.FileRefused) as exc:
+            raise ValidationError("manifest_url", str(exc)) from exc
+        except TimeoutError as exc:
+            raise FlynnError(
+                "not_found", f"{what}: no answer within {limits.MANIFEST_TIMEOUT:g} seconds"
+            ) from exc
+        except (OSError, aiohttp.ClientError, ValueError) as exc:  # ValueError: a bad URL
+            raise FlynnError("not_found", f"{what}: {exc}") from exc
         try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as exc:
+            manifest = limits.loads_json(data)
+        except ValueError as exc:
             raise ValidationError("manifest", f"is not JSON: {exc}") from exc
         if not isinstance(manifest, dict) or manifest.get("_type") != images.MANIFEST_TYPE:
             raise ValidationError("manifest", f"is not a Flynn image manifest ({url})")
@@ -86,8 +104,11 @@ class ImageStore:
         template = urljoin(url, "../layers/") + "{id}.squashfs"
         try:
             raw_specs = images.mountspecs_for(manifest, template)
-        except ValueError as exc:
+            image_id = images.image_id(manifest)
+        except (ValueError, TypeError) as exc:  # TypeError: what canonical JSON cannot encode
             raise ValidationError("manifest", str(exc)) from exc
+        if len(raw_specs) > limits.MAX_LAYERS:
+            raise ValidationError("manifest", f"has more than {limits.MAX_LAYERS} layers")
         specs = [MountSpec.from_json(s, f"layers[{i}]") for i, s in enumerate(raw_specs)]
         for spec in specs:
             try:
@@ -98,7 +119,7 @@ class ImageStore:
                 ) from exc
         self._images[name] = {
             "name": name,
-            "id": images.image_id(manifest),
+            "id": image_id,
             "manifest": manifest,
             "source": url,
             "imported_at": now(),

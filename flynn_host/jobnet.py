@@ -50,8 +50,16 @@ def netns_name(job_id: str) -> str:
     return NETNS_PREFIX + job_key(job_id)
 
 
+# Address space a job network may never take: the host's own (this network, loopback,
+# link-local) and what is not unicast (multicast, reserved, broadcast).
+RESERVED_NETWORKS = [ipaddress.IPv4Network(n) for n in
+                     ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3")]  # fmt: skip
+
+
 def parse_network(raw: Any) -> dict[str, Any]:
-    """Validate a `POST /host/network` body: `{"job_id", "subnet", "mtu"}`."""
+    """Validate a `POST /host/network` body: `{"job_id", "subnet", "mtu"}`. The host makes a
+    bridge and a NAT rule from it, so a subnet that would take over the host's routing
+    (0.0.0.0/0, loopback) is refused here."""
     if not isinstance(raw, dict):
         raise ValidationError("", "body must be a JSON object")
     subnet = raw.get("subnet")
@@ -61,14 +69,18 @@ def parse_network(raw: Any) -> dict[str, Any]:
         net = ipaddress.IPv4Network(subnet, strict=False)
     except ValueError as exc:
         raise ValidationError("subnet", f"invalid IPv4 subnet {subnet!r}: {exc}") from exc
-    if "/" not in subnet or net.prefixlen > 30:
-        raise ValidationError("subnet", f"{subnet!r} needs a prefix of at most /30")
-    mtu = raw.get("mtu") or DEFAULT_MTU
+    if "/" not in subnet or not 8 <= net.prefixlen <= 30:
+        raise ValidationError("subnet", f"{subnet!r} needs a prefix from /8 to /30")
+    if any(net.overlaps(r) for r in RESERVED_NETWORKS):
+        raise ValidationError("subnet", f"{subnet!r} is not unicast address space jobs may use")
+    mtu = raw.get("mtu")
+    if mtu is None or (mtu == 0 and not isinstance(mtu, bool)):
+        mtu = DEFAULT_MTU  # as Flynn: 0 means the default
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 65535:
         raise ValidationError("mtu", "must be an integer between 576 and 65535")
     job_id = raw.get("job_id") or ""
-    if not isinstance(job_id, str):
-        raise ValidationError("job_id", "must be a string")
+    if not isinstance(job_id, str) or len(job_id) > 256 or not job_id.isprintable():
+        raise ValidationError("job_id", "must be a printable string of at most 256 characters")
     return {"job_id": job_id, "subnet": str(net), "mtu": mtu}
 
 

@@ -7,6 +7,10 @@ checked, so a cache hit costs a stat, not a re-hash. Mounts: `<mount_dir>/<id>`,
 `mount -o loop` (an auto-clearing loop device) and unmounted with `umount -d`, so no loop device
 outlives its mount. After a daemon restart, `cleanup_stale` removes mounts no job needs and
 `adopt` takes over those that running jobs still use.
+
+Sources: a `file://` URL may name only a regular file under the store's image directories
+(`limits.image_file`); a download never keeps more than the mountspec's `size` and is abandoned
+when the server sends nothing for `read_timeout` seconds.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from typing import BinaryIO
+from urllib.parse import urlparse
 
 import aiohttp
 
+from flynn_host import limits
 from flynn_host.images import file_sha512_256, sha512_256
 from flynn_host.types import MountSpec
 
@@ -66,9 +72,9 @@ class _Partial:
         self.hash.update(chunk)
         self.file.write(chunk)
 
-    def copy_from(self, src: Path) -> None:
-        with open(src, "rb") as f:
-            while chunk := f.read(CHUNK):
+    def copy_from(self, src: BinaryIO) -> None:
+        with src:
+            while chunk := src.read(CHUNK):
                 self.write(chunk)
 
     def check(self) -> None:
@@ -124,12 +130,22 @@ async def _run(*args: str) -> tuple[int, str]:
 class LayerStore:
     """Fetch, verify, mount and share read-only squashfs layers."""
 
-    def __init__(self, cache_dir: Path, mount_dir: Path) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        mount_dir: Path,
+        image_dirs: Iterable[Path] = (),
+        read_timeout: float = limits.LAYER_READ_TIMEOUT,
+    ) -> None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         Path(mount_dir).mkdir(parents=True, exist_ok=True)
         # Resolved, because the kernel reports mount points by their real path.
         self.cache_dir = Path(cache_dir).resolve()
         self.mount_dir = Path(mount_dir).resolve()
+        # where file:// layers may come from: the image directories, and this cache (the
+        # image store names imported layers by their cache files)
+        self.image_dirs = [*map(Path, image_dirs), self.cache_dir]
+        self.read_timeout = read_timeout
         self._fetch_locks: dict[str, asyncio.Lock] = {}
         self._mount_locks: dict[str, asyncio.Lock] = {}
         # layer id -> number of holders; an entry exists exactly while this store owns a mount
@@ -146,6 +162,12 @@ class LayerStore:
 
     def refcount(self, layer_id: str) -> int:
         return self._refs.get(layer_id, 0)
+
+    def check_url(self, url: str) -> None:
+        """Raise `limits.FileRefused` if `url` is a `file://` URL this store would not read
+        (one outside the image directories); say nothing of other URLs."""
+        if url.startswith("file:"):
+            limits.image_file(limits.file_url_path(url), self.image_dirs)
 
     # --- fetching ---------------------------------------------------------------------------
 
@@ -217,9 +239,12 @@ class LayerStore:
         url = urlparse(spec.url)
         if url.scheme == "file":
             try:
-                await asyncio.to_thread(part.copy_from, Path(unquote(url.path)))
-            except (FileNotFoundError, IsADirectoryError):
+                src = limits.open_image_file(limits.file_url_path(spec.url), self.image_dirs)
+            except FileNotFoundError:
                 raise LayerError(spec.id, f"layer {spec.id} not found at {spec.url}") from None
+            except (limits.FileRefused, OSError) as exc:
+                raise LayerError(spec.id, f"layer {spec.id}: {exc}") from None
+            await asyncio.to_thread(part.copy_from, src)
         elif url.scheme in ("http", "https"):
             await self._http_download(spec, part)
         else:
@@ -227,7 +252,9 @@ class LayerStore:
 
     async def _http_download(self, spec: MountSpec, part: _Partial) -> None:
         if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=30, sock_read=self.read_timeout
+            )
             self._session = aiohttp.ClientSession(timeout=timeout)
         try:
             async with self._session.get(spec.url) as resp:
@@ -237,10 +264,22 @@ class LayerStore:
                     raise LayerError(
                         spec.id, f"layer {spec.id}: GET {spec.url} returned {resp.status}"
                     )
+                if (resp.content_length or 0) > spec.size:
+                    raise LayerError(
+                        spec.id,
+                        f"layer {spec.id} from {spec.url}: size {resp.content_length} exceeds "
+                        f"the expected {spec.size} bytes",
+                    )
                 # Chunks are small, so hashing them here does not stall the event loop.
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     part.write(chunk)
-        except aiohttp.ClientError as e:
+        except TimeoutError as e:  # aiohttp's: no connection, or nothing read for a while
+            raise LayerError(
+                spec.id,
+                f"layer {spec.id}: downloading {spec.url}: timed out "
+                f"(read timeout {self.read_timeout:g} s): {e}",
+            ) from e
+        except (aiohttp.ClientError, ValueError) as e:  # ValueError: a URL yarl cannot parse
             raise LayerError(spec.id, f"layer {spec.id}: downloading {spec.url}: {e}") from e
 
     # --- mounting ---------------------------------------------------------------------------

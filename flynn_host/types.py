@@ -3,8 +3,10 @@
 
 Field names are Flynn's (`host/types/types.go`) so that real Flynn clients and the controller
 speak to this host unchanged. Parsing is strict where a wrong value would only fail later inside a
-container (a clear 400 naming the field is better than a crashed job), and lenient about fields
-this host does not use yet (they are kept so a job round-trips).
+container (a clear 400 naming the field is better than a crashed job): types as Go's
+encoding/json would check them (`true` is not an integer), integers within what runc, the kernel
+and mkfs accept, no NUL in what becomes a C string. It is lenient about fields this host does
+not use yet (they are kept so a job round-trips).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from flynn_host import seccomp
+from flynn_host import limits, seccomp
 from flynn_host.errors import ValidationError
 
 # --- job states -------------------------------------------------------------------------------
@@ -64,6 +66,23 @@ RESOURCE_DEFAULTS: dict[str, int] = {
     "max_fd": 10000,
 }
 RESOURCE_TYPES = ("memory", "cpu", "temp_disk", "max_fd", "max_procs")
+# The range each resource may take, so that a job the API accepts is not refused later by runc,
+# the kernel or mkfs (measured): below 4 MiB the container's own processes do not fit in the
+# memory cgroup, runc needs about 8 open files before it execs, tini and the job are 2 processes,
+# mkfs.ext2 needs 128 KiB (1 MiB leaves room for the overlay's directories). cpu.shares stops at
+# 262144 (256000 millicores), RLIMIT_NOFILE at fs.nr_open (2^20 by default), pids at 2^22
+# (PID_MAX_LIMIT); ext4 files stop below 16 TiB and mkfs of 1 TiB takes half a second.
+RESOURCE_BOUNDS: dict[str, tuple[int, int]] = {
+    "memory": (4 * MIB, 16 * 1024 * GIB),
+    "cpu": (1, 256000),
+    "temp_disk": (1 * MIB, 1024 * GIB),
+    "max_fd": (16, 1 << 20),
+    "max_procs": (2, 1 << 22),
+}
+# execve refuses a single argument or environment string of 32 pages or more (MAX_ARG_STRLEN)
+MAX_ARG_BYTES = 32 * 4096 - 1
+MAX_PATH_BYTES = 4096  # PATH_MAX, terminating NUL included: mount and chdir refuse longer
+MAX_ID = 2**32 - 2  # uid_t/gid_t; 2^32-1 is (uid_t)-1, "no change"
 
 _UNITS = {
     "": 1,
@@ -101,6 +120,29 @@ def parse_limits(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def int_field(value: Any, where: str, lo: int, hi: int) -> int:
+    """`value` if it is an integer from `lo` to `hi`. JSON `true` is not an integer, although
+    Python's bool is an int subclass."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValidationError(where, f"must be an integer from {lo} to {hi}")
+    return value
+
+
+def _bool(raw: dict[str, Any], key: str, where: str = "") -> None:
+    """A field that must be a boolean when given: the string "false" is not false."""
+    if raw.get(key) is not None and not isinstance(raw[key], bool):
+        raise ValidationError(f"{where}.{key}" if where else key, "must be a boolean")
+
+
+def _c_string(value: Any, where: str, what: str = "a string") -> str:
+    """A string that becomes a C string (argv, env, a path): no NUL, and what execve takes."""
+    if not isinstance(value, str) or "\0" in value:
+        raise ValidationError(where, f"must be {what} without NUL bytes")
+    if len(value.encode(errors="surrogatepass")) > MAX_ARG_BYTES:
+        raise ValidationError(where, f"must be at most {MAX_ARG_BYTES} bytes")
+    return value
+
+
 def _resources(raw: Any) -> dict[str, dict[str, int]]:
     if raw is None:
         raw = {}
@@ -114,9 +156,10 @@ def _resources(raw: Any) -> dict[str, dict[str, int]]:
             raise ValidationError(f"resources.{name}", "must be an object")
         limit = spec.get("limit", spec.get("request"))
         request = spec.get("request", limit)
+        lo, hi = RESOURCE_BOUNDS[name]
         for key, value in (("limit", limit), ("request", request)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValidationError(f"resources.{name}.{key}", "must be a positive integer")
+            if value is not None:
+                int_field(value, f"resources.{name}.{key}", lo, hi)
         if limit is not None:
             out[name] = {"limit": limit, "request": request if request is not None else limit}
     for name, default in RESOURCE_DEFAULTS.items():
@@ -141,6 +184,16 @@ def _str_map(raw: Any, where: str) -> dict[str, str]:
         if not isinstance(v, str):
             raise ValidationError(f"{where}.{k}", "must be a string")
     return dict(raw)
+
+
+def _env(raw: Any, where: str) -> dict[str, str]:
+    """Environment variables: each `KEY=VALUE` becomes one C string of the job's environment."""
+    env = _str_map(raw, where)
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            raise ValidationError(f"{where}.{key}", "name must be non-empty, without '=' or NUL")
+        _c_string(f"{key}={value}", f"{where}.{key}")
+    return env
 
 
 def _list(raw: Any, where: str) -> list[Any]:
@@ -168,11 +221,9 @@ class MountSpec:
         if raw.get("type", "squashfs") != "squashfs":
             raise ValidationError(f"{where}.type", 'must be "squashfs"')
         url = raw.get("url")
-        if not isinstance(url, str) or not re.match(r"^(file|https?)://", url):
+        if not isinstance(url, str) or not re.fullmatch(r"(file|https?)://[^\x00-\x20\x7f]+", url):
             raise ValidationError(f"{where}.url", "must be a file://, http:// or https:// URL")
-        size = raw.get("size")
-        if not isinstance(size, int) or size <= 0:
-            raise ValidationError(f"{where}.size", "must be a positive integer")
+        size = int_field(raw.get("size"), f"{where}.size", 1, limits.MAX_LAYER_SIZE)
         digest = _obj(raw.get("hashes"), f"{where}.hashes").get("sha512_256")
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise ValidationError(f"{where}.hashes.sha512_256", "must be 64 hex digits")
@@ -203,47 +254,56 @@ class MountSpec:
 def _check_abs(path: Any, where: str) -> str:
     if not isinstance(path, str) or not path.startswith("/") or "/../" in f"{path}/":
         raise ValidationError(where, "must be an absolute path without ..")
-    return path
+    if len(path.encode(errors="surrogatepass")) >= MAX_PATH_BYTES:
+        raise ValidationError(where, f"must be shorter than {MAX_PATH_BYTES} bytes")
+    return _c_string(path, where, "a path")
 
 
 def _validate_config(raw: dict[str, Any]) -> dict[str, Any]:
     """Check the parts of `config` the host acts on; keep everything else as given."""
     args = raw.get("args")
-    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+    if not isinstance(args, list) or not args:
         raise ValidationError("config.args", "must be a non-empty array of strings")
-    raw["env"] = _str_map(raw.get("env"), "config.env")
+    for i, arg in enumerate(args):
+        _c_string(arg, f"config.args[{i}]")
+    raw["env"] = _env(raw.get("env"), "config.env")
     for i, mount in enumerate(_list(raw.get("mounts"), "config.mounts")):
         mount = _obj(mount, f"config.mounts[{i}]")
         _check_abs(mount.get("target"), f"config.mounts[{i}].target")
         _check_abs(mount.get("location"), f"config.mounts[{i}].location")
+        _bool(mount, "writeable", f"config.mounts[{i}]")
     for i, vol in enumerate(_list(raw.get("volumes"), "config.volumes")):
         vol = _obj(vol, f"config.volumes[{i}]")
         _check_abs(vol.get("target"), f"config.volumes[{i}].target")
         if not isinstance(vol.get("volume"), str) or not vol["volume"]:
             raise ValidationError(f"config.volumes[{i}].volume", "must be a volume id")
+        for key in ("writeable", "delete_on_stop"):
+            _bool(vol, key, f"config.volumes[{i}]")
     for i, port in enumerate(_list(raw.get("ports"), "config.ports")):
         port = _obj(port, f"config.ports[{i}]")
-        value = port.get("port", 0)
-        if not isinstance(value, int) or not 0 <= value <= 65535:
-            raise ValidationError(f"config.ports[{i}].port", "must be between 0 and 65535")
+        int_field(port.get("port", 0), f"config.ports[{i}].port", 0, 65535)
         if port.get("proto", "tcp") not in ("tcp", "udp"):
             raise ValidationError(f"config.ports[{i}].proto", "must be tcp or udp")
     wd = raw.get("working_dir")
     if wd not in (None, ""):
         _check_abs(wd, "config.working_dir")
     for key in ("uid", "gid"):
-        if raw.get(key) is not None and (not isinstance(raw[key], int) or raw[key] < 0):
-            raise ValidationError(f"config.{key}", "must be a non-negative integer")
+        if raw.get(key) is not None:
+            int_field(raw[key], f"config.{key}", 0, MAX_ID)
     for key in ("tty", "stdin", "data", "host_network", "disable_log", "host_bundle",
                 "no_new_privileges"):  # fmt: skip
         if not isinstance(raw.get(key, False), bool):
             raise ValidationError(f"config.{key}", "must be a boolean")
+    for i, cap in enumerate(_list(raw.get("linux_capabilities"), "config.linux_capabilities")):
+        if not isinstance(cap, str) or not re.fullmatch(r"CAP_[A-Z_]{1,32}", cap):
+            raise ValidationError(f"config.linux_capabilities[{i}]", "must be a CAP_ name")
     if raw.get("seccomp") not in (None, *seccomp.PROFILES):
         raise ValidationError("config.seccomp", 'must be "default" or "unconfined"')
     return raw
 
 
-JOB_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+# fullmatch, not `$`: `$` also matches before a trailing newline
+JOB_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
 
 
 @dataclass
@@ -265,11 +325,11 @@ class Job:
         jid = job_id if job_id is not None else raw.get("id")
         if raw.get("id") not in (None, "", jid):
             raise ValidationError("id", "does not match the id in the URL")
-        if not isinstance(jid, str) or not JOB_ID_RE.match(jid):
+        if not isinstance(jid, str) or not JOB_ID_RE.fullmatch(jid):
             raise ValidationError("id", "must be 1-128 letters, digits, '-', '_' or '.'")
         specs = raw.get("mountspecs")
-        if not isinstance(specs, list) or not specs:
-            raise ValidationError("mountspecs", "must be a non-empty array")
+        if not isinstance(specs, list) or not 1 <= len(specs) <= limits.MAX_LAYERS:
+            raise ValidationError("mountspecs", f"must be an array of 1-{limits.MAX_LAYERS} layers")
         partition = raw.get("partition") or "user"
         if partition not in PARTITIONS:
             raise ValidationError("partition", f"must be one of {', '.join(PARTITIONS)}")
@@ -286,6 +346,10 @@ class Job:
                     "config.seccomp",
                     '"unconfined" is only allowed for jobs in the system partition',
                 )
+        _bool(raw, "resurrect")
+        profiles = _list(raw.get("profiles"), "profiles")
+        if not all(isinstance(p, str) for p in profiles):
+            raise ValidationError("profiles", "must be an array of strings")
         return cls(
             id=jid,
             mountspecs=[MountSpec.from_json(s, f"mountspecs[{i}]") for i, s in enumerate(specs)],
@@ -293,8 +357,8 @@ class Job:
             metadata=_str_map(raw.get("metadata"), "metadata"),
             resources=_resources(raw.get("resources")),
             partition=partition,
-            resurrect=bool(raw.get("resurrect", False)),
-            profiles=[str(p) for p in _list(raw.get("profiles"), "profiles")],
+            resurrect=bool(raw.get("resurrect")),
+            profiles=list(profiles),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -4,9 +4,11 @@ completely even when a test fails."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +59,43 @@ def daemon(make_daemon: Any) -> Daemon:
 
 def read_state(d: Daemon) -> dict[str, Any]:
     return json.loads((d.base / "state.json").read_text())
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_request(
+    d: Daemon,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> RawResponse:
+    """One hand-made request to a daemon's API (any bytes, any header; the daemon's auth
+    headers added), for what HostClient cannot send. An event stream or an upgrade is closed
+    after its headers; a socket timeout (a hang) raises TimeoutError."""
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={**d.auth_headers, **(headers or {})})
+        resp = conn.getresponse()
+        streaming = resp.status == 101 or "event-stream" in resp.getheader("Content-Type", "")
+        data = b"" if streaming else resp.read()
+        return RawResponse(resp.status, dict(resp.getheaders()), data)
+    finally:
+        conn.close()
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")

@@ -1,20 +1,25 @@
 """The host's image store: import (path and HTTP), list, run by name, corruption and missing
-layers refused by hash, garbage collection of unused layers."""
+layers refused by hash, garbage collection of unused layers, and manifests read only from the
+image directories and with caps."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
+import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 
+from flynn_host import limits
 from flynn_host.client import HostAPIError
 
-from .conftest import IMAGES, busybox_job, needs_root
+from .conftest import IMAGES, RawResponse, busybox_job, needs_root, raw_request, rss_bytes
 
 pytestmark = needs_root
 
@@ -29,6 +34,13 @@ def image_copy(tmp_path: Path, busybox_manifest: Path) -> Path:
         name = f"{layer['id']}.squashfs"
         shutil.copy(IMAGES / "layers" / name, out / "layers" / name)
     return out
+
+
+@pytest.fixture
+def daemon(make_daemon, image_copy: Path):
+    """A daemon that may read the private image copy: file:// URLs may name only files under
+    the image directories."""
+    return make_daemon(extra_args=["--image-dir", str(image_copy)])
 
 
 def only_layer(images_dir: Path) -> Path:
@@ -95,8 +107,8 @@ def test_corrupt_or_missing_layer_is_refused(daemon, image_copy):
     assert out.returncode == 1 and f"layer {layer_id} not found" in out.stderr
 
 
-def test_layer_corrupted_in_the_cache_is_caught_at_next_use(make_daemon, image_copy):
-    d = make_daemon()
+def test_layer_corrupted_in_the_cache_is_caught_at_next_use(daemon, image_copy):
+    d = daemon
     assert (
         d.run_cli("image", "import", str(image_copy / "busybox" / "manifest.json")).returncode == 0
     )
@@ -134,3 +146,79 @@ def test_gc_removes_only_unused_layers(daemon, image_copy):
     with pytest.raises(HostAPIError) as err:
         daemon.client.request("GET", "/host/images/busybox")
     assert err.value.status == 404
+
+
+def import_or_kill(d, manifest_url: str, timeout: float = 5.0) -> RawResponse:
+    """POST /host/images; a daemon that does not answer in time is killed at once, so that a
+    daemon reading without end (what this guards against) cannot eat the machine's memory."""
+    body = json.dumps({"manifest_url": manifest_url}).encode()
+    try:
+        return raw_request(d, "POST", "/host/images", body, timeout=timeout)
+    except TimeoutError:
+        d.stop(signal.SIGKILL)
+        raise
+
+
+def test_manifest_reads_are_capped_and_only_from_image_dirs(daemon, image_copy):
+    # issue 9, finding 2: file:///dev/zero grew the daemon by ~330 MB/s until it was killed
+    os.mkfifo(image_copy / "fifo")
+    (image_copy / "passwd").symlink_to("/etc/passwd")
+    (image_copy / "big.json").write_text(" " * (limits.MAX_MANIFEST + 1))
+    (image_copy / "deep.json").write_text("[" * 100_000)
+    refused = {
+        "file:///dev/zero": "not under the image directories",
+        "file:///etc/shadow": "not under the image directories",
+        str(image_copy / "passwd"): "not under the image directories",
+        f"file://{image_copy}/../../etc/shadow": "not under the image directories",
+        str(image_copy / "fifo"): "not a regular file",
+        str(image_copy / "big.json"): f"larger than {limits.MAX_MANIFEST} bytes",
+        str(image_copy / "deep.json"): "nested deeper than 64",
+    }
+    for url, why in refused.items():
+        resp = import_or_kill(daemon, url)
+        assert resp.status == 400 and why in resp.json()["message"], (url, resp)
+    assert rss_bytes(daemon.proc.pid) < 200 * 1024 * 1024
+    assert daemon.client.request("GET", "/host/images") == []
+
+
+def test_malformed_manifests_are_validation_errors(daemon, image_copy):
+    manifest = json.loads((image_copy / "busybox" / "manifest.json").read_text())
+    rootfs = manifest["rootfs"][0]
+    # each was a 500: an AttributeError, or canonical JSON's TypeError for a float
+    shapes = {
+        "rootfs": {**manifest, "rootfs": "x"},
+        "layers": {**manifest, "rootfs": [{**rootfs, "layers": [1]}]},
+        "hashes": {**manifest, "rootfs": [{**rootfs, "layers": [{"hashes": [], "length": 1}]}]},
+        "floats": {**manifest, "meta": {"x": 1.5}},
+    }
+    for name, body in shapes.items():
+        path = image_copy / f"{name}.json"
+        path.write_text(json.dumps(body))
+        resp = import_or_kill(daemon, str(path))
+        assert (resp.status, resp.json()["code"]) == (400, "validation_error"), (name, resp)
+
+
+def test_manifest_downloads_are_capped(daemon):
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                while True:
+                    self.wfile.write(b" " * 65536)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/m/manifest.json"
+        resp = import_or_kill(daemon, url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert resp.status == 400, resp
+    assert f"larger than {limits.MAX_MANIFEST} bytes" in resp.json()["message"]
+    assert rss_bytes(daemon.proc.pid) < 200 * 1024 * 1024

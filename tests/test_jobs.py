@@ -193,7 +193,8 @@ def test_signal_stop_and_cont_reach_every_process_of_the_job(daemon):
     daemon.wait_job(job_id)
 
 
-def test_corrupt_layer_is_refused_and_nothing_starts(daemon, tmp_path):
+def test_corrupt_layer_is_refused_and_nothing_starts(make_daemon, tmp_path):
+    daemon = make_daemon(extra_args=["--image-dir", str(tmp_path)])
     job_id = daemon.new_job_id()
     job = busybox_job(job_id, ["true"])
     spec = job["mountspecs"][0]

@@ -4,9 +4,11 @@ and clean-up after a restart. Real squashfs files, real loop mounts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import filecmp
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -71,7 +73,7 @@ def mount_dir(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 async def store(tmp_path: Path, mount_dir: Path) -> AsyncIterator[LayerStore]:
-    s = LayerStore(tmp_path / "cache", mount_dir)
+    s = LayerStore(tmp_path / "cache", mount_dir, [tmp_path])
     yield s
     await s.close()
 
@@ -155,6 +157,81 @@ async def test_fetch_http_corrupt_body(
     assert list(store.cache_dir.iterdir()) == []
 
 
+async def test_file_urls_name_only_regular_files_under_the_image_dirs(
+    store: LayerStore, layer: Path, tmp_path: Path
+) -> None:
+    # issue 9, finding 2: a layer url of file:///etc/shadow leaked its size and hash, and
+    # file:///dev/zero read without end; links and `..` must not lead out either
+    (tmp_path / "to-shadow").symlink_to("/etc/shadow")
+    (tmp_path / "to-zero").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    outside = {
+        "file:///etc/shadow": "not under the image directories",
+        f"file://{tmp_path}/../../etc/shadow": "not under the image directories",
+        f"file://{tmp_path}/to-shadow": "not under the image directories",
+        f"file://{tmp_path}/to-zero": "not under the image directories",
+        f"file://{tmp_path}/fifo": "not a regular file",
+        f"file://{tmp_path}/dir": "not a regular file",
+        "file://otherhost/etc/passwd": "must name a local path",
+    }
+    for url, why in outside.items():
+        spec = _spec(layer, url=url, size=1 << 30)
+        with pytest.raises(LayerError, match=why) as err:
+            await asyncio.wait_for(store.fetch(spec), 10)  # a FIFO must not block the read
+        assert "sha512_256" not in str(err.value) and "size" not in str(err.value)
+        if "regular" not in why:  # check_url (the API's early check) looks at the path only
+            with pytest.raises(ValueError, match=why):
+                store.check_url(url)
+    assert list(store.cache_dir.iterdir()) == []
+    # the same layer from inside the image directories is fine
+    assert await store.fetch(_spec(layer)) == store.path(_spec(layer).id)
+
+
+async def test_http_download_is_capped_and_times_out(tmp_path: Path, mount_dir: Path) -> None:
+    """A server that sends more than the mountspec's size is cut off at the size; one that
+    stops sending is given up after the read timeout."""
+    stalled = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(b"\0" * 65536)
+        return resp
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"\0" * 1000)
+        await stalled.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/endless", endless)
+    app.router.add_get("/stall", stall)
+    server = HTTPServer(app, host="127.0.0.1")
+    await server.start_server()
+    store = LayerStore(tmp_path / "cache", mount_dir, read_timeout=1)
+    try:
+        big = MountSpec(id="big", url=str(server.make_url("/endless")), size=1 << 20,
+                        sha512_256="0" * 64)  # fmt: skip
+        with pytest.raises(LayerError, match="big .*exceeds the expected 1048576 bytes"):
+            await asyncio.wait_for(store.fetch(big), 20)
+        slow = MountSpec(id="slow", url=str(server.make_url("/stall")), size=1 << 20,
+                         sha512_256="0" * 64)  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(LayerError, match="slow: downloading .* timed out"):
+            await asyncio.wait_for(store.fetch(slow), 20)
+        assert time.monotonic() - started < 10
+        assert [p for p in store.cache_dir.iterdir()] == []
+    finally:
+        stalled.set()
+        await store.close()
+        await server.close()
+
+
 async def test_concurrent_fetches_share_one_copy(
     store: LayerStore, layer: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,7 +274,7 @@ async def test_acquire_mounts_once_and_release_unmounts(store: LayerStore, layer
 
 
 async def test_close_unmounts_everything(tmp_path: Path, mount_dir: Path) -> None:
-    store = LayerStore(tmp_path / "cache", mount_dir)
+    store = LayerStore(tmp_path / "cache", mount_dir, [tmp_path])
     specs = [_spec(_squashfs(tmp_path, f"l{i}", f"layer {i}")) for i in range(3)]
     for spec in specs:
         await store.acquire(spec)
@@ -210,12 +287,12 @@ async def test_close_unmounts_everything(tmp_path: Path, mount_dir: Path) -> Non
 async def test_cleanup_stale_and_adopt(tmp_path: Path, mount_dir: Path) -> None:
     keep, stale = _spec(_squashfs(tmp_path, "keep", "keep")), _spec(_squashfs(tmp_path, "old", "x"))
     # A previous daemon mounted both, then died.
-    before = LayerStore(tmp_path / "cache", mount_dir)
+    before = LayerStore(tmp_path / "cache", mount_dir, [tmp_path])
     for spec in (keep, stale):
         await before.acquire(spec)
     (mount_dir / "empty-leftover").mkdir()
 
-    store = LayerStore(tmp_path / "cache", mount_dir)
+    store = LayerStore(tmp_path / "cache", mount_dir, [tmp_path])
     assert await store.cleanup_stale(keep={keep.id}) == [stale.id]
     assert _mount_count(store.mount_point(stale.id)) == 0
     assert _loop_devices(store.path(stale.id)) == ""

@@ -18,6 +18,7 @@ from flynn_host.config import (
     load_config_file,
     parse_tags,
 )
+from flynn_host.images import images_dir
 
 
 def parse_daemon_args(argv: list[str]) -> HostConfig:
@@ -46,6 +47,7 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
     p.add_argument("--shim-pool", type=int, default=2)
     p.add_argument("--disable-plugin", action="append", default=[])
     p.add_argument("--component", action="append", default=[])
+    p.add_argument("--image-dir", action="append", default=[])
     # the config file's args come first so the command line overrides them
     args = p.parse([str(a) for a in file_conf.get("args") or []] + argv)
 
@@ -95,6 +97,7 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
         discovery=args.discovery,
         peer_ips=[ip.strip() for ip in args.peer_ips.split(",") if ip.strip()],
         host_key=host_key,
+        image_dirs=[images_dir(), *(Path(d).absolute() for d in args.image_dir)],
         **extra,
     )
 

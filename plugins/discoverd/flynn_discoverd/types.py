@@ -10,8 +10,9 @@ from typing import Any
 
 from flynn_host.errors import ValidationError
 
-SERVICE_NAME_RE = re.compile(r"^[a-z0-9-]+$")
-PROTO_RE = re.compile(r"^[a-z0-9]+$")
+# fullmatch, not `$`, which also matches before a trailing newline
+SERVICE_NAME_RE = re.compile(r"[a-z0-9-]+")
+PROTO_RE = re.compile(r"[a-z0-9]+")
 
 DEFAULT_TTL = 10.0  # seconds an instance lives without a heartbeat (Flynn's DefaultInstanceTTL)
 
@@ -29,7 +30,7 @@ LEADER_MANUAL = "manual"
 
 
 def check_service_name(name: str) -> str:
-    if not SERVICE_NAME_RE.match(name or ""):
+    if not SERVICE_NAME_RE.fullmatch(name or ""):
         raise ValidationError("service", "name must match [a-z0-9-]+")
     return name
 
@@ -59,9 +60,9 @@ class Instance:
         if not isinstance(raw, dict):
             raise ValidationError("", "instance must be a JSON object")
         addr, proto = raw.get("addr"), raw.get("proto") or "tcp"
-        if not isinstance(addr, str) or not re.match(r"^.+:\d{1,5}$", addr):
+        if not isinstance(addr, str) or not re.fullmatch(r".+:\d{1,5}", addr):
             raise ValidationError("addr", "must be host:port")
-        if not isinstance(proto, str) or not PROTO_RE.match(proto):
+        if not isinstance(proto, str) or not PROTO_RE.fullmatch(proto):
             raise ValidationError("proto", "must be lower-case letters and digits")
         meta = raw.get("meta") or {}
         if not isinstance(meta, dict) or not all(

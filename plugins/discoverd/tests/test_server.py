@@ -79,6 +79,8 @@ async def test_services_api(api: Api) -> None:
     assert (status, body["code"]) == (409, "object_exists")
     status, body = await call(api, "PUT", "/services/Bad_Name", {})
     assert (status, body["code"]) == (400, "validation_error")
+    status, body = await call(api, "PUT", "/services/web%0A", {})  # `$` let a newline through
+    assert (status, body["code"]) == (400, "validation_error")
     status, body = await call(api, "PUT", "/services/db", raw=b"{not json")
     assert (status, body["code"]) == (400, "syntax_error")
     status, body = await call(api, "PUT", "/services/db", {"leader_type": "random"})
