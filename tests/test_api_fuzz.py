@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import time
+import types
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
@@ -51,6 +52,8 @@ def routes() -> list[tuple[str, str]]:
     added later is fuzzed too."""
 
     class NoPlugins:
+        config = types.SimpleNamespace(host_key="k" * 16)
+
         def plugin_apps(self) -> list[Any]:
             return []
 
