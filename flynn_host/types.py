@@ -68,12 +68,14 @@ RESOURCE_DEFAULTS: dict[str, int] = {
 RESOURCE_TYPES = ("memory", "cpu", "temp_disk", "max_fd", "max_procs")
 # The range each resource may take, so that a job the API accepts is not refused later by runc,
 # the kernel or mkfs (measured): below 4 MiB the container's own processes do not fit in the
-# memory cgroup, runc needs about 8 open files before it execs, tini and the job are 2 processes,
-# mkfs.ext2 needs 128 KiB (1 MiB leaves room for the overlay's directories). cpu.shares stops at
-# 262144 (256000 millicores), RLIMIT_NOFILE at fs.nr_open (2^20 by default), pids at 2^22
-# (PID_MAX_LIMIT); ext4 files stop below 16 TiB and mkfs of 1 TiB takes half a second.
+# memory cgroup (runc's Go init runs in it before the job; on a loaded host 4 MiB failed now and
+# then, so the floor is 16 MiB), runc needs about 8 open files before it execs, tini and the
+# job are 2 processes, mkfs.ext2 needs 128 KiB (1 MiB leaves room for the overlay's
+# directories). cpu.shares stops at 262144 (256000 millicores), RLIMIT_NOFILE at fs.nr_open
+# (2^20 by default), pids at 2^22 (PID_MAX_LIMIT); ext4 files stop below 16 TiB and mkfs of
+# 1 TiB takes half a second.
 RESOURCE_BOUNDS: dict[str, tuple[int, int]] = {
-    "memory": (4 * MIB, 16 * 1024 * GIB),
+    "memory": (16 * MIB, 16 * 1024 * GIB),
     "cpu": (1, 256000),
     "temp_disk": (1 * MIB, 1024 * GIB),
     "max_fd": (16, 1 << 20),

@@ -37,6 +37,8 @@ CONFIG_FIELDS = (
     "no_new_privileges",
 )
 FINISHED = ("done", "crashed", "failed")
+# how long a job must keep running before run-app counts it as started
+STARTED_AFTER = 1.0
 
 
 def _host_call(host: ClusterHost, what: str, method: str, path: str, body: Any = None) -> Any:
@@ -369,11 +371,18 @@ class RunApp(Action):
         deadline = time.monotonic() + state.job_timeout
         pending = list(started)
         next_report = time.monotonic() + 5
+        running_since: dict[str, float] = {}
         while pending:
             for host, jid in list(pending):
                 job = _host_call(host, f"inspecting job {jid}", "GET", f"/host/jobs/{jid}")
                 status = job.get("status")
-                if status in ("running", "done"):
+                if status == "running":
+                    # a program that is missing or dies at once still reaches `running` (its
+                    # init started): count the job once it has kept running for a moment
+                    since = running_since.setdefault(jid, time.monotonic())
+                    if time.monotonic() - since >= STARTED_AFTER:
+                        pending.remove((host, jid))
+                elif status == "done":
                     pending.remove((host, jid))
                 elif status in ("crashed", "failed"):
                     raise StepError(job_failure(host, jid, job))
