@@ -197,6 +197,16 @@ def test_docs_say_whether_each_hook_is_firstresult() -> None:
         assert "firstresult" in body, f"### {heading}: say whether it is firstresult"
 
 
+def test_hookspec_docstrings_say_whether_each_hook_is_firstresult() -> None:
+    marker = f"{hookspecs.PROJECT}_spec"
+    for name in hook_specs():
+        spec = getattr(hookspecs, name)
+        said = re.search(r"^\s*firstresult: (yes|no)\b", spec.__doc__ or "", flags=re.M)
+        assert said, f"{name}: its docstring must say 'firstresult: yes' or 'firstresult: no'"
+        is_first = bool(getattr(spec, marker).get("firstresult"))
+        assert (said[1] == "yes") is is_first, f"{name}: the docstring says {said[0].strip()!r}"
+
+
 def test_docs_name_every_builtin_component() -> None:
     text = DOCS.read_text()
     pm = make_plugin_manager(load_entrypoints=False)
