@@ -215,6 +215,19 @@ def test_docs_name_every_builtin_component() -> None:
             assert f"`{comp.kind}`" in text and f"`{comp.name}`" in text, comp
 
 
+def test_docs_list_every_builtin_plugin_with_its_hooks() -> None:
+    rows = [line for line in DOCS.read_text().splitlines() if line.lstrip().startswith("| `")]
+    pm = make_plugin_manager(load_entrypoints=False)
+    for name, module in BUILTIN_PLUGINS.items():
+        start = f"| `{name}` | `{module}`"
+        row = next((r for r in rows if r.lstrip().startswith(start)), None)
+        assert row, f"{DOCS.name}: the built-in plugins table has no row '{start} ...'"
+        hooks = sorted(h.name for h in pm.get_hookcallers(pm.get_plugin(name)) or [])
+        assert hooks, name
+        missing = [h for h in hooks if f"`{h}`" not in row]
+        assert not missing, f"{DOCS.name}: the row of {name} does not name its hooks {missing}"
+
+
 # --- the import rule: what a plugin package may import -------------------------------------------
 
 PLUGIN_PACKAGES = sorted(p for p in (ROOT / "plugins").glob("*/flynn_*") if p.is_dir())
