@@ -228,6 +228,13 @@ def test_docs_list_every_builtin_plugin_with_its_hooks() -> None:
         assert not missing, f"{DOCS.name}: the row of {name} does not name its hooks {missing}"
 
 
+def test_plugins_readme_lists_every_plugin_package() -> None:
+    text = (ROOT / "plugins" / "README.md").read_text()
+    for package in PLUGIN_PACKAGES:  # (defined with the import rule, below)
+        row = f"| `{package.parent.name}/` | `{package.name}` |"
+        assert row in text, f"plugins/README.md: no row '{row} ...' in the list of plugins"
+
+
 # --- the import rule: what a plugin package may import -------------------------------------------
 
 PLUGIN_PACKAGES = sorted(p for p in (ROOT / "plugins").glob("*/flynn_*") if p.is_dir())
