@@ -1,4 +1,4 @@
-"""The host API (port 1113): Flynn's paths and JSON (facts §3.2–§3.4).
+"""The host API (port 1113): Flynn's paths and JSON (README.md#host-api-port-1113).
 
 Jobs (`/host/jobs`), their event streams (SSE), signals, host status, the job network
 (`POST /host/network`, from flannel), resource checks, attach
@@ -230,7 +230,7 @@ def _http_url(value: Any) -> bool:
 
 
 async def host_discoverd(request: web.Request) -> web.Response:
-    """discoverd's job tells its host where discoverd answers (facts §3.2)."""
+    """discoverd's job tells its host where discoverd answers (docs/discoverd.md#its-host)."""
     raw = await read_json(request)
     if not isinstance(raw, dict):
         raise ValidationError("", "body must be a JSON object")

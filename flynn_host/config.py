@@ -20,7 +20,7 @@ from flynn_host.images import images_dir
 
 DEFAULT_CONFIG_FILE = "/etc/flynn/host.json"
 
-# Flynn's default CPU shares of the mandatory partitions (facts §3.1).
+# Flynn's default CPU shares of the mandatory partitions (README.md#what-a-job-gets).
 DEFAULT_PARTITIONS = {"system": 4096, "background": 4096, "user": 8192}
 
 DAEMON_USAGE = """\

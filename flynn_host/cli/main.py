@@ -1,4 +1,5 @@
-"""`flynn-host`: the daemon and the operator's commands (Flynn's usage texts, facts §3.8).
+"""`flynn-host`: the daemon and the operator's commands, with Flynn's usage texts
+(README.md#using-flynn-host).
 
 Every command but `daemon` is a client of a host API (the local one by default; set
 `FLYNN_HOST_ADDR=ip:port` to talk to another). Errors print a message and exit non-zero: one

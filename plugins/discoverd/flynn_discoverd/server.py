@@ -1,6 +1,7 @@
-"""discoverd's HTTP API (facts §4.2): Flynn's paths, JSON, status codes and SSE framing over a
-`Store`. Every node serves every request from etcd, so there is no proxy mode and no redirect
-to a leader. Responses carry `Discoverd-Index`: the etcd revision last seen.
+"""discoverd's HTTP API (docs/discoverd.md#http-api): Flynn's paths, JSON, status codes and
+SSE framing over a `Store`. Every node serves every request from etcd, so there is no proxy
+mode and no redirect to a leader. Responses carry `Discoverd-Index`: the etcd revision last
+seen.
 """
 
 from __future__ import annotations
