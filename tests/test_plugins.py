@@ -1,7 +1,8 @@
 """Plugins: the plugin manager on its own, a third-party plugin distribution installed for real
 (`tests/plugins/flynn-tmpfs-volumes`, built with pip into a throw-away directory and put on the
 daemon's PYTHONPATH) replacing the `volumes` component of a real daemon, the start-up errors
-an operator can cause, and `docs/plugin_hooks.md` kept in step with the hook specs."""
+an operator can cause, `docs/plugin_hooks.md` and `plugins/README.md` kept in step with the
+hook specs and the plugins, and the import rule over every package in `plugins/`."""
 
 from __future__ import annotations
 
