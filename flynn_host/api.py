@@ -1,4 +1,4 @@
-"""The host API (port 1113): Flynn's paths and JSON (facts §3.2–§3.4).
+"""The host API (port 1113): Flynn's paths and JSON (README.md#host-api-port-1113).
 
 Jobs (`/host/jobs`), their event streams (SSE), signals, host status, the job network
 (`POST /host/network`, from flannel), resource checks, attach
@@ -22,7 +22,7 @@ import hmac
 import json
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 HOST: web.AppKey[Host] = web.AppKey("host")
 # the long-lived handlers (event streams, attach sessions): shutdown ends them at once
 STREAMS: web.AppKey[Streams] = web.AppKey("streams")
-SSE_KEEPALIVE = 30.0
 ATTACH_LINGER = 2.0
 # what a load balancer or monitor may ask without the host key
 OPEN_PATHS = frozenset({"/host/status", "/.well-known/status"})
@@ -132,24 +131,19 @@ async def sse_events(
     queue: asyncio.Queue[dict[str, Any] | None],
     until: Callable[[dict[str, Any]], bool] | None = None,
 ) -> web.StreamResponse:
-    """Flynn's SSE framing: `data: <json>` per event, `:` keep-alive after 30 s of silence."""
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-    )
-    streams = request.app[STREAMS]
-    with streams.track(), contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        await resp.prepare(request)
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
-            except TimeoutError:
-                await resp.write(b":\n")
-                continue
-            if event is None:
-                break
-            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+    """The job events put in `queue` as an event stream (`httphelper.write_sse`: Flynn's
+    framing and keep-alives), until a None or an event `until` accepts. Tracked, so a shutdown
+    ends it at once; the cancellation that does so ends the stream quietly."""
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        while (event := await queue.get()) is not None:
+            yield event
             if until is not None and until(event):
-                break
+                return
+
+    resp = httphelper.sse_response()
+    with request.app[STREAMS].track(), contextlib.suppress(asyncio.CancelledError):
+        await httphelper.write_sse(request, resp, events())
     return resp
 
 
@@ -230,7 +224,7 @@ def _http_url(value: Any) -> bool:
 
 
 async def host_discoverd(request: web.Request) -> web.Response:
-    """discoverd's job tells its host where discoverd answers (facts §3.2)."""
+    """discoverd's job tells its host where discoverd answers (docs/discoverd.md#its-host)."""
     raw = await read_json(request)
     if not isinstance(raw, dict):
         raise ValidationError("", "body must be a JSON object")

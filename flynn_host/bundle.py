@@ -1,5 +1,5 @@
-"""From a Flynn job to an OCI runtime spec: the environment flynn-host injects (facts §2.4),
-namespaces, mounts, capabilities, cgroup resources and rlimits.
+"""From a Flynn job to an OCI runtime spec: the environment flynn-host injects
+(README.md#what-a-job-gets), namespaces, mounts, capabilities, cgroup resources and rlimits.
 
 A pure function of the job and the host's settings, so it is tested without starting anything.
 PID 1 in every container is tini (Debian's `tini-static`, bind-mounted read-only at

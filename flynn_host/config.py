@@ -12,45 +12,16 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from flynn_host.images import images_dir
+from flynn_host.images import DEFAULT_IMAGES_DIR, images_dir
 
 DEFAULT_CONFIG_FILE = "/etc/flynn/host.json"
 
-# Flynn's default CPU shares of the mandatory partitions (facts §3.1).
+# Flynn's default CPU shares of the mandatory partitions (README.md#what-a-job-gets).
 DEFAULT_PARTITIONS = {"system": 4096, "background": 4096, "user": 8192}
-
-DAEMON_USAGE = """\
-usage: flynn-host daemon [options]
-
-options:
-  --http-port=PORT           HTTP port [default: 1113]
-  --external-ip=IP           external IP of host
-  --listen-ip=IP             bind host network services to this IP
-  --state=PATH               path to state file [default: /var/lib/flynn/host-state.json]
-  --id=ID                    host id
-  --tags=TAGS                host tags (comma separated list of KEY=VAL pairs)
-  --force                    kill all containers booted by flynn-host before starting
-  --volpath=PATH             directory to create volumes in [default: /var/lib/flynn/volumes]
-  --work-dir=PATH            job bundles and layer mounts [default: /var/lib/flynn/work]
-  --run-dir=PATH             directory for runc state [default: /run/flynn]
-  --log-dir=DIR              directory to store job logs [default: /var/log/flynn]
-  --log-file=FILE            custom log file path
-  --discovery=TOKEN          join cluster with discovery token
-  --peer-ips=IPLIST          join existing cluster using IPs
-  --bridge-name=NAME         network bridge name [default: flynnbr0]
-  --max-job-concurrency=NUM  maximum number of jobs to start concurrently [default: 4]
-  --stop-timeout=SECS        seconds between SIGTERM and SIGKILL when stopping a job [default: 30]
-  --log-max-bytes=BYTES      size at which a job's log file is rotated [default: 10485760]
-  --shim-pool=NUM            job shims kept started ahead, to start jobs faster [default: 2]
-  --disable-plugin=NAMES     comma separated plugin names not to load
-  --component=KIND=NAME      choose the implementation of a component (repeatable)
-  --image-dir=PATH           a directory file:// manifests and layers may be read from, besides
-                             $FLYNN_IMAGES [default: /var/lib/flynn/images] (repeatable)
-"""
 
 
 def default_host_id() -> str:
@@ -70,6 +41,9 @@ def parse_tags(text: str) -> dict[str, str]:
 
 @dataclass
 class HostConfig:
+    """What the daemon runs with. The plain field defaults are `flynn-host daemon`'s flag
+    defaults, written here only: its parser and usage text take them through `flag_defaults`."""
+
     id: str = field(default_factory=default_host_id)
     http_port: int = 1113
     external_ip: str = ""
@@ -137,6 +111,61 @@ class HostConfig:
     @property
     def url(self) -> str:
         return f"http://{self.external_ip or '127.0.0.1'}:{self.http_port}"
+
+
+def flag_defaults() -> dict[str, Any]:
+    """`HostConfig`'s plain defaults by field name: the one place the daemon's flag defaults
+    are written. `flynn-host daemon`'s parser and its usage text take them from here (the
+    fields with a default factory are not flags' defaults: the host id is the hostname's)."""
+    return {f.name: f.default for f in fields(HostConfig) if f.default is not MISSING}
+
+
+def with_defaults(usage: str, defaults: dict[str, Any]) -> str:
+    """`usage` with ` [default: <value>]` after the help of each `--flag=ARG` whose field
+    (`flag` with `_` for `-`) has a default other than empty or None."""
+    lines = []
+    for line in usage.splitlines(keepends=True):
+        flag = re.match(r"  --([a-z-]+)=\S+ ", line)
+        value = defaults.get(flag[1].replace("-", "_")) if flag else None
+        if value is not None and value != "":
+            shown = f"{value:g}" if isinstance(value, float) else value
+            line = f"{line.rstrip()} [default: {shown}]\n"
+        lines.append(line)
+    return "".join(lines)
+
+
+# Flynn's usage text, with this project's flags; the defaults are added from the dataclass (a
+# test checks `flynn-host help daemon` against it)
+_DAEMON_USAGE = """\
+usage: flynn-host daemon [options]
+
+options:
+  --http-port=PORT           HTTP port
+  --external-ip=IP           external IP of host
+  --listen-ip=IP             bind host network services to this IP
+  --state=PATH               path to state file
+  --id=ID                    host id
+  --tags=TAGS                host tags (comma separated list of KEY=VAL pairs)
+  --force                    kill all containers booted by flynn-host before starting
+  --volpath=PATH             directory to create volumes in
+  --work-dir=PATH            job bundles and layer mounts
+  --run-dir=PATH             directory for runc state
+  --log-dir=DIR              directory to store job logs
+  --log-file=FILE            custom log file path
+  --discovery=TOKEN          join cluster with discovery token
+  --peer-ips=IPLIST          join existing cluster using IPs
+  --bridge-name=NAME         network bridge name
+  --max-job-concurrency=NUM  maximum number of jobs to start concurrently
+  --stop-timeout=SECS        seconds between SIGTERM and SIGKILL when stopping a job
+  --log-max-bytes=BYTES      size at which a job's log file is rotated
+  --shim-pool=NUM            job shims kept started ahead, to start jobs faster
+  --disable-plugin=NAMES     comma separated plugin names not to load
+  --component=KIND=NAME      choose the implementation of a component (repeatable)
+  --image-dir=PATH           a directory file:// manifests and layers may be read from, besides
+                             $FLYNN_IMAGES [default: {images_dir}] (repeatable)
+"""
+
+DAEMON_USAGE = with_defaults(_DAEMON_USAGE.format(images_dir=DEFAULT_IMAGES_DIR), flag_defaults())
 
 
 MIN_HOST_KEY_LENGTH = 16

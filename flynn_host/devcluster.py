@@ -75,17 +75,17 @@ def bridge_name(name: str) -> str:
     return "flynnclu0" if name == DEFAULT_NAME else f"fc{name}br"
 
 
-def veth_name(name: str, i: int) -> str:
+def dev_host_veth(name: str, i: int) -> str:
     """Root end of host i's veth: `fc<name>h<i>`, at most 2+8+1+2 = 13 characters."""
     return f"fc{name}h{i}"
 
 
-def netns_name(name: str, i: int) -> str:
+def dev_host_netns(name: str, i: int) -> str:
     return f"flynn-{name}-host{i}"
 
 
 @dataclass
-class ClusterHost:
+class DevClusterHost:
     """One host of the cluster: its namespace, address, directory and daemon."""
 
     index: int
@@ -201,7 +201,7 @@ class Cluster:
     base: Path = DEFAULT_BASE
     domain: str = ""
     say: Say = _quiet
-    hosts: list[ClusterHost] = field(default_factory=list)
+    hosts: list[DevClusterHost] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not NAME_RE.fullmatch(self.name):
@@ -246,7 +246,7 @@ class Cluster:
 
     def load(self) -> None:
         data = json.loads(self.state_file.read_text())
-        self.hosts = [ClusterHost(**h) for h in data["hosts"]]
+        self.hosts = [DevClusterHost(**h) for h in data["hosts"]]
         self.domain = data.get("domain", self.domain)
 
     def save(self) -> None:
@@ -263,7 +263,7 @@ class Cluster:
             bridge = bool(ipr.link_lookup(ifname=self.bridge))
         return self.dir.exists() or bridge or bool(self._namespaces())
 
-    def host(self, which: int | str) -> ClusterHost:
+    def host(self, which: int | str) -> DevClusterHost:
         """A host by index (1-based), `host<i>` or its id."""
         if not self.hosts:
             raise ClusterError(f"cluster {self.name!r} is not up (script/cluster up)")
@@ -302,9 +302,9 @@ class Cluster:
         self._check_subnet_free()
         self._check_ids_free([f"{host_id_prefix}{i}" for i in range(1, n + 1)])
         self.hosts = [
-            ClusterHost(
+            DevClusterHost(
                 index=i, id=f"{host_id_prefix}{i}", ip=str(self.network.network_address + 10 + i),
-                netns=netns_name(self.name, i), veth=veth_name(self.name, i),
+                netns=dev_host_netns(self.name, i), veth=dev_host_veth(self.name, i),
                 dir=str(self.dir / f"host{i}"),
             )
             for i in range(1, n + 1)
@@ -388,7 +388,7 @@ class Cluster:
             ipr.addr("add", index=idx, address=self.gateway, prefixlen=24)
             ipr.link("set", index=idx, state="up")
 
-    def _make_host_network(self, h: ClusterHost) -> None:
+    def _make_host_network(self, h: DevClusterHost) -> None:
         create_netns(h.netns)
         peer_tmp = f"fc{self.name}p{h.index}"
         ns_fd = os.open(h.netns_path, os.O_RDONLY)
@@ -415,7 +415,7 @@ class Cluster:
 
     # --- daemons ---------------------------------------------------------------------------
 
-    def host_env(self, h: ClusterHost) -> dict[str, str]:
+    def host_env(self, h: DevClusterHost) -> dict[str, str]:
         """The environment of a host's daemon and of `exec` on it."""
         return {
             **os.environ,
@@ -426,7 +426,7 @@ class Cluster:
             "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
         }
 
-    def _start_daemon(self, h: ClusterHost) -> None:
+    def _start_daemon(self, h: DevClusterHost) -> None:
         if h.pid and pid_alive(h.pid):
             raise ClusterError(f"{h.id} is already running (pid {h.pid})")
         if not Path(h.netns_path).exists():
@@ -444,7 +444,7 @@ class Cluster:
         proc.returncode = 0
         self.save()
 
-    def _wait_answering(self, h: ClusterHost, timeout: float = 30.0) -> None:
+    def _wait_answering(self, h: DevClusterHost, timeout: float = 30.0) -> None:
         client = HostClient(h.url, timeout=2, key=self.key)
         deadline = time.monotonic() + timeout
         while True:
@@ -458,7 +458,7 @@ class Cluster:
                                    f"{self.log_tail(h)}")  # fmt: skip
             time.sleep(0.1)
 
-    def log_tail(self, h: ClusterHost, chars: int = 3000) -> str:
+    def log_tail(self, h: DevClusterHost, chars: int = 3000) -> str:
         with contextlib.suppress(OSError):
             return h.log_file.read_text(errors="replace")[-chars:]
         return ""
@@ -529,7 +529,7 @@ class Cluster:
         return subprocess.run(["nsenter", f"--net={h.netns_path}", "--", *argv],
                               env={**self.host_env(h), **(env or {})}, **kw)  # fmt: skip
 
-    def _run_checked(self, h: ClusterHost, args: list[str], env: dict[str, str] | None = None,
+    def _run_checked(self, h: DevClusterHost, args: list[str], env: dict[str, str] | None = None,
                      capture: bool = True) -> None:  # fmt: skip
         proc = self.exec(h.index, ["flynn-host", *args], env=env, text=True,
                          capture_output=capture)  # fmt: skip
@@ -581,14 +581,14 @@ class Cluster:
     def _job_namespaces(self) -> list[str]:
         """Network namespaces the hosts made for their jobs and did not remove (a host that
         was killed): the jobs are in each host's state file."""
-        from flynn_host.jobnet import netns_name as job_netns
+        from flynn_host.jobnet import netns_name
 
         names = []
         for d in self._host_dirs():
             with contextlib.suppress(OSError, ValueError):
                 state = json.loads((d / "state.json").read_text())
                 jobs = state.get("jobs", state) if isinstance(state, dict) else {}
-                names += [job_netns(job_id) for job_id in jobs]
+                names += [netns_name(job_id) for job_id in jobs]
         return [n for n in names if (NETNS_DIR / n).exists()]
 
     def _host_ids(self) -> list[str]:

@@ -1,14 +1,16 @@
-"""HTTP helpers shared by every aiohttp API in the project (Flynn's `pkg/httphelper`): the
-error middleware that answers in Flynn's error JSON, reading a JSON body with Flynn's
-`syntax_error` (bounded in size, time and nesting: `flynn_host.limits`), and telling an SSE
-request apart."""
+"""HTTP helpers shared by every aiohttp API in the project (Flynn's `pkg/httphelper` and
+`pkg/sse`): the error middleware that answers in Flynn's error JSON, reading a JSON body with
+Flynn's `syntax_error` (bounded in size, time and nesting: `flynn_host.limits`), and event
+streams: telling an SSE request apart and writing one with Flynn's framing and keep-alives
+(the host API's job events and discoverd's service events both go through `write_sse`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +19,10 @@ from flynn_host import limits
 from flynn_host.errors import FlynnError
 
 log = logging.getLogger(__name__)
+
+# seconds without an event after which a stream sends a `:` comment line, as Flynn's do: it
+# keeps proxies from closing an idle stream and shows the client the server is still there
+SSE_KEEPALIVE = 30.0
 
 
 async def read_json(
@@ -53,6 +59,65 @@ async def read_json(
 
 def wants_stream(request: web.Request) -> bool:
     return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def sse_response(headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+    """A response for an event stream: Flynn's SSE headers, plus `headers`."""
+    return web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            **(headers or {}),
+        }
+    )
+
+
+async def write_sse(
+    request: web.Request,
+    resp: web.StreamResponse,
+    events: AsyncIterator[Any],
+    keepalive: float = SSE_KEEPALIVE,
+) -> None:
+    """Send `resp`'s headers, then each of `events` (JSON values) as Flynn frames SSE: a
+    `data: <json>` line and a blank line; a `:` line after `keepalive` seconds without an event;
+    when `events` raises, `event: error` with its message, which ends the stream (the headers
+    are gone: a status can no longer say it). Returns when `events` ends or the client goes
+    away, and closes `events` either way. A cancellation (a shutdown ending the stream)
+    propagates, for the caller to handle."""
+    it = aiter(events)
+    pending: asyncio.Future[Any] | None = None
+    with contextlib.suppress(ConnectionResetError):
+        try:
+            await resp.prepare(request)
+            while True:
+                # the next event is awaited in a task of its own that outlives a keep-alive:
+                # cancelling it on a timeout would end the iterator (an etcd watch, say)
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(it))
+                done, _ = await asyncio.wait({pending}, timeout=keepalive)
+                if not done:
+                    await resp.write(b":\n")
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    log.warning("event stream of %s failed: %s", request.path, exc)
+                    pending = None
+                    msg = str(exc).replace("\n", " ")
+                    await resp.write(f"event: error\ndata: {msg}\n\n".encode())
+                    break
+                pending = None
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def errors_middleware(

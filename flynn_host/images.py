@@ -1,9 +1,10 @@
 """Flynn images: the image manifest, its canonical-JSON id, squashfs layers, and the small
 "busybox" test image built from the host's own static busybox.
 
-A Flynn image (facts §3.7) is a manifest `application/vnd.flynn.image.manifest.v1+json` listing
-entrypoints and, per platform, squashfs layers named by their sha512_256. The image id is the
-sha512_256 of the manifest's canonical JSON, so the same manifest has the same id everywhere.
+A Flynn image (docs/host.md#image-manifests) is a manifest
+`application/vnd.flynn.image.manifest.v1+json` listing entrypoints and, per platform, squashfs
+layers named by their sha512_256. The image id is the sha512_256 of the manifest's canonical
+JSON, so the same manifest has the same id everywhere.
 Jobs do not see manifests: they get `mountspecs`, which `mountspecs_for` derives from one.
 
 Run `python -m flynn_host.images build-busybox --dir DIR` to build (or find cached) the test

@@ -29,8 +29,9 @@ DONE = "done"
 CRASHED = "crashed"
 FAILED = "failed"
 
-# The job state machine (facts §3.3): every transition the host makes is listed here and
-# `ActiveJob.set_state` refuses any other, so a bug shows up as an error, not a strange state.
+# The job state machine (drawn in README.md#host-api-port-1113): every transition the host
+# makes is listed here and `ActiveJob.set_state` refuses any other, so a bug shows up as an
+# error, not a strange state.
 TRANSITIONS: dict[str, frozenset[str]] = {
     STARTING: frozenset({RUNNING, FAILED}),
     RUNNING: frozenset({DONE, CRASHED}),
@@ -381,7 +382,8 @@ class Job:
 
     @property
     def hostname(self) -> str:
-        """Container hostname: the part of the job id after the host id (facts §2.5)."""
+        """Container hostname: the part of the job id after the host id, at most 64 characters
+        (README.md#what-a-job-gets)."""
         return self.id.split("-", 1)[-1][:64]
 
 

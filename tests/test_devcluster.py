@@ -179,7 +179,7 @@ def test_a_failed_up_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -> No
     c = new_cluster()
     real_wait = Cluster._wait_answering
 
-    def fail_on_host2(self: Cluster, h: devcluster.ClusterHost, timeout: float = 30) -> None:
+    def fail_on_host2(self: Cluster, h: devcluster.DevClusterHost, timeout: float = 30) -> None:
         if h.index == 2:
             raise ClusterError("simulated failure")
         real_wait(self, h, timeout)
@@ -212,7 +212,7 @@ def test_names_are_checked() -> None:
         Cluster("Bad-Name")
     assert devcluster.bridge_name("default") == "flynnclu0"
     assert devcluster.subnet_index("default") == 0
-    assert all(len(devcluster.veth_name("abcdefgh", i)) <= 15 for i in range(1, 51))
+    assert all(len(devcluster.dev_host_veth("abcdefgh", i)) <= 15 for i in range(1, 51))
 
 
 @pytest.mark.slow

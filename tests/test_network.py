@@ -83,7 +83,7 @@ def _ping(ns: str, ip: str) -> bool:
 
 
 @pytest.fixture
-def test_host() -> Iterator[tuple[HostNetwork, str, list[str]]]:
+def fake_host() -> Iterator[tuple[HostNetwork, str, list[str]]]:
     """A host namespace with a HostNetwork in it; yields (net, host ns, [job a, job b, an
     "outside" namespace])."""
     tag = secrets.token_hex(2)
@@ -103,8 +103,8 @@ def test_host() -> Iterator[tuple[HostNetwork, str, list[str]]]:
 
 
 @needs_root
-def test_bridge_jobs_and_nat(test_host: tuple[HostNetwork, str, list[str]], tmp_path: Path) -> None:
-    net, host_ns, jobs = test_host
+def test_bridge_jobs_and_nat(fake_host: tuple[HostNetwork, str, list[str]], tmp_path: Path) -> None:
+    net, host_ns, jobs = fake_host
     net.setup()
     net.setup()  # idempotent
     assert net.bridge_exists() and net.has_nat_rule()
@@ -164,9 +164,9 @@ def test_bridge_jobs_and_nat(test_host: tuple[HostNetwork, str, list[str]], tmp_
 
 @needs_root
 def test_attach_without_bridge_leaves_nothing(
-    test_host: tuple[HostNetwork, str, list[str]],
+    fake_host: tuple[HostNetwork, str, list[str]],
 ) -> None:
-    net, host_ns, jobs = test_host
+    net, host_ns, jobs = fake_host
     with pytest.raises(network.NetworkError, match="does not exist"):
         net.attach(jobs[0], jobs[0], str(net.network.network_address + 2))
     assert _link_names(host_ns) == {"lo"}
@@ -189,10 +189,10 @@ def test_netns_helpers() -> None:
 
 
 @needs_root
-def test_current_namespace(test_host: tuple[HostNetwork, str, list[str]]) -> None:
+def test_current_namespace(fake_host: tuple[HostNetwork, str, list[str]]) -> None:
     """The daemon's own case (no `host_netns`): IPRoute, /proc ip_forward and plain iptables,
     run in a child process placed in the test host's namespace, so the machine is untouched."""
-    net, host_ns, jobs = test_host
+    net, host_ns, jobs = fake_host
     ip = str(net.network.network_address + 9)
     code = (
         "import sys; from pathlib import Path; from flynn_host.network import HostNetwork\n"

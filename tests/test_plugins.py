@@ -1,10 +1,12 @@
 """Plugins: the plugin manager on its own, a third-party plugin distribution installed for real
 (`tests/plugins/flynn-tmpfs-volumes`, built with pip into a throw-away directory and put on the
 daemon's PYTHONPATH) replacing the `volumes` component of a real daemon, the start-up errors
-an operator can cause, and `docs/plugin_hooks.md` kept in step with the hook specs."""
+an operator can cause, `docs/plugin_hooks.md` and `plugins/README.md` kept in step with the
+hook specs and the plugins, and the import rule over every package in `plugins/`."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import json
@@ -23,7 +25,7 @@ import pytest
 
 from flynn_host import __version__
 from flynn_host.client import HostAPIError
-from flynn_host.plugins import hookspecs
+from flynn_host.plugins import PUBLIC_MODULES, hookspecs
 from flynn_host.plugins.hookspecs import Component, hookimpl
 from flynn_host.plugins.manager import (
     BUILTIN_PLUGINS,
@@ -196,12 +198,124 @@ def test_docs_say_whether_each_hook_is_firstresult() -> None:
         assert "firstresult" in body, f"### {heading}: say whether it is firstresult"
 
 
+def test_hookspec_docstrings_say_whether_each_hook_is_firstresult() -> None:
+    marker = f"{hookspecs.PROJECT}_spec"
+    for name in hook_specs():
+        spec = getattr(hookspecs, name)
+        said = re.search(r"^\s*firstresult: (yes|no)\b", spec.__doc__ or "", flags=re.M)
+        assert said, f"{name}: its docstring must say 'firstresult: yes' or 'firstresult: no'"
+        is_first = bool(getattr(spec, marker).get("firstresult"))
+        assert (said[1] == "yes") is is_first, f"{name}: the docstring says {said[0].strip()!r}"
+
+
 def test_docs_name_every_builtin_component() -> None:
     text = DOCS.read_text()
     pm = make_plugin_manager(load_entrypoints=False)
     for batch in pm.hook.flynn_host_components(config=None):
         for comp in batch:
             assert f"`{comp.kind}`" in text and f"`{comp.name}`" in text, comp
+
+
+def test_docs_list_every_builtin_plugin_with_its_hooks() -> None:
+    rows = [line for line in DOCS.read_text().splitlines() if line.lstrip().startswith("| `")]
+    pm = make_plugin_manager(load_entrypoints=False)
+    for name, module in BUILTIN_PLUGINS.items():
+        start = f"| `{name}` | `{module}`"
+        row = next((r for r in rows if r.lstrip().startswith(start)), None)
+        assert row, f"{DOCS.name}: the built-in plugins table has no row '{start} ...'"
+        hooks = sorted(h.name for h in pm.get_hookcallers(pm.get_plugin(name)) or [])
+        assert hooks, name
+        missing = [h for h in hooks if f"`{h}`" not in row]
+        assert not missing, f"{DOCS.name}: the row of {name} does not name its hooks {missing}"
+
+
+def test_plugins_readme_lists_every_plugin_package() -> None:
+    text = (ROOT / "plugins" / "README.md").read_text()
+    for package in PLUGIN_PACKAGES:  # (defined with the import rule, below)
+        row = f"| `{package.parent.name}/` | `{package.name}` |"
+        assert row in text, f"plugins/README.md: no row '{row} ...' in the list of plugins"
+
+
+# --- the import rule: what a plugin package may import -------------------------------------------
+
+PLUGIN_PACKAGES = sorted(p for p in (ROOT / "plugins").glob("*/flynn_*") if p.is_dir())
+PLUGIN_NAMES = {p.name for p in PLUGIN_PACKAGES}
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent is a module, not a package
+        return False
+
+
+def imports_of(source: str) -> Iterator[tuple[int, str]]:
+    """(line, module) for every absolute import, those inside functions and `TYPE_CHECKING`
+    included; `from pkg import name` imports `pkg.name` when that is a module, else `pkg`."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                yield node.lineno, full if _is_module(full) else node.module
+
+
+def import_allowed(package: str, module: str) -> bool:
+    """May plugin package `package` (`flynn_discoverd`) import `module`?"""
+    top, *rest = module.split(".")
+    if top == package or not top.startswith("flynn_"):
+        return True  # its own modules, the standard library, third-party distributions
+    if top == "flynn_host":
+        return module in PUBLIC_MODULES
+    if top == "flynn_cli":
+        return False  # the `flynn` command is a client, no plugin's business
+    return rest[:1] in (["client"], ["types"])  # another plugin
+
+
+@pytest.mark.parametrize(
+    ("source", "allowed"),
+    [
+        ("from flynn_host import __version__", True),
+        ("from flynn_host import httphelper", True),
+        ("from flynn_host.errors import FlynnError", True),
+        ("from flynn_discoverd.client import Client", True),
+        ("from flynn_discoverd import types", True),
+        ("from flynn_flannel.leases import acquire_lease", True),  # its own package
+        ("import aiohttp.web", True),
+        ("from flynn_host.runc import StartError", False),
+        ("from flynn_host import jobs", False),
+        ("def f():\n    from flynn_host.daemon import Host", False),
+        ("if TYPE_CHECKING:\n    from flynn_host.config import HostConfig", False),
+        ("import flynn_discoverd.server", False),
+        ("from flynn_discoverd import store", False),
+        ("from flynn_discoverd import Client", False),
+        ("import flynn_cli.main", False),
+    ],
+)
+def test_import_rule_checker(source: str, allowed: bool) -> None:
+    assert all(import_allowed("flynn_flannel", m) for _, m in imports_of(source)) is allowed
+
+
+def test_plugins_import_the_host_and_each_other_only_through_public_modules() -> None:
+    assert {"flynn_discoverd", "flynn_flannel", "flynn_ping"} <= PLUGIN_NAMES
+    wrong = []
+    for package in PLUGIN_PACKAGES:
+        for path in sorted(package.rglob("*.py")):
+            for line, module in imports_of(path.read_text()):
+                if not import_allowed(package.name, module):
+                    wrong.append(f"{path.relative_to(ROOT)}:{line}: imports {module}")
+    assert not wrong, (
+        "a plugin imports another plugin only through its `client` and `types` modules, and "
+        "flynn_host only through PUBLIC_MODULES (flynn_host/plugins/__init__.py):\n"
+        + "\n".join(wrong)
+    )
+
+
+def test_public_modules_exist() -> None:
+    gone = [name for name in PUBLIC_MODULES if not _is_module(name)]
+    assert not gone, f"PUBLIC_MODULES names modules that do not exist: {gone}"
 
 
 # --- a real plugin distribution in a real daemon ---------------------------------------------

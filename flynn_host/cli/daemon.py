@@ -15,6 +15,7 @@ from flynn_host.config import (
     DAEMON_USAGE,
     HostConfig,
     check_host_key,
+    flag_defaults,
     load_config_file,
     parse_tags,
 )
@@ -25,26 +26,29 @@ def parse_daemon_args(argv: list[str]) -> HostConfig:
     file_conf = load_config_file()
     for key, value in (file_conf.get("env") or {}).items():
         os.environ.setdefault(str(key), str(value))
+    # every default is HostConfig's (written there only); those built by a factory are
+    # filled in below: the hostname's id, no tags, no peers
+    d = flag_defaults()
     p = Parser(DAEMON_USAGE)
-    p.add_argument("--http-port", type=int, default=1113)
-    p.add_argument("--external-ip", default="")
-    p.add_argument("--listen-ip", default="")
-    p.add_argument("--state", default="/var/lib/flynn/host-state.json")
+    p.add_argument("--http-port", type=int, default=d["http_port"])
+    p.add_argument("--external-ip", default=d["external_ip"])
+    p.add_argument("--listen-ip", default=d["listen_ip"])
+    p.add_argument("--state", default=d["state"])
     p.add_argument("--id", default=None)
     p.add_argument("--tags", default="")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--volpath", default="/var/lib/flynn/volumes")
-    p.add_argument("--work-dir", default="/var/lib/flynn/work")
-    p.add_argument("--run-dir", default="/run/flynn")
-    p.add_argument("--log-dir", default="/var/log/flynn")
-    p.add_argument("--log-file", default=None)
-    p.add_argument("--bridge-name", default="flynnbr0")
-    p.add_argument("--discovery", default="")
+    p.add_argument("--force", action="store_true", default=d["force"])
+    p.add_argument("--volpath", default=d["volpath"])
+    p.add_argument("--work-dir", default=d["work_dir"])
+    p.add_argument("--run-dir", default=d["run_dir"])
+    p.add_argument("--log-dir", default=d["log_dir"])
+    p.add_argument("--log-file", default=d["log_file"])
+    p.add_argument("--bridge-name", default=d["bridge_name"])
+    p.add_argument("--discovery", default=d["discovery"])
     p.add_argument("--peer-ips", default="")
-    p.add_argument("--max-job-concurrency", type=int, default=4)
-    p.add_argument("--stop-timeout", type=float, default=30.0)
-    p.add_argument("--log-max-bytes", type=int, default=10 * 1024 * 1024)
-    p.add_argument("--shim-pool", type=int, default=2)
+    p.add_argument("--max-job-concurrency", type=int, default=d["max_job_concurrency"])
+    p.add_argument("--stop-timeout", type=float, default=d["stop_timeout"])
+    p.add_argument("--log-max-bytes", type=int, default=d["log_max_bytes"])
+    p.add_argument("--shim-pool", type=int, default=d["shim_pool"])
     p.add_argument("--disable-plugin", action="append", default=[])
     p.add_argument("--component", action="append", default=[])
     p.add_argument("--image-dir", action="append", default=[])

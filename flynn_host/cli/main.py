@@ -1,4 +1,5 @@
-"""`flynn-host`: the daemon and the operator's commands (Flynn's usage texts, facts §3.8).
+"""`flynn-host`: the daemon and the operator's commands, with Flynn's usage texts
+(README.md#using-flynn-host).
 
 Every command but `daemon` is a client of a host API (the local one by default; set
 `FLYNN_HOST_ADDR=ip:port` to talk to another). Errors print a message and exit non-zero: one
@@ -40,7 +41,7 @@ See 'flynn-host help <command>' for more information on a specific command.
 
 
 def commands() -> dict[str, Callable[[list[str]], int]]:
-    from flynn_host.cli import bootstrap, cluster, daemon, init, jobs
+    from flynn_host.cli import bootstrap, daemon, discover, init, jobs
 
     return {
         "init": init.cmd_init,
@@ -54,8 +55,8 @@ def commands() -> dict[str, Callable[[list[str]], int]]:
         "run": jobs.cmd_run,
         "plugins": jobs.cmd_plugins,
         "image": jobs.cmd_image,
-        "list": cluster.cmd_list,
-        "discover": cluster.cmd_discover,
+        "list": discover.cmd_list,
+        "discover": discover.cmd_discover,
         "version": cmd_version,
         "component": cmd_component,
         "shim": cmd_shim,

@@ -1,0 +1,31 @@
+"""The plugin system: the hook specs (`hookspecs`), the plugin manager (`manager`) and the
+host's own built-in plugins, and — here, in one place — the modules of `flynn_host` a plugin
+may import.
+
+A plugin depends on the host's public surface and nothing else, so the rest of `flynn_host`
+can be moved and reshaped without breaking a plugin. Of another plugin, a plugin imports only
+`flynn_<name>.client` and `flynn_<name>.types`. `tests/test_plugins.py` checks both rules over
+every package in `plugins/` (their tests may import anything); see `plugins/README.md`.
+"""
+
+from __future__ import annotations
+
+# module -> why a plugin may import it. When one of these moves, change it here (and its
+# importers): the test fails on an entry that no longer names a module.
+PUBLIC_MODULES: dict[str, str] = {
+    "flynn_host": "`__version__`: the version a component reports is its host's",
+    "flynn_host.plugins.hookspecs": "`hookimpl` and `Component`: what a plugin implements",
+    "flynn_host.errors": "`FlynnError`, `ValidationError`, `not_found`: Flynn's error JSON",
+    "flynn_host.httphelper": (
+        "the error middleware, bounded JSON bodies and the SSE writer every aiohttp API shares"
+    ),
+    "flynn_host.client": (
+        "the host API's client, key and address: a component's job talks to its host"
+    ),
+    "flynn_host.atomicfile": "files replaced atomically (flannel's subnet.env)",
+    "flynn_host.volumes": "`VolumeManager`, the base class a `volumes` component may extend",
+    "flynn_host.network": (
+        "network namespaces and netlink (`iproute_in`): flannel's VXLAN device lives beside "
+        "the host's bridge, in the host's namespace or a test host's, reached the same way"
+    ),
+}

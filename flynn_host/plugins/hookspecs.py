@@ -4,7 +4,7 @@ Hooks are synchronous and cheap (pluggy cannot await): they return objects — a
 factory, an aiohttp application, an async context manager — and the daemon awaits those.
 The built-in plugins (`BUILTIN_PLUGINS` in `flynn_host.plugins.manager`) implement these hooks
 exactly as a vendor's plugin would; `docs/plugin_hooks.md` documents each one and a test keeps
-the two in step.
+the two in step. Each spec's docstring ends by saying whether it is firstresult (a test checks).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def flynn_host_components(config: HostConfig) -> list[Component]:
     Fires once at start-up, before any service starts, with the host's configuration.
     Returns a list of `Component`s (may be empty). All results are collected; for each kind the
     daemon picks the implementation the host config names, else the default one.
+
+    firstresult: no — every plugin's list is collected.
     """
 
 
@@ -68,6 +70,8 @@ def flynn_host_services(host: Host) -> list[AbstractAsyncContextManager[None]]:
     context managers: each is entered in plugin order and exited in reverse at shutdown (an
     `AsyncExitStack`), so start-up and clean-up are written together. A service whose entry
     fails stops the daemon's start, after the ones already entered are exited.
+
+    firstresult: no — every plugin's services run.
     """
 
 
@@ -78,6 +82,8 @@ def flynn_host_http_apps(host: Host) -> list[tuple[str, web.Application]]:
     Fires once while the host API is built. Returns `(prefix, app)` pairs; each app is mounted
     with `add_subapp(prefix, app)` (a prefix such as `/myplugin`, not `/host`). Errors they raise
     go through the same Flynn error JSON middleware as the host's own handlers.
+
+    firstresult: no — every plugin's apps are mounted.
     """
 
 
@@ -91,6 +97,8 @@ def flynn_host_job_event(host: Host, event: dict[str, Any]) -> None:
     Fires for every event the host publishes (`create`, `start`, `stop`, `error`, `cleanup`),
     with Flynn's event JSON `{"event", "job_id", "job": ActiveJob}`. Return value is ignored.
     Must not block: queue work on the event loop if it is slow.
+
+    firstresult: no — every implementation is called.
     """
 
 
@@ -103,6 +111,8 @@ def flynn_host_job_log(host: Host, job_id: str, entry: dict[str, Any]) -> None:
     "p": true if the line had no newline}`. Delivery is at least once: after a daemon restart a
     few lines may be offered again (compare `n`). Must not block. Return value is ignored.
     The host only follows job output when at least one plugin implements this hook.
+
+    firstresult: no — every implementation is called.
     """
 
 
@@ -117,6 +127,8 @@ def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
     the host's own program is mounted read-only at `/.flynn-host`, so a component always runs
     the host's version). Returns a map of component name to its main function, which takes
     the remaining arguments and returns the exit status. Names must be unique.
+
+    firstresult: no — every plugin's components are merged.
     """
 
 
@@ -130,6 +142,8 @@ def flynn_host_bootstrap_actions() -> dict[str, type]:
     the `flynn_host.bootstrap.State` (hosts, step data, singleton flag), raises `StepError` on
     failure and returns the step's data. All results are collected; a name offered twice is an
     error.
+
+    firstresult: no — every plugin's actions are merged.
     """
 
 
@@ -140,4 +154,6 @@ def flynn_host_commands() -> dict[str, Callable[[list[str]], int]]:
     Fires when `flynn-host` is given a command that is not built in. Returns a map of
     subcommand name to a function taking the remaining arguments and returning the exit status.
     A built-in command of the same name wins.
+
+    firstresult: no — every plugin's commands are merged.
     """

@@ -1,4 +1,5 @@
-"""The discoverd client every component uses (Flynn's `discoverd/client`, facts §4.2–§4.4).
+"""The discoverd client every component uses (Flynn's `discoverd/client`; see
+docs/discoverd.md#the-client).
 
 It speaks discoverd's HTTP API: services, instances, leaders and service metadata, a `watch`
 over the service's event stream that reconnects by itself, and `register`, which keeps an
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:1111"
 REQUEST_TIMEOUT = 10.0
-# instance meta copied from the job's environment (Flynn's EnvInstanceMeta, facts §2.4)
+# instance meta copied from the job's environment (Flynn's EnvInstanceMeta,
+# docs/discoverd.md#the-client)
 ENV_INSTANCE_META = (
     "FLYNN_APP_ID",
     "FLYNN_APP_NAME",
@@ -110,9 +112,9 @@ def _retryable(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class HeartbeatTiming:
-    """Flynn's heartbeat timing (facts §4.4): every `interval` minus up to `jitter` seconds;
-    while failing every `failing_min`–`failing_max`; the first registration retried for up to
-    `register_timeout`. Tests pass a faster one."""
+    """Flynn's heartbeat timing (docs/discoverd.md#heartbeats-and-leaders): every `interval`
+    minus up to `jitter` seconds; while failing every `failing_min`–`failing_max`; the first
+    registration retried for up to `register_timeout`. Tests pass a faster one."""
 
     interval: float = 5.0
     jitter: float = 2.0
@@ -497,8 +499,8 @@ class _WatchState:
 
 
 async def _sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:
-    """Parse Flynn's SSE (facts §2.2): `data:` lines joined by newlines up to a blank line,
-    `:` comments as keep-alives, and `event: error` ending the stream."""
+    """Parse Flynn's SSE (docs/discoverd.md#event-streams): `data:` lines joined by newlines
+    up to a blank line, `:` comments as keep-alives, and `event: error` ending the stream."""
     data: list[str] = []
     event_type = ""
     async for line in _lines(resp):

@@ -1,4 +1,4 @@
-"""discoverd's DNS server (Flynn's `discoverd/server/dns.go`, facts §2.6 and §4.5).
+"""discoverd's DNS server (Flynn's `discoverd/server/dns.go`; docs/discoverd.md#dns).
 
 It answers authoritatively for `discoverd.` from a registry view — anything with the small
 `RegistryView` protocol below, normally the etcd-backed store — and forwards every other name to

@@ -1,14 +1,13 @@
-"""discoverd's HTTP API (facts §4.2): Flynn's paths, JSON, status codes and SSE framing over a
-`Store`. Every node serves every request from etcd, so there is no proxy mode and no redirect
-to a leader. Responses carry `Discoverd-Index`: the etcd revision last seen.
+"""discoverd's HTTP API (docs/discoverd.md#http-api): Flynn's paths, JSON, status codes and
+SSE framing over a `Store`. Every node serves every request from etcd, so there is no proxy
+mode and no redirect to a leader. Responses carry `Discoverd-Index`: the etcd revision last
+seen.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,11 +31,8 @@ from flynn_host import httphelper
 from flynn_host.errors import FlynnError, ValidationError, not_found
 from flynn_host.httphelper import read_json, wants_stream
 
-log = logging.getLogger(__name__)
-
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 SHUTDOWN: web.AppKey[asyncio.Event] = web.AppKey("shutdown", asyncio.Event)
-SSE_KEEPALIVE = 30.0
 
 
 def json_response(request: web.Request, data: Any, status: int = 200) -> web.Response:
@@ -68,51 +64,22 @@ def service_name(request: web.Request) -> str:
 async def stream(
     request: web.Request, first: list[Event], rest: AsyncIterator[Event], kinds: set[str]
 ) -> web.StreamResponse:
-    """Flynn's SSE: `data: <json>\\n\\n` per event, `:` keep-alive after 30 s of silence."""
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            **index_header(request),
-        }
-    )
-    await resp.prepare(request)
+    """An event stream (`httphelper.write_sse`: Flynn's framing and keep-alives, and
+    `event: error` when etcd fails) of the `first` events, then those of `rest` whose kind is
+    one of `kinds`. Its headers carry `Discoverd-Index`."""
 
-    async def send(event: Event) -> None:
-        await resp.write(b"data: " + json.dumps(event.to_json()).encode() + b"\n\n")
-
-    with contextlib.suppress(ConnectionResetError):
-        for event in first:
-            await send(event)
-        it = aiter(rest)
-        next_event: asyncio.Task[Event] | None = None
+    async def events() -> AsyncIterator[dict[str, Any]]:
         try:
-            while True:
-                if next_event is None:
-                    next_event = asyncio.ensure_future(anext(it))
-                done, _ = await asyncio.wait({next_event}, timeout=SSE_KEEPALIVE)
-                if not done:
-                    await resp.write(b":\n")
-                    continue
-                try:
-                    event = next_event.result()
-                except StopAsyncIteration:
-                    break
-                except Exception as exc:  # headers are sent: say it in SSE's error framing
-                    log.warning("event stream of %s failed: %s", request.path, exc)
-                    next_event = None
-                    msg = str(exc).replace("\n", " ")
-                    await resp.write(f"event: error\ndata: {msg}\n\n".encode())
-                    break
-                next_event = None
+            for event in first:
+                yield event.to_json()
+            async for event in rest:
                 if event.kind in kinds:
-                    await send(event)
+                    yield event.to_json()
         finally:
-            if next_event is not None:
-                next_event.cancel()
-                with contextlib.suppress(BaseException):
-                    await next_event
-            await it.aclose()  # type: ignore[attr-defined]
+            await rest.aclose()  # type: ignore[attr-defined]  # the etcd watch
+
+    resp = httphelper.sse_response(index_header(request))
+    await httphelper.write_sse(request, resp, events())
     return resp
 
 

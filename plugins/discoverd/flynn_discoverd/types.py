@@ -1,5 +1,6 @@
-"""discoverd's types, with Flynn's JSON (facts §4.3): instances, service config and metadata,
-and the events streamed to watchers. Other components import these through this module."""
+"""discoverd's types, with Flynn's JSON (docs/discoverd.md#types): instances, service config
+and metadata, and the events streamed to watchers. Other components import these through this
+module."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def check_service_name(name: str) -> str:
 
 
 def instance_id(proto: str, addr: str) -> str:
-    """Flynn's instance id: hex MD5 of `proto-addr` (facts §2.5)."""
+    """Flynn's instance id: hex MD5 of `proto-addr` (docs/discoverd.md#types)."""
     return hashlib.md5(f"{proto}-{addr}".encode()).hexdigest()
 
 

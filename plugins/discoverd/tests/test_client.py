@@ -1,6 +1,6 @@
 """The discoverd client against `FakeDiscoverd`, a test double of discoverd's HTTP API written
-here (the few paths the client uses, with Flynn's JSON and error format, facts §4.2), served by
-aiohttp on loopback. The real server has its own tests."""
+here (the few paths the client uses, with Flynn's JSON and error format:
+docs/discoverd.md#http-api), served by aiohttp on loopback. The real server has its own tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`flynn-host component flannel`: the overlay network on one host (facts §5).
+"""`flynn-host component flannel`: the overlay network on one host (docs/flannel.md).
 
 It finds discoverd (`--discoverd-url`, `DISCOVERD`, or by asking its host's status), makes sure
 the network config is stored in service `flannel`'s meta, leases this host a subnet, sets up

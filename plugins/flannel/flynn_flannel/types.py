@@ -1,4 +1,5 @@
-"""flannel's data, as it is stored in the meta of discoverd service `flannel` (facts §5): the
+"""flannel's data, as it is stored in the meta of discoverd service `flannel`
+(docs/flannel.md#the-service-meta): the
 network config every host shares, and one lease per host, keyed by subnet:
 
     {"config": {"Network": "100.100.0.0/16", "SubnetLen": 24, "SubnetMin": "100.100.1.0",
