@@ -12,6 +12,7 @@ so starting it needs nothing but the host.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import re
 from pathlib import Path
@@ -133,7 +134,7 @@ class ImageStore:
     def layer_ids(self) -> set[str]:
         return {s["id"] for name in self._images for s in self.get(name)["mountspecs"]}
 
-    def gc(self, in_use: set[str]) -> list[str]:
+    def gc(self, in_use: set[str]) -> builtins.list[str]:  # `list` is a method here
         """Delete cached layers that no image and no job uses; return their ids."""
         keep = self.layer_ids() | in_use
         removed = []
