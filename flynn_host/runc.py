@@ -128,22 +128,22 @@ class RuncBackend:
         self.pool = ShimPool(self.shim_command, self.run_jobs, config.shim_pool)
         self.host_bundle: list[dict[str, Any]] = []
         # layers each job holds a reference to, so destroy releases exactly those
-        self.held: dict[str, list[str]] = {}
+        self._held: dict[str, list[str]] = {}
         longest = self.run_jobs / ("x" * 16) / "console.sock"
         if len(str(longest)) > MAX_SOCKET_PATH:
             raise ValueError(f"--run-dir {config.run_dir} is too long for unix socket paths")
 
     # --- paths --------------------------------------------------------------------------------
-    def work_dir(self, job_id: str) -> Path:
+    def _work_dir(self, job_id: str) -> Path:
         return self.config.jobs_dir / job_key(job_id)
 
-    def run_dir(self, job_id: str) -> Path:
+    def _run_dir(self, job_id: str) -> Path:
         return self.run_jobs / job_key(job_id)
 
     def log_path(self, job_id: str) -> Path:
         return self.config.log_dir / f"{job_id}.log"
 
-    def cgroup_dirs(self, job_id: str) -> list[Path]:
+    def _cgroup_dirs(self, job_id: str) -> list[Path]:
         """Where the job's cgroup may be, in every hierarchy: under its partition, which only
         the job's spec says, so under each (the id is unique, so at most one exists)."""
         base = self.config.cgroup_parent
@@ -151,7 +151,7 @@ class RuncBackend:
 
     @property
     def layers_in_use(self) -> set[str]:
-        return {layer_id for ids in self.held.values() for layer_id in ids}
+        return {layer_id for ids in self._held.values() for layer_id in ids}
 
     # --- the backend's life on the host -------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -210,7 +210,7 @@ class RuncBackend:
                 raise StartError(str(exc)) from exc
 
     async def start(self, job: Job, volume_paths: dict[str, str], network: NetworkIsolation) -> int:
-        work, rund = self.work_dir(job.id), self.run_dir(job.id)
+        work, rund = self._work_dir(job.id), self._run_dir(job.id)
         try:
             work.mkdir(mode=0o700)
             rund.mkdir(mode=0o700)
@@ -231,7 +231,7 @@ class RuncBackend:
         volume_paths: dict[str, str],
         network: NetworkIsolation,
     ) -> int:
-        held = self.held.setdefault(job.id, [])
+        held = self._held.setdefault(job.id, [])
         lowers = []
         for layer in job.mountspecs:
             lowers.append(await self.layers.acquire(layer))
@@ -261,7 +261,7 @@ class RuncBackend:
             listen_ip=self.config.listen_ip,
             job_ip=network.address,
             netns=network.netns,
-            env=self.job_host_env(job),
+            env=self._job_host_env(job),
         )
         extra = list(self.host_bundle) if job.config.get("host_bundle") else []
         if network.resolv_conf:
@@ -280,7 +280,7 @@ class RuncBackend:
         ).save(str(rund / "shim.json"))
         return await self._spawn_shim(rund)
 
-    def job_host_env(self, job: Job) -> dict[str, str]:
+    def _job_host_env(self, job: Job) -> dict[str, str]:
         """The host's environment for a job; system jobs (platform components, which drive
         the host APIs of the cluster) also get the cluster's host key."""
         env = dict(self.config.env)
@@ -325,10 +325,10 @@ class RuncBackend:
         return int(reply["pid"])
 
     async def _request(self, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        return await shim_request(str(self.run_dir(job_id)), request)
+        return await shim_request(str(self._run_dir(job_id)), request)
 
     async def wait(self, job_id: str) -> ExitInfo:
-        exit_file = self.run_dir(job_id) / "exit.json"
+        exit_file = self._run_dir(job_id) / "exit.json"
         info: dict[str, Any] | None = None
         while info is None:
             try:
@@ -339,28 +339,28 @@ class RuncBackend:
             if info is None:
                 if exit_file.exists():
                     info = json.loads(exit_file.read_text())
-                elif not self.shim_alive(job_id):
+                elif not self._shim_alive(job_id):
                     # a shim that vanished without an exit record: its container is lost
                     return ExitInfo(status=-1, error="container shim died unexpectedly")
                 else:
                     await asyncio.sleep(0.2)
         status = int(info["status"])
         error = None
-        if self.oom_killed(job_id):
+        if self._oom_killed(job_id):
             error = "out of memory: the job exceeded its memory limit and was killed"
         elif info.get("signal"):
             error = f"killed by signal {signal.Signals(info['signal']).name}"
         return ExitInfo(status=status, error=error)
 
-    def shim_alive(self, job_id: str) -> bool:
+    def _shim_alive(self, job_id: str) -> bool:
         try:
-            pid = int((self.run_dir(job_id) / "shim.pid").read_text())
+            pid = int((self._run_dir(job_id) / "shim.pid").read_text())
         except (OSError, ValueError):
             return False
         return _pid_alive(pid, "shim")
 
-    def oom_killed(self, job_id: str) -> bool:
-        for d in self.cgroup_dirs(job_id):
+    def _oom_killed(self, job_id: str) -> bool:
+        for d in self._cgroup_dirs(job_id):
             for name in ("memory.oom_control", "memory.events"):
                 with contextlib.suppress(OSError):
                     for line in (d / name).read_text().splitlines():
@@ -377,13 +377,13 @@ class RuncBackend:
     async def attach(
         self, job_id: str, request: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self._run_dir(job_id)))
         writer.write(json.dumps({"attach": request}).encode() + b"\n")
         await writer.drain()
         return reader, writer
 
     async def follow_logs(self, job_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
-        reader, writer = await connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self._run_dir(job_id)))
         try:
             writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
             await writer.drain()
@@ -398,7 +398,7 @@ class RuncBackend:
     async def destroy(self, job_id: str) -> None:
         """Kill the shim, then remove runc's state, the mounts and loop device, the layer
         references, the directories and the cgroups."""
-        work, rund = self.work_dir(job_id), self.run_dir(job_id)
+        work, rund = self._work_dir(job_id), self._run_dir(job_id)
         with contextlib.suppress(Exception):
             pid = int((rund / "shim.pid").read_text())
             if _pid_alive(pid, "shim"):
@@ -407,20 +407,20 @@ class RuncBackend:
                   check=False)  # fmt: skip
         await unmount(work / "bundle" / "rootfs")
         await unmount(work / "disk", detach_loop=True)
-        for layer_id in self.held.pop(job_id, []):
+        for layer_id in self._held.pop(job_id, []):
             with contextlib.suppress(Exception):
                 await self.layers.release(layer_id)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(rund, ignore_errors=True)
-        for d in self.cgroup_dirs(job_id):  # runc removes them; an interrupted start may not
+        for d in self._cgroup_dirs(job_id):  # runc removes them; an interrupted start may not
             with contextlib.suppress(OSError):
                 d.rmdir()
 
     async def recover(self, job: Job) -> bool:
         ids = [s.id for s in job.mountspecs]
         await self.layers.adopt(ids)
-        self.held[job.id] = ids
-        return self.shim_alive(job.id)
+        self._held[job.id] = ids
+        return self._shim_alive(job.id)
 
 
 def _ro_bind(source: Path | str, target: Path | str) -> dict[str, Any]:
