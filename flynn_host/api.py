@@ -369,7 +369,7 @@ async def delete_image(request: web.Request) -> web.Response:
 
 async def gc_images(request: web.Request) -> web.Response:
     host = request.app[HOST]
-    in_use = host.backend.layers_in_use()
+    in_use = set(host.backend.layers_in_use)
     for job in host.jobs.list(active_only=True):  # starting jobs hold no mount yet
         in_use |= {s.id for s in job.job.mountspecs}
     return json_response({"removed": host.images.gc(in_use)})
@@ -431,7 +431,7 @@ async def _attached(
         shim = None
         if job.status == RUNNING:
             with contextlib.suppress(OSError):
-                shim = await host.backend.open_attach(job.job.id, req)
+                shim = await host.backend.attach(job.job.id, req)
         sent = None
         if shim is not None:
             await resp.write(bytes([attach.STATUS_SUCCESS]))

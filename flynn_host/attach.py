@@ -14,6 +14,7 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 # status byte sent after the upgrade (waiting may come first, then success or error)
@@ -165,7 +166,7 @@ def _error_message(body: bytes, status: int, reason: str) -> tuple[str, str | No
 
 
 async def attach_host(
-    host_url: str, request: dict, key: str | None = None
+    host_url: str, request: dict[str, Any], key: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Attach to a job through a host's API (`http://ip:port`) and return the raw streams.
 
@@ -191,7 +192,7 @@ async def _upgrade(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     netloc: str,
-    request: dict,
+    request: dict[str, Any],
     key: str | None,
 ) -> None:
     from flynn_host import client  # not at the top: the shim imports this module cheaply

@@ -14,7 +14,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from aiohttp import web
 
 from flynn_host import __version__
 from flynn_host.api import STREAMS, make_app
+from flynn_host.backend import ContainerBackend
 from flynn_host.config import HostConfig
 from flynn_host.imagestore import ImageStore
 from flynn_host.jobnet import JobNetwork
@@ -92,7 +93,7 @@ class Host:
         for kind in ("container_backend", "volumes"):
             if kind not in self.components:
                 raise RuntimeError(f"no plugin provides a {kind} component")
-        self.backend = self.components["container_backend"].factory(self)
+        self.backend: ContainerBackend = self.components["container_backend"].factory(self)
         self.volumes = self.components["volumes"].factory(self)
         has_log_hook = bool(pm.hook.flynn_host_job_log.get_hookimpls())
         self.jobs = JobManager(
@@ -100,6 +101,7 @@ class Host:
             config.state,
             self.backend,
             self.volumes,
+            self.network,
             max_concurrency=config.max_job_concurrency,
             stop_timeout=config.stop_timeout,
             on_event=self._on_event,
@@ -143,14 +145,12 @@ class Host:
 
     # --- lifecycle ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def running(self) -> Any:
+    async def running(self) -> AsyncIterator[Host]:
         """Start everything; on exit, tear down in reverse order (collecting errors)."""
         async with AsyncExitStack() as stack:
-            await self.backend.setup()
-            stack.push_async_callback(self.backend.teardown)
-            if self.config.force:
-                log.info("--force: killing containers left by an earlier daemon")
-                await self.backend.kill_all()
+            # the state file's jobs first: the backend removes what belongs to none of them
+            self.jobs.load()
+            await stack.enter_async_context(self.backend.running(set(self.jobs.jobs)))
 
             @stack.push_async_callback
             async def _layers_down() -> None:
@@ -171,9 +171,8 @@ class Host:
                     await stack.enter_async_context(service)
 
             await self.jobs.recover()
-            await self.backend.cleanup_orphans(set(self.jobs.jobs))
             await self.network.cleanup_orphans(set(self.jobs.jobs))
-            await self.layers.cleanup_stale(self.backend.layers_in_use())
+            await self.layers.cleanup_stale(self.backend.layers_in_use)
 
             @stack.push_async_callback
             async def _jobs_down() -> None:

@@ -15,6 +15,7 @@ A manifest is read with the caps of `flynn_host.limits` (size, time, JSON nestin
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import re
 from pathlib import Path
@@ -154,7 +155,7 @@ class ImageStore:
     def layer_ids(self) -> set[str]:
         return {s["id"] for name in self._images for s in self.get(name)["mountspecs"]}
 
-    def gc(self, in_use: set[str]) -> list[str]:
+    def gc(self, in_use: set[str]) -> builtins.list[str]:  # `list` is a method here
         """Delete cached layers that no image and no job uses; return their ids."""
         keep = self.layer_ids() | in_use
         removed = []

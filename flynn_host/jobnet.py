@@ -13,6 +13,7 @@ same bridge again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
@@ -44,10 +45,8 @@ DEFAULT_MTU = 1500
 
 def netns_name(job_id: str) -> str:
     """The job's namespace name: unique across every host of the machine (job ids carry the
-    host id) and short."""
-    from flynn_host.runc import job_key
-
-    return NETNS_PREFIX + job_key(job_id)
+    host id) and short (the same 16 hex digits as the key of the job's directories)."""
+    return NETNS_PREFIX + hashlib.sha256(job_id.encode()).hexdigest()[:16]
 
 
 # Address space a job network may never take: the host's own (this network, loopback,

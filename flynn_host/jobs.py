@@ -2,8 +2,9 @@
 `starting → failed`, persisted in the state file so a restarted daemon adopts running jobs
 instead of losing or duplicating them.
 
-The manager owns each job's life: it fetches the job's layers, starts the container through
-the backend, waits for it, records how it ended, cleans up (container, `delete_on_stop`
+The manager owns each job's life: it fetches the job's layers, gives the job its network
+(`JobNetwork`), starts the container through the backend (any `ContainerBackend`, keyed by job
+id), waits for it, records how it ended, cleans up (container, network, `delete_on_stop`
 volumes) and publishes Flynn's job events (`create`, `start`, `stop`, `error`, `cleanup`) to API
 streams and plugins.
 
@@ -23,13 +24,25 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flynn_host import logs
 from flynn_host.atomicfile import write_json_atomic
+from flynn_host.backend import ContainerBackend, NetworkIsolation, StartError
 from flynn_host.errors import FlynnError, ValidationError, conflict, not_found
-from flynn_host.runc import RuncBackend, StartError
-from flynn_host.types import CRASHED, DONE, FAILED, RUNNING, STARTING, ActiveJob, Job
+from flynn_host.types import (
+    CRASHED,
+    DONE,
+    FAILED,
+    RUNNING,
+    STARTING,
+    SYSTEM_PARTITION,
+    ActiveJob,
+    Job,
+)
+
+if TYPE_CHECKING:
+    from flynn_host.jobnet import JobNetwork
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +88,9 @@ class JobManager:
         self,
         host_id: str,
         state_file: Path,
-        backend: RuncBackend,
+        backend: ContainerBackend,
         volumes: Any,
+        network: JobNetwork | None = None,
         max_concurrency: int = 4,
         stop_timeout: float = 30.0,
         on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -86,6 +100,7 @@ class JobManager:
         self.state_file = state_file
         self.backend = backend
         self.volumes = volumes
+        self.network = network
         self.max_concurrency = max_concurrency
         self.slots = StartSlots(max_concurrency)
         self.stop_timeout = stop_timeout
@@ -115,6 +130,8 @@ class JobManager:
         write_json_atomic(self.state_file, data, fsync=False, mode=0o600)
 
     def load(self) -> list[ActiveJob]:
+        """Read the jobs of the state file (before the backend runs: it removes what belongs
+        to no job in it); `recover` then adopts or settles them."""
         if not self.state_file.exists():
             return []
         data = json.loads(self.state_file.read_text())
@@ -131,18 +148,20 @@ class JobManager:
         return out
 
     async def recover(self) -> None:
-        """Adopt jobs that were running when the daemon stopped; settle those that ended."""
-        for job in self.load():
+        """Adopt the jobs `load` read that were running when the daemon stopped; settle those
+        that ended."""
+        for job in list(self.jobs.values()):
             if job.ended:
                 continue
             if job.status == STARTING:
                 # the daemon died mid-start: whatever was half made goes, the job failed
-                await self.backend.destroy(job)
+                await self.backend.destroy(job.job.id)
+                await self._detach_network(job)
                 job.error = "host restarted while the job was starting"
                 self._mark_ended(job, FAILED)
                 self._publish("error", job)
                 continue
-            alive = await self.backend.recover(job)
+            alive = await self.backend.recover(job.job)
             self._running_events[job.job.id] = ev = asyncio.Event()
             ev.set()
             log.info("job %s: %s", job.job.id, "adopted" if alive else "ended while host was down")
@@ -258,7 +277,7 @@ class JobManager:
         try:
             if job.force_stop:  # stopped before this task first ran
                 raise StartError(STOPPED_WHILE_STARTING)
-            await self.backend.fetch(job)
+            await self.backend.fetch(job.job)
             await self.slots.acquire()
         finally:
             self._cancellable.discard(jid)
@@ -269,15 +288,42 @@ class JobManager:
                 v["volume"]: str(self.volumes.path(v["volume"]))
                 for v in job.job.config.get("volumes") or []
             }
-            # not cancelled midway: the backend undoes a failed start itself, and a shim
-            # cut off while it starts could leave a container no one knows about
-            pid = await self.backend.start(job, volume_paths)
+            network = await self._attach_network(job)
+            try:
+                # not cancelled midway: the backend undoes a failed start itself, and a shim
+                # cut off while it starts could leave a container no one knows about
+                pid = await self.backend.start(job.job, volume_paths, network)
+            except BaseException:
+                await self._detach_network(job)
+                raise
         finally:
             self.slots.release()
         if job.force_stop:
             # stopped during the local work: the container goes again (in _finish)
             raise StartError(STOPPED_WHILE_STARTING)
         return pid
+
+    async def _attach_network(self, job: ActiveJob) -> NetworkIsolation:
+        """The job's network namespace and address, made here for the backend to join: user
+        jobs' namespaces are fenced off the host's protected ports; `host_network` jobs, and
+        every job while the host has no network, get none."""
+        if self.network is None or job.job.config.get("host_network"):
+            return NetworkIsolation()
+        sandboxed = job.job.partition != SYSTEM_PARTITION
+        attached = await self.network.attach(job.job.id, sandboxed)
+        if attached is None:
+            return NetworkIsolation()
+        netns, address = attached
+        job.internal_ip = address
+        return NetworkIsolation(netns, address, str(self.network.resolv_conf))
+
+    async def _detach_network(self, job: ActiveJob) -> None:
+        if self.network is None or job.job.config.get("host_network"):
+            return
+        try:
+            await self.network.detach(job.job.id)
+        except Exception as exc:  # the rest of the clean-up must still happen
+            log.warning("removing job %s's network: %s", job.job.id, exc)
 
     async def _fail(self, job: ActiveJob, error: str) -> None:
         job.error = error
@@ -292,7 +338,7 @@ class JobManager:
         follower = None
         if self.on_log is not None:
             follower = asyncio.create_task(self._follow_logs(jid))
-        info = await self.backend.wait(job)
+        info = await self.backend.wait(jid)
         if follower is not None:
             # the shim ends the feed after the last line; give it a moment to get there
             with contextlib.suppress(asyncio.TimeoutError, Exception):
@@ -329,7 +375,8 @@ class JobManager:
         stopper = self._stoppers.pop(jid, None)
         if stopper is not None and stopper is not asyncio.current_task():
             stopper.cancel()
-        await self.backend.destroy(job)
+        await self.backend.destroy(jid)
+        await self._detach_network(job)
         for vol in job.job.config.get("volumes") or []:
             if vol.get("delete_on_stop"):
                 with contextlib.suppress(FlynnError, OSError):
@@ -369,7 +416,7 @@ class JobManager:
     async def _stop(self, job: ActiveJob) -> None:
         jid = job.job.id
         with contextlib.suppress(Exception):
-            await self.backend.signal(job, signal.SIGTERM)
+            await self.backend.signal(jid, signal.SIGTERM)
         task = self._tasks.get(jid)
         if task is None:
             return
@@ -377,13 +424,13 @@ class JobManager:
         if not done and not job.ended:
             log.info("job %s ignored SIGTERM for %ss: SIGKILL", jid, self.stop_timeout)
             with contextlib.suppress(Exception):
-                await self.backend.signal(job, signal.SIGKILL)
+                await self.backend.signal(jid, signal.SIGKILL)
 
     async def signal(self, job_id: str, sig: int) -> None:
         job = self.get(job_id)
         if job.status != RUNNING:
             raise FlynnError("conflict", f"job {job_id} is {job.status}, not running")
-        await self.backend.signal(job, sig)
+        await self.backend.signal(job_id, sig)
 
     async def stop_all(self, grace: float) -> None:
         """Stop every active job and wait (up to `grace` seconds) until they have ended."""

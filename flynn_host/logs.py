@@ -50,7 +50,7 @@ def encode_entry(entry: Entry) -> bytes:
     return f'{{"n":{n},"t":{t},"s":{s},"m":{m}{partial}}}\n'.encode()
 
 
-def _cut(data: bytes, limit: int) -> int:
+def _cut(data: bytes | bytearray, limit: int) -> int:
     """Where to cut `data` at most `limit` bytes in without splitting a UTF-8 character."""
     cut = limit
     # back up over continuation bytes (0b10xxxxxx), at most three of them
@@ -132,12 +132,14 @@ class LogWriter:
         entries: list[Entry] = []
         now = _timestamp()  # the lines of one chunk arrived together
         for line in lines:
-            line = self._cut_long(stream, line, entries, now)
-            entries.append(self._entry(stream, line, False, now))
+            tail = self._cut_long(stream, line, entries, now)
+            entries.append(self._entry(stream, tail, False, now))
         pending[:] = self._cut_long(stream, rest, entries, now)
         self._append(entries)
 
-    def _cut_long(self, stream: str, text: bytes, entries: list[Entry], now: str) -> bytes:
+    def _cut_long(
+        self, stream: str, text: bytes | bytearray, entries: list[Entry], now: str
+    ) -> bytes | bytearray:
         """Move MAX_LINE pieces of `text` into `entries` as partial entries; return the rest."""
         while len(text) > MAX_LINE:
             cut = _cut(text, MAX_LINE)
@@ -161,7 +163,7 @@ class LogWriter:
         self.flush_partial()
         self._file.close()
 
-    def _entry(self, stream: str, text: bytes, partial: bool, now: str) -> Entry:
+    def _entry(self, stream: str, text: bytes | bytearray, partial: bool, now: str) -> Entry:
         self.seq += 1
         entry: Entry = {
             "n": self.seq,

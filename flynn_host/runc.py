@@ -15,6 +15,9 @@ under the kernel's 108-byte limit):
 A job's environment (its secrets) is in config.json, the state file and often its log, and its
 writable layer holds whatever it writes: these directories are 0700 and the files in them
 0600, made so when they are created.
+
+`RuncBackend` implements `flynn_host.backend.ContainerBackend`; the job's network namespace is
+made by the job manager and given to `start`, so this module knows nothing of networking.
 """
 
 from __future__ import annotations
@@ -29,28 +32,23 @@ import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flynn_host import bundle
+from flynn_host.backend import ExitInfo, NetworkIsolation, StartError
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
-from flynn_host.jobnet import JobNetwork
 from flynn_host.layers import LayerError, LayerStore
 from flynn_host.shim.client import ShimPool, connect_shim, shim_request
 from flynn_host.shim.startup import ShimConfig
-from flynn_host.types import SYSTEM_PARTITION, ActiveJob
+from flynn_host.types import PARTITIONS, SYSTEM_PARTITION, Job
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SHIM_START_TIMEOUT = 60.0
 MAX_SOCKET_PATH = 100
-
-
-class StartError(Exception):
-    """The container could not be started; the message is what the job's `error` says."""
 
 
 def private_dir(path: Path) -> None:
@@ -66,12 +64,6 @@ def write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with open(fd, "w") as f:
         f.write(text)
-
-
-@dataclass
-class ExitInfo:
-    status: int
-    error: str | None = None
 
 
 def find_init() -> str:
@@ -117,16 +109,15 @@ def _pid_alive(pid: int, needle: str) -> bool:
 
 
 class RuncBackend:
-    """Runs jobs as runc containers. Constructed once by the daemon from its config."""
+    """Runs jobs as runc containers (a `ContainerBackend`). Constructed once by the daemon
+    from its config; `--force` (`config.force`) makes `running` kill what an earlier daemon
+    left."""
 
     name = "runc"
 
-    def __init__(
-        self, config: HostConfig, layers: LayerStore, network: JobNetwork | None = None
-    ) -> None:
+    def __init__(self, config: HostConfig, layers: LayerStore) -> None:
         self.config = config
         self.layers = layers
-        self.network = network
         self.init_path = find_init()
         self.runc = shutil.which("runc") or "/usr/sbin/runc"
         self.shim_command = (
@@ -137,75 +128,117 @@ class RuncBackend:
         self.pool = ShimPool(self.shim_command, self.run_jobs, config.shim_pool)
         self.host_bundle: list[dict[str, Any]] = []
         # layers each job holds a reference to, so destroy releases exactly those
-        self.held: dict[str, list[str]] = {}
+        self._held: dict[str, list[str]] = {}
         longest = self.run_jobs / ("x" * 16) / "console.sock"
         if len(str(longest)) > MAX_SOCKET_PATH:
             raise ValueError(f"--run-dir {config.run_dir} is too long for unix socket paths")
 
     # --- paths --------------------------------------------------------------------------------
-    def work_dir(self, job_id: str) -> Path:
+    def _work_dir(self, job_id: str) -> Path:
         return self.config.jobs_dir / job_key(job_id)
 
-    def run_dir(self, job_id: str) -> Path:
+    def _run_dir(self, job_id: str) -> Path:
         return self.run_jobs / job_key(job_id)
 
     def log_path(self, job_id: str) -> Path:
         return self.config.log_dir / f"{job_id}.log"
 
-    def cgroup_dirs(self, job: ActiveJob) -> list[Path]:
-        rel = f"{self.config.cgroup_parent}/{job.job.partition}/{job.job.id}"
-        return [h / rel for h in _hierarchies()]
+    def _cgroup_dirs(self, job_id: str) -> list[Path]:
+        """Where the job's cgroup may be, in every hierarchy: under its partition, which only
+        the job's spec says, so under each (the id is unique, so at most one exists)."""
+        base = self.config.cgroup_parent
+        return [h / base / p / job_id for h in _hierarchies() for p in PARTITIONS]
 
-    # --- host set-up and tear-down ------------------------------------------------------------
-    async def setup(self) -> None:
+    @property
+    def layers_in_use(self) -> set[str]:
+        return {layer_id for ids in self._held.values() for layer_id in ids}
+
+    # --- the backend's life on the host -------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def running(self, known_job_ids: set[str]) -> AsyncIterator[None]:
         for path in (self.config.jobs_dir, self.run_jobs, self.config.log_dir):
             private_dir(path)
         setup_partitions(self.config)
         self.host_bundle = host_bundle_mounts(self.config.work_dir / "host-bundle")
         self.pool.refill()
+        try:
+            if self.config.force:
+                log.info("--force: killing containers left by an earlier daemon")
+                await self._kill_all()
+            await self._cleanup_orphans(known_job_ids)
+            yield
+        finally:
+            await self.pool.close()
+            remove_empty_cgroups(self.config)
 
-    async def teardown(self) -> None:
-        await self.pool.close()
-        remove_empty_cgroups(self.config)
+    async def _kill_all(self) -> None:
+        """`--force`: kill every container this host's runc root knows, before starting."""
+        _, out = await run(self.runc, "--root", str(self.config.runc_root), "list", "-q",
+                           check=False)  # fmt: skip
+        for cid in out.split():
+            await run(self.runc, "--root", str(self.config.runc_root), "kill", cid, "KILL",
+                      check=False)  # fmt: skip
 
-    # --- lifecycle ----------------------------------------------------------------------------
-    async def fetch(self, job: ActiveJob) -> None:
-        """Bring the job's layers into the local cache, downloading what is missing. Called
-        before `start`, outside the job manager's start slots since it waits on the network;
-        cancelling it leaves no partial file."""
-        for spec in job.job.mountspecs:
+    async def _cleanup_orphans(self, known: set[str]) -> None:
+        """Remove containers and job directories that belong to no job in the state file
+        (left by a daemon that died in the middle of starting or cleaning up a job)."""
+        _, out = await run(self.runc, "--root", str(self.config.runc_root), "list", "-q",
+                           check=False)  # fmt: skip
+        for cid in out.split():
+            if cid not in known:
+                log.info("removing orphaned container %s", cid)
+                await run(self.runc, "--root", str(self.config.runc_root), "delete", "--force",
+                          cid, check=False)  # fmt: skip
+        keys = {job_key(j) for j in known}
+        for base in (self.config.jobs_dir, self.run_jobs):
+            if not base.exists():
+                continue
+            for d in base.iterdir():
+                if d.name in keys:
+                    continue
+                log.info("removing orphaned job directory %s", d)
+                await unmount(d / "bundle" / "rootfs")
+                await unmount(d / "disk", detach_loop=True)
+                shutil.rmtree(d, ignore_errors=True)
+
+    # --- jobs ---------------------------------------------------------------------------------
+    async def fetch(self, job: Job) -> None:
+        for spec in job.mountspecs:
             try:
                 await self.layers.fetch(spec)
             except LayerError as exc:
                 raise StartError(str(exc)) from exc
 
-    async def start(self, job: ActiveJob, volume_paths: dict[str, str]) -> int:
-        """Start the container; return its pid. On failure everything is undone."""
-        jid = job.job.id
-        work, rund = self.work_dir(jid), self.run_dir(jid)
+    async def start(self, job: Job, volume_paths: dict[str, str], network: NetworkIsolation) -> int:
+        work, rund = self._work_dir(job.id), self._run_dir(job.id)
         try:
             work.mkdir(mode=0o700)
             rund.mkdir(mode=0o700)
         except FileExistsError as exc:
-            raise StartError(f"job {jid} already has a container directory") from exc
+            raise StartError(f"job {job.id} already has a container directory") from exc
         try:
-            return await self._start(job, work, rund, volume_paths)
+            return await self._start(job, work, rund, volume_paths, network)
         except BaseException:
             with contextlib.suppress(Exception):
-                await self.destroy(job)
+                await self.destroy(job.id)
             raise
 
     async def _start(
-        self, job: ActiveJob, work: Path, rund: Path, volume_paths: dict[str, str]
+        self,
+        job: Job,
+        work: Path,
+        rund: Path,
+        volume_paths: dict[str, str],
+        network: NetworkIsolation,
     ) -> int:
-        held = self.held.setdefault(job.job.id, [])
+        held = self._held.setdefault(job.id, [])
         lowers = []
-        for spec in job.job.mountspecs:
-            lowers.append(await self.layers.acquire(spec))
-            held.append(spec.id)
+        for layer in job.mountspecs:
+            lowers.append(await self.layers.acquire(layer))
+            held.append(layer.id)
         disk_img, disk = work / "disk.img", work / "disk"
         disk.mkdir()
-        size = job.job.limit("temp_disk") or bundle_default_disk()
+        size = job.limit("temp_disk") or bundle_default_disk()
         # the job's writable layer: whatever it writes, its secrets too, so root's alone
         os.close(os.open(disk_img, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         os.truncate(disk_img, size)  # sparse: the disk only takes what the job writes
@@ -220,45 +253,38 @@ class RuncBackend:
         opts = f"lowerdir={lowerdir},upperdir={disk / 'upper'},workdir={disk / 'work'}"
         await run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
 
-        job_ip = netns = ""
-        if self.network is not None and not job.job.config.get("host_network"):
-            sandboxed = job.job.partition != SYSTEM_PARTITION
-            attached = await self.network.attach(job.job.id, sandboxed)
-            if attached is not None:
-                netns, job_ip = attached
-                job.internal_ip = job_ip
         settings = bundle.HostSettings(
             host_id=self.config.id,
             cgroup_parent=self.config.cgroup_parent,
             init_path=self.init_path,
             external_ip=self.config.external_ip,
             listen_ip=self.config.listen_ip,
-            job_ip=job_ip,
-            netns=netns,
-            env=self.job_host_env(job),
+            job_ip=network.address,
+            netns=network.netns,
+            env=self._job_host_env(job),
         )
-        extra = list(self.host_bundle) if job.job.config.get("host_bundle") else []
-        if job_ip and self.network is not None:
-            extra.append(_ro_bind(self.network.resolv_conf, "/etc/resolv.conf"))
-        spec = bundle.oci_spec(job.job, settings, str(rootfs), volume_paths, extra)
+        extra = list(self.host_bundle) if job.config.get("host_bundle") else []
+        if network.resolv_conf:
+            extra.append(_ro_bind(network.resolv_conf, "/etc/resolv.conf"))
+        spec = bundle.oci_spec(job, settings, str(rootfs), volume_paths, extra)
         write_private(work / "bundle" / "config.json", json.dumps(spec))  # the job's env
         ShimConfig(
-            job_id=job.job.id,
+            job_id=job.id,
             runc=self.runc,
             runc_root=str(self.config.runc_root),
             bundle=str(work / "bundle"),
-            log_file=str(self.log_path(job.job.id)),
+            log_file=str(self.log_path(job.id)),
             log_max_bytes=self.config.log_max_bytes,
-            tty=bool(job.job.config.get("tty")),
-            stdin=bool(job.job.config.get("stdin")),
+            tty=bool(job.config.get("tty")),
+            stdin=bool(job.config.get("stdin")),
         ).save(str(rund / "shim.json"))
         return await self._spawn_shim(rund)
 
-    def job_host_env(self, job: ActiveJob) -> dict[str, str]:
+    def _job_host_env(self, job: Job) -> dict[str, str]:
         """The host's environment for a job; system jobs (platform components, which drive
         the host APIs of the cluster) also get the cluster's host key."""
         env = dict(self.config.env)
-        if job.job.partition == SYSTEM_PARTITION and self.config.host_key:
+        if job.partition == SYSTEM_PARTITION and self.config.host_key:
             env[HOST_KEY_ENV] = self.config.host_key
         return env
 
@@ -299,44 +325,42 @@ class RuncBackend:
         return int(reply["pid"])
 
     async def _request(self, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        return await shim_request(str(self.run_dir(job_id)), request)
+        return await shim_request(str(self._run_dir(job_id)), request)
 
-    async def wait(self, job: ActiveJob) -> ExitInfo:
-        """Wait until the container exits; its exit status, and an error for an OOM kill."""
-        jid = job.job.id
-        exit_file = self.run_dir(jid) / "exit.json"
+    async def wait(self, job_id: str) -> ExitInfo:
+        exit_file = self._run_dir(job_id) / "exit.json"
         info: dict[str, Any] | None = None
         while info is None:
             try:
-                reply = await self._request(jid, {"wait": True})
+                reply = await self._request(job_id, {"wait": True})
                 info = reply.get("exit")
             except (OSError, ConnectionError, json.JSONDecodeError):
                 pass
             if info is None:
                 if exit_file.exists():
                     info = json.loads(exit_file.read_text())
-                elif not self.shim_alive(jid):
+                elif not self._shim_alive(job_id):
                     # a shim that vanished without an exit record: its container is lost
                     return ExitInfo(status=-1, error="container shim died unexpectedly")
                 else:
                     await asyncio.sleep(0.2)
         status = int(info["status"])
         error = None
-        if self.oom_killed(job):
+        if self._oom_killed(job_id):
             error = "out of memory: the job exceeded its memory limit and was killed"
         elif info.get("signal"):
             error = f"killed by signal {signal.Signals(info['signal']).name}"
         return ExitInfo(status=status, error=error)
 
-    def shim_alive(self, job_id: str) -> bool:
+    def _shim_alive(self, job_id: str) -> bool:
         try:
-            pid = int((self.run_dir(job_id) / "shim.pid").read_text())
+            pid = int((self._run_dir(job_id) / "shim.pid").read_text())
         except (OSError, ValueError):
             return False
         return _pid_alive(pid, "shim")
 
-    def oom_killed(self, job: ActiveJob) -> bool:
-        for d in self.cgroup_dirs(job):
+    def _oom_killed(self, job_id: str) -> bool:
+        for d in self._cgroup_dirs(job_id):
             for name in ("memory.oom_control", "memory.events"):
                 with contextlib.suppress(OSError):
                     for line in (d / name).read_text().splitlines():
@@ -345,22 +369,21 @@ class RuncBackend:
                             return True
         return False
 
-    async def signal(self, job: ActiveJob, sig: int) -> None:
-        reply = await self._request(job.job.id, {"signal": sig})
+    async def signal(self, job_id: str, sig: int) -> None:
+        reply = await self._request(job_id, {"signal": sig})
         if "error" in reply:
             raise RuntimeError(reply["error"])
 
-    async def open_attach(
+    async def attach(
         self, job_id: str, request: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self._run_dir(job_id)))
         writer.write(json.dumps({"attach": request}).encode() + b"\n")
         await writer.drain()
         return reader, writer
 
     async def follow_logs(self, job_id: str, since: int) -> AsyncIterator[dict[str, Any]]:
-        """Log entries after `since`, live, until the container exits."""
-        reader, writer = await connect_shim(str(self.run_dir(job_id)))
+        reader, writer = await connect_shim(str(self._run_dir(job_id)))
         try:
             writer.write(json.dumps({"follow_logs": {"since": since}}).encode() + b"\n")
             await writer.drain()
@@ -372,71 +395,32 @@ class RuncBackend:
         finally:
             writer.close()
 
-    async def destroy(self, job: ActiveJob) -> None:
-        """Remove every trace of the container: runc state, mounts, loop devices, dirs."""
-        jid = job.job.id
-        work, rund = self.work_dir(jid), self.run_dir(jid)
+    async def destroy(self, job_id: str) -> None:
+        """Kill the shim, then remove runc's state, the mounts and loop device, the layer
+        references, the directories and the cgroups."""
+        work, rund = self._work_dir(job_id), self._run_dir(job_id)
         with contextlib.suppress(Exception):
             pid = int((rund / "shim.pid").read_text())
             if _pid_alive(pid, "shim"):
                 os.kill(pid, signal.SIGKILL)
-        await run(self.runc, "--root", str(self.config.runc_root), "delete", "--force", jid,
+        await run(self.runc, "--root", str(self.config.runc_root), "delete", "--force", job_id,
                   check=False)  # fmt: skip
         await unmount(work / "bundle" / "rootfs")
         await unmount(work / "disk", detach_loop=True)
-        if self.network is not None and not job.job.config.get("host_network"):
-            try:
-                await self.network.detach(jid)
-            except Exception as exc:  # the rest of the clean-up must still happen
-                log.warning("removing job %s's network: %s", jid, exc)
-        for layer_id in self.held.pop(jid, []):
+        for layer_id in self._held.pop(job_id, []):
             with contextlib.suppress(Exception):
                 await self.layers.release(layer_id)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(rund, ignore_errors=True)
-        for d in self.cgroup_dirs(job):  # runc removes them; an interrupted start may not
+        for d in self._cgroup_dirs(job_id):  # runc removes them; an interrupted start may not
             with contextlib.suppress(OSError):
                 d.rmdir()
 
-    def layers_in_use(self) -> set[str]:
-        return {layer_id for ids in self.held.values() for layer_id in ids}
-
-    async def recover(self, job: ActiveJob) -> bool:
-        """After a daemon restart: True if the job's shim still runs (the job is adopted)."""
-        ids = [s.id for s in job.job.mountspecs]
+    async def recover(self, job: Job) -> bool:
+        ids = [s.id for s in job.mountspecs]
         await self.layers.adopt(ids)
-        self.held[job.job.id] = ids
-        return self.shim_alive(job.job.id)
-
-    async def cleanup_orphans(self, known: set[str]) -> None:
-        """Remove containers and job directories that belong to no job in the state file
-        (left by a daemon that died in the middle of starting or cleaning up a job)."""
-        _, out = await run(self.runc, "--root", str(self.config.runc_root), "list", "-q",
-                           check=False)  # fmt: skip
-        for cid in out.split():
-            if cid not in known:
-                log.info("removing orphaned container %s", cid)
-                await run(self.runc, "--root", str(self.config.runc_root), "delete", "--force",
-                          cid, check=False)  # fmt: skip
-        keys = {job_key(j) for j in known}
-        for base in (self.config.jobs_dir, self.run_jobs):
-            if not base.exists():
-                continue
-            for d in base.iterdir():
-                if d.name in keys:
-                    continue
-                log.info("removing orphaned job directory %s", d)
-                await unmount(d / "bundle" / "rootfs")
-                await unmount(d / "disk", detach_loop=True)
-                shutil.rmtree(d, ignore_errors=True)
-
-    async def kill_all(self) -> None:
-        """`--force`: kill every container this host's runc root knows, before starting."""
-        _, out = await run(self.runc, "--root", str(self.config.runc_root), "list", "-q",
-                           check=False)  # fmt: skip
-        for cid in out.split():
-            await run(self.runc, "--root", str(self.config.runc_root), "kill", cid, "KILL",
-                      check=False)  # fmt: skip
+        self._held[job.id] = ids
+        return self._shim_alive(job.id)
 
 
 def _ro_bind(source: Path | str, target: Path | str) -> dict[str, Any]:

@@ -43,7 +43,9 @@ class VolumeManager:
                 raise ValueError(f"{self.index}: not a volume index: {e}") from None
             self._volumes = {info["id"]: info for info in volumes}
 
-    def create(self, meta: dict[str, str] | None = None, volume_id: str | None = None) -> dict:
+    def create(
+        self, meta: dict[str, str] | None = None, volume_id: str | None = None
+    ) -> dict[str, Any]:
         """Create a data volume (a new UUID unless `volume_id` is given) and return its info."""
         if volume_id is None:
             volume_id = str(uuid.uuid4())

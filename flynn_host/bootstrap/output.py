@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import TextIO
 
 from flynn_host.bootstrap.runner import StepInfo
 
 
-def text_logger(stream: TextIO | None = None):  # noqa: ANN201
+def text_logger(stream: TextIO | None = None) -> Callable[[StepInfo], None]:
     def log(info: StepInfo) -> None:
         out = stream or sys.stderr
         t = datetime.now().strftime("%H:%M:%S.%f")
@@ -33,7 +34,7 @@ def text_logger(stream: TextIO | None = None):  # noqa: ANN201
     return log
 
 
-def json_logger(stream: TextIO | None = None):  # noqa: ANN201
+def json_logger(stream: TextIO | None = None) -> Callable[[StepInfo], None]:
     def log(info: StepInfo) -> None:
         out = stream or sys.stdout
         print(json.dumps(info.to_json()), file=out, flush=True)

@@ -7,14 +7,15 @@ from typing import TYPE_CHECKING
 from flynn_host.plugins.hookspecs import Component, hookimpl
 
 if TYPE_CHECKING:
+    from flynn_host.backend import ContainerBackend
     from flynn_host.config import HostConfig
     from flynn_host.daemon import Host
 
 
-def _make_backend(host: Host) -> object:
+def _make_backend(host: Host) -> ContainerBackend:
     from flynn_host.runc import RuncBackend
 
-    return RuncBackend(host.config, host.layers, host.network)
+    return RuncBackend(host.config, host.layers)
 
 
 @hookimpl
