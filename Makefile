@@ -39,11 +39,13 @@ images: venv
 demo: dev
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python script/demo.py
 
+# -rfEs: the summary lists failures, errors and every skip with its reason (a run as root
+# should skip nothing that `make dev` installs)
 test: dev
-	FLYNN_IMAGES=$(IMAGES) $(BIN)/python -m pytest -q
+	FLYNN_IMAGES=$(IMAGES) $(BIN)/python -m pytest -q -rfEs
 
 test-slow: dev
-	FLYNN_IMAGES=$(IMAGES) $(BIN)/python -m pytest -q -m slow
+	FLYNN_IMAGES=$(IMAGES) $(BIN)/python -m pytest -q -rfEs -m slow
 
 bench: dev
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/job_start.py

@@ -1,11 +1,15 @@
 """A throwaway flynn-host daemon with all its paths under one temporary directory, for tests,
 the demo and benchmarks: started as a real `flynn-host daemon` process and, whatever happened,
 removed completely (jobs stopped, shims killed, runc state deleted, mounts, loop devices and
-cgroups removed)."""
+cgroups removed). Beside it, what every test directory shares: free loopback ports, waiting for
+a condition instead of sleeping, and the rule for programs `make dev` installs (a run as root
+fails without them, any other run skips)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import secrets
@@ -17,9 +21,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flynn_host import images
 from flynn_host.atomicfile import write_atomic
@@ -30,15 +35,34 @@ IMAGES = images.images_dir()
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (held open together, so none repeats)."""
-    socks = []
+T = TypeVar("T")
+
+
+def free_ports(n: int, offsets: tuple[int, ...] = ()) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held open together, so none repeats). With
+    `offsets`, every `port + offset` is free too, e.g. `offsets=(1268, 1269)` for discoverd API
+    ports, whose etcd member listens on the API port + 1268 (clients) and + 1269 (peers)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        for _ in range(100 * n):
+            if len(ports) == n:
+                break
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            port = s.getsockname()[1]
+            try:
+                for offset in offsets:
+                    extra = socket.socket()
+                    socks.append(extra)
+                    extra.bind(("127.0.0.1", port + offset))
+            except OSError:  # taken (or past 65535): try another port
+                continue
+            ports.append(port)
+        if len(ports) < n:
+            raise RuntimeError(f"no {n} free ports on 127.0.0.1 with offsets {offsets}")
+        return ports
     finally:
         for s in socks:
             s.close()
@@ -48,6 +72,76 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(
+    check: Callable[[], T],
+    timeout: float = 30.0,
+    what: str = "",
+    every: float = 0.05,
+    ignoring: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call `check` until it returns something true and return that: how tests wait for an
+    event (a log line, a state, a process) instead of sleeping a fixed time. Exceptions of the
+    `ignoring` types count as "not yet". After `timeout` seconds it raises AssertionError
+    naming `what` it waited for and the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            last: Any = check()
+            if last:
+                return last
+        except ignoring as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what or 'condition'} not met after {timeout}s: {last!r}")
+        time.sleep(every)
+
+
+async def wait_for_async(
+    check: Callable[[], T | Awaitable[T]],
+    within: float = 30.0,
+    what: str = "",
+    every: float = 0.05,
+    ignoring: tuple[type[BaseException], ...] = (),
+) -> T:
+    """`wait_for` inside an event loop, for up to `within` seconds: `check` may be a coroutine
+    function, and the loop runs on between checks."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            last: Any = check()
+            if inspect.isawaitable(last):
+                last = await last
+            if last:
+                return last
+        except ignoring as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what or 'condition'} not met after {within}s: {last!r}")
+        await asyncio.sleep(every)
+
+
+def missing_programs(*programs: str) -> list[str]:
+    """Those of `programs` (names on PATH, or absolute paths) that are not there."""
+    return [
+        p for p in programs if not (os.access(p, os.X_OK) if os.path.isabs(p) else shutil.which(p))
+    ]
+
+
+def require_programs(*programs: str) -> None:
+    """In a test or fixture: go on only if every program is installed. `make dev` installs
+    them all, and a run as root is the full run, so there a missing one fails the test with what
+    to do; a run as another user (which skips the root tests anyway) skips the test."""
+    import pytest  # a development dependency, as the tests are: not needed by the demo
+
+    missing = missing_programs(*programs)
+    if not missing:
+        return
+    what = f"needs {', '.join(missing)}, which `make dev` installs"
+    if os.geteuid() == 0:
+        pytest.fail(f"{what}: missing in a run as root (run `make dev`)", pytrace=False)
+    pytest.skip(what)
 
 
 def busybox_job(job_id: str, args: list[str], **config: Any) -> dict[str, Any]:
@@ -165,6 +259,17 @@ class Daemon:
                     return job
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
+
+    def job_output(self, job_id: str) -> list[str]:
+        """The lines the job has logged so far, stdout and stderr (read from its log file, so
+        a test can poll it cheaply)."""
+        from flynn_host.logs import read_entries
+
+        return [e["m"] for e in read_entries(str(self.base / "log" / f"{job_id}.log"))]
+
+    def wait_output(self, job_id: str, line: str, timeout: float = 30.0) -> None:
+        """Wait until the job has logged `line` (a whole line)."""
+        wait_for(lambda: line in self.job_output(job_id), timeout, f"{job_id} logging {line!r}")
 
     def wait_cleaned(self, job_id: str, timeout: float = 30.0) -> None:
         """Wait until the daemon has removed the job's container (its state says how the job

@@ -206,7 +206,7 @@ def test_version(bundle: Path) -> None:
 
 
 @needs_root
-@pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
+@pytest.mark.needs("strace")
 def test_frozen_program_opens_nothing_of_the_development_setup(bundle: Path, tmp_path: Path):
     """Traced without hiding anything: the bundle never even looks at the virtualenv, the
     system's Python or the source tree (`help daemon` imports the daemon, aiohttp included)."""

@@ -16,11 +16,12 @@ from flynn_discoverd.etcd import EtcdClient, EtcdProcess
 from flynn_discoverd.server import serve
 from flynn_discoverd.store import Store
 
-from flynn_host.devhost import free_ports
+from flynn_host.devhost import free_ports, require_programs
 
 
 @pytest.fixture(scope="module")
 def etcd_member() -> Iterator[EtcdProcess]:
+    require_programs("etcd")
     client_port, peer_port = free_ports(2)
     with (
         tempfile.TemporaryDirectory(prefix="discoverd-etcd-") as tmp,
@@ -83,6 +84,7 @@ async def api(make_api, store: Store) -> Api:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def etcd_cluster() -> Iterator[list[EtcdProcess]]:
     """Three etcd members on 127.0.0.1 with distinct ports, as one new cluster."""
+    require_programs("etcd")
     ports = free_ports(6)
     token = f"test-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="discoverd-etcd3-") as tmp:

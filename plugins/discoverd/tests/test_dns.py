@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import shutil
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from flynn_discoverd.types import Instance
 
 from flynn_host.errors import not_found
 
-pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (dnsutils)")
+pytestmark = pytest.mark.needs("dig")
 
 
 class MemoryView:
