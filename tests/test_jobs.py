@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flynn_host.client import HostAPIError
+from flynn_host.devhost import wait_for
 from flynn_host.runc import job_key
 
 from .conftest import busybox_job, cgroups_of, mounts_under, needs_root
@@ -87,8 +89,7 @@ def test_sigterm_ignored_then_sigkill(daemon):
     job_id = daemon.new_job_id()
     script = "trap 'echo got TERM' TERM; echo ready; while true; do sleep 0.2; done"
     daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
-    daemon.wait_job(job_id, ("running",))
-    time.sleep(0.3)  # let sh install its trap
+    daemon.wait_output(job_id, "ready")  # its trap is set
     assert daemon.run_cli("stop", job_id).returncode == 0
     final = daemon.wait_job(job_id, timeout=20)
     # SIGTERM came first and was caught and ignored; SIGKILL ended it after --stop-timeout
@@ -113,10 +114,9 @@ def test_sigterm_stops_a_plain_sleep(daemon):
 
 def test_signal_endpoint_and_cli(daemon):
     job_id = daemon.new_job_id()
-    job = busybox_job(job_id, ["sh", "-c", "trap 'exit 7' USR1; while true; do sleep 0.1; done"])
-    daemon.client.add_job(job)
-    daemon.wait_job(job_id, ("running",))
-    time.sleep(0.3)  # let sh install its trap
+    script = "trap 'exit 7' USR1; echo ready; while true; do sleep 0.1; done"
+    daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
+    daemon.wait_output(job_id, "ready")  # its trap is set
     bad = daemon.run_cli("signal", job_id, "NOPE")
     assert bad.returncode != 0 and "invalid signal" in bad.stderr
     assert daemon.run_cli("signal", job_id, "USR1").returncode == 0
@@ -127,8 +127,8 @@ def test_signals_reach_the_jobs_children(daemon):
     job_id = daemon.new_job_id()
     script = "trap 'echo trapped' USR1; sleep 100; echo sleep ended $?"
     daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
-    daemon.wait_job(job_id, ("running",))
-    time.sleep(0.3)  # let sh install its trap
+    # once `sleep` runs, sh has set its trap
+    wait_for(lambda: runs(daemon, job_id, [b"sleep", b"100"]), what="the job's sleep 100")
     assert daemon.run_cli("signal", job_id, "USR1").returncode == 0
     # tini passed USR1 to the whole process group: `sleep` died of it at once, then sh ran
     # its trap (sh alone would have waited the 100 s for sleep to end)
@@ -153,15 +153,16 @@ def job_processes(d, job_id: str) -> dict[int, tuple[str, bytes]]:
     raise AssertionError(f"no processes found for job {job_id}")
 
 
+def runs(d, job_id: str, args: list[bytes]) -> bool:
+    """Whether a process of the job runs with these arguments."""
+    try:
+        return any(cmd.split(b"\0")[:-1] == args for _, cmd in job_processes(d, job_id).values())
+    except AssertionError:  # no process yet
+        return False
+
+
 def ticks(d, job_id: str) -> int:
     return (d.base / "log" / f"{job_id}.log").read_text().count('"tick"')
-
-
-def wait_until(check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_signal_stop_and_cont_reach_every_process_of_the_job(daemon):
@@ -170,7 +171,7 @@ def test_signal_stop_and_cont_reach_every_process_of_the_job(daemon):
     script = "setsid sh -c 'while true; do echo tick; sleep 0.1; done' & wait"
     daemon.client.add_job(busybox_job(job_id, ["sh", "-c", script]))
     daemon.wait_job(job_id, ("running",))
-    wait_until(lambda: ticks(daemon, job_id) >= 3)
+    wait_for(lambda: ticks(daemon, job_id) >= 3, what="three ticks")
 
     def worker_states() -> list[str]:
         procs = job_processes(daemon, job_id).values()
@@ -183,11 +184,11 @@ def test_signal_stop_and_cont_reach_every_process_of_the_job(daemon):
     assert len(states) >= 3 and {st for st, _ in states.values()} <= {"T", "Z"}, states
     assert worker_states() == ["T"]
     stopped_at = ticks(daemon, job_id)
-    time.sleep(1)
+    time.sleep(1)  # not a wait for an event: ten ticks' time in which none may come
     assert ticks(daemon, job_id) == stopped_at  # nothing ran
 
     assert daemon.run_cli("signal", job_id, "CONT").returncode == 0
-    wait_until(lambda: ticks(daemon, job_id) >= stopped_at + 3)  # it runs again
+    wait_for(lambda: ticks(daemon, job_id) >= stopped_at + 3, what="ticks after CONT")
     assert "T" not in {st for st, _ in job_processes(daemon, job_id).values()}
     daemon.client.stop_job(job_id)
     daemon.wait_job(job_id)
@@ -267,11 +268,7 @@ class StalledServer:
             self.conns.append(conn)
 
     def wait_connected(self, timeout: float = 20.0) -> socket.socket:
-        deadline = time.monotonic() + timeout
-        while not self.conns:
-            assert time.monotonic() < deadline, "nothing connected to the stalled server"
-            time.sleep(0.05)
-        return self.conns[0]
+        return wait_for(lambda: self.conns, timeout, "a connection to the stalled server")[0]
 
     def close(self) -> None:
         self._closing.set()
@@ -347,10 +344,8 @@ def test_429_counts_jobs_in_local_start_work_and_delete_undoes_one(make_daemon, 
     first = d.new_job_id()
     d.client.add_job(busybox_job(first, ["sleep", "60"]))
     work = d.base / "work" / "jobs" / job_key(first)
-    deadline = time.monotonic() + 20
-    while not work.exists():  # its layers are here: it holds the slot, in its local work
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    # its layers are here: it holds the slot, in its local work
+    wait_for(work.exists, 20, "the job's work directory", every=0.02)
     with pytest.raises(HostAPIError) as err:
         d.client.add_job(busybox_job(d.new_job_id(), ["true"]))
     assert err.value.status == 429
@@ -408,17 +403,24 @@ def test_twenty_jobs_leave_nothing_behind(make_daemon):
 def test_event_stream_reports_create_start_stop_cleanup(daemon):
     job_id = daemon.new_job_id()
     events: list[str] = []
+    # the host subscribes a stream before it answers: once the headers are here, no event
+    # can be missed
+    headers = {**daemon.auth_headers, "Accept": "text/event-stream"}
+    request = urllib.request.Request(f"{daemon.url}/host/jobs", headers=headers)
+    stream = urllib.request.urlopen(request, timeout=30)
 
     def listen() -> None:
-        for event in daemon.client.stream_events():
-            if event["job_id"] == job_id:
-                events.append(event["event"])
-                if event["event"] == "cleanup":
-                    return
+        with stream:
+            for raw in stream:
+                if raw.startswith(b"data: "):
+                    event = json.loads(raw[6:])
+                    if event["job_id"] == job_id:
+                        events.append(event["event"])
+                        if event["event"] == "cleanup":
+                            return
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()
-    time.sleep(0.3)
     daemon.client.add_job(busybox_job(job_id, ["true"]))
     t.join(20)
     assert events == ["create", "start", "stop", "cleanup"]
@@ -520,7 +522,7 @@ def test_files_holding_a_jobs_secrets_are_root_only(daemon):
     daemon.client.add_job(job)
     daemon.wait_job(job_id, ("running",))
     log_file = daemon.base / "log" / f"{job_id}.log"
-    wait_until(lambda: log_file.exists() and secret in log_file.read_text())
+    wait_for(lambda: log_file.exists() and secret in log_file.read_text(), what="the secret")
     work = daemon.base / "work" / "jobs" / job_key(job_id)
     run = daemon.base / "run" / daemon.host_id / "jobs" / job_key(job_id)
 

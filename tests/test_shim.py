@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 
 from flynn_host import attach
 from flynn_host.attach import Frame, read_frame
+from flynn_host.devhost import wait_for_async
 from flynn_host.logs import read_entries
 from flynn_host.shim.client import connect_shim, shim_request
 from flynn_host.shim.startup import ShimConfig
@@ -198,10 +198,9 @@ def output(frames: list[Frame], stream: int) -> bytes:
 
 
 async def wait_for_log(job: Job, text: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not any(e["m"] == text for e in job.entries()):
-        assert time.monotonic() < deadline, f"{text!r} never logged"
-        await asyncio.sleep(0.02)
+    await wait_for_async(
+        lambda: any(e["m"] == text for e in job.entries()), TIMEOUT, f"{text!r} logged", 0.02
+    )
 
 
 # --- tests --------------------------------------------------------------------------------
@@ -209,11 +208,8 @@ async def wait_for_log(job: Job, text: str) -> None:
 
 def test_output_is_logged_and_exit_status_recorded(make_job):
     job = make_job(["sh", "-c", "echo out; echo err >&2; exit 3"])
-    started = time.monotonic()
-    report = job.start()
-    latency = time.monotonic() - started
+    report = job.start()  # how fast: bench/job_start.py (its "shim" and "runc" steps)
     assert isinstance(report["pid"], int), report
-    assert latency < 2, f"shim took {latency:.2f}s to start the container"
     assert job.wait() == {"status": 3, "signal": None}
     assert int((job.dir / "shim.pid").read_text()) == job.proc.pid
     entries = job.entries()
@@ -273,9 +269,16 @@ async def test_attach_replays_logs_then_streams_until_exit(make_job):
 
 
 async def test_attach_replays_a_pending_partial_line_once(make_job):
-    job = make_job(["sh", "-c", 'printf abc; read x; echo "def"'], stdin=True)
+    job = make_job(["sh", "-c", 'read go; printf abc; read x; echo "def"'], stdin=True)
     job.start()
-    await asyncio.sleep(0.3)  # let the shim read "abc" (held back: no newline yet)
+    # a live stream (no logs) starts the job and sees "abc": the shim has read it, and holds
+    # it back from the log (no newline yet); leaving does not close the job's stdin
+    live = attach.ATTACH_STREAM | attach.ATTACH_STDIN | OUT_FLAGS
+    reader, writer = await open_attach(job, flags=live)
+    writer.write(attach.data_frame(attach.STDIN, b"go\n"))
+    assert await read_until(reader, b"abc") == b"abc"
+    writer.close()
+    assert job.entries() == []
     flags = attach.ATTACH_LOGS | attach.ATTACH_STREAM | attach.ATTACH_STDIN | OUT_FLAGS
     reader, writer = await open_attach(job, flags=flags)
     writer.write(attach.data_frame(attach.STDIN, b"\n"))
@@ -379,7 +382,7 @@ async def test_bad_clients_do_not_disturb_the_shim(make_job):
         writer.write(data)
         await writer.drain()
         writer.close()
-    await asyncio.sleep(0.1)
+    # whenever the shim gets to them, it must stay up: it answers and exits cleanly below
     status = await shim_request(str(job.dir), {"status": True})
     assert status["running"] is True
     assert await shim_request(str(job.dir), {"signal": signal.SIGKILL}) == {"ok": True}
