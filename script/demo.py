@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
+
+from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
 
 from flynn_host import devhost, images
 
@@ -47,20 +48,6 @@ def sh(d: devhost.Daemon, *args: str, check: bool = True) -> subprocess.Complete
 def put(url: str, body: object) -> str:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
     return urllib.request.urlopen(req).read().decode()
-
-
-def discoverd_ports() -> tuple[int, int]:
-    """A free API port whose etcd ports (+1268, +1269) are free too, and a DNS port."""
-    for _ in range(100):
-        api, dns = devhost.free_ports(2)
-        try:
-            for port in (api + 1268, api + 1269):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return api, dns
-        except OSError:
-            continue
-    raise SystemExit("no free ports for discoverd")
 
 
 def main() -> int:
@@ -160,7 +147,9 @@ def main() -> int:
         sh(d, "stop", comp)
 
         say("discoverd as a job: etcd + Flynn's discoverd API and DNS; the host registers in it")
-        api, dns = discoverd_ports()
+        # a free API port whose etcd ports (API port + 1268 and + 1269) are free too
+        (api,) = devhost.free_ports(1, offsets=(CLIENT_PORT_OFFSET, PEER_PORT_OFFSET))
+        dns = devhost.free_port()
         vol = d.client.request("POST", "/storage/providers/default/volumes", {})
         node = d.new_job_id()
         d.client.add_job(

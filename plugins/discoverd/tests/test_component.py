@@ -9,20 +9,18 @@ import json
 import os
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
+from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
 from flynn_discoverd.types import instance_id
 
 from flynn_host import devhost
+from flynn_host.devhost import wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-# discoverd API ports; each node's etcd uses port + 1268 (clients) and + 1269 (peers)
-PORTS = (31111, 31211, 31311)
-DNS_PORT = 31053
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"), pytest.mark.needs("dig")]
 
 
 def http(method: str, url: str, body: object = None) -> object:
@@ -33,38 +31,55 @@ def http(method: str, url: str, body: object = None) -> object:
     return json.loads(raw) if raw.strip() else None
 
 
-def wait_for(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+def answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        resp.read()
+    return True
+
+
+def etcd_pids(api_port: int) -> list[str]:
+    """The etcd member of the discoverd node on `api_port` (named after its address)."""
+    name = f"discoverd-127-0-0-1-{api_port}"
+    out = subprocess.run(["pgrep", "-f", f"etcd --name {name} "], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+@dataclass
+class Nodes:
+    """Three discoverd jobs on one daemon, on free API ports (each with its etcd member's
+    client and peer ports free beside it); node 2 also serves DNS."""
+
+    daemon: devhost.Daemon
+    jobs: list[str]
+    ports: list[int]
+    dns_port: int
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
 
 
 @pytest.fixture
-def cluster() -> Iterator[tuple[devhost.Daemon, list[str]]]:
+def cluster() -> Iterator[Nodes]:
     manifest = devhost.IMAGES / "components" / "manifest.json"
     if not manifest.exists():
         pytest.fail(f"{manifest} is missing: run `make images` first")
     # etcd members leaving together take a few seconds: the test daemon's 3 s grace is too short
     d = devhost.make_daemon(extra_args=["--stop-timeout", "20"])
+    ports = devhost.free_ports(3, offsets=(CLIENT_PORT_OFFSET, PEER_PORT_OFFSET))
+    dns_port = devhost.free_port()
     try:
         image = d.client.request(
             "POST", "/host/images", {"manifest_url": manifest.as_uri(), "name": "components"}
         )
-        peers = ",".join(f"127.0.0.1:{p}" for p in PORTS)
+        peers = ",".join(f"127.0.0.1:{p}" for p in ports)
         jobs = []
-        for i, port in enumerate(PORTS):
+        for i, port in enumerate(ports):
             vol = d.client.request("POST", "/storage/providers/default/volumes", {})
             args = ["/.flynn-host/flynn-host", "component", "discoverd", "--data-dir", "/data",
                     "--host", "127.0.0.1", "--addr", f"127.0.0.1:{port}",
                     "--notify", f"{d.url}/host/discoverd"]  # fmt: skip
             if i == 1:
-                args += ["--dns-addr", f"127.0.0.1:{DNS_PORT}", "--recursors", ""]
+                args += ["--dns-addr", f"127.0.0.1:{dns_port}", "--recursors", ""]
             job_id = d.new_job_id()
             d.client.add_job(
                 {
@@ -84,27 +99,29 @@ def cluster() -> Iterator[tuple[devhost.Daemon, list[str]]]:
                 }
             )
             jobs.append(job_id)
-        for port in PORTS:
-            wait_for(f"http://127.0.0.1:{port}/ping")
-        yield d, jobs
+        nodes = Nodes(d, jobs, ports, dns_port)
+        for i in range(3):
+            wait_for(lambda i=i: answers(f"{nodes.url(i)}/ping"), 60, f"node {i + 1}",
+                     ignoring=(OSError,))  # fmt: skip
+        yield nodes
     finally:
         d.cleanup()
 
 
-def test_three_discoverd_jobs_form_one_cluster(cluster):
-    d, jobs = cluster
+def test_three_discoverd_jobs_form_one_cluster(cluster: Nodes) -> None:
+    d, jobs = cluster.daemon, cluster.jobs
     for job_id in jobs:
         assert d.client.get_job(job_id)["status"] == "running"
-    one, _, three = (f"http://127.0.0.1:{p}" for p in PORTS)
+    one, two, three = (cluster.url(i) for i in range(3))
     # the host learnt where discoverd is (POST /host/discoverd from a node)
-    assert d.client.status()["discoverd"]["url"] in {f"http://127.0.0.1:{p}" for p in PORTS}
+    assert d.client.status()["discoverd"]["url"] in {one, two, three}
     http("PUT", f"{one}/services/web", {})
     inst = {"addr": "10.20.30.40:8080", "proto": "tcp"}
     http("PUT", f"{one}/services/web/instances/{instance_id('tcp', inst['addr'])}", inst)
     # registered through node 1, seen through node 3's API and node 2's DNS
     (seen,) = http("GET", f"{three}/services/web/instances")
     assert seen["addr"] == "10.20.30.40:8080"
-    dig = ["dig", "+short", "@127.0.0.1", "-p", str(DNS_PORT)]
+    dig = ["dig", "+short", "@127.0.0.1", "-p", str(cluster.dns_port)]
     assert subprocess.run([*dig, "web.discoverd"], capture_output=True,
                           text=True).stdout.split() == ["10.20.30.40"]  # fmt: skip
     assert subprocess.run([*dig, "leader.web.discoverd"], capture_output=True,
@@ -115,37 +132,24 @@ def test_three_discoverd_jobs_form_one_cluster(cluster):
     peers = http("GET", f"{three}/raft/peers")
     assert len(peers) == 3
     # the host registered itself in service flynn-host once discoverd reported in
-    deadline = time.monotonic() + 20
-    while len(d.run_cli("list").stdout.splitlines()) < 2:
-        assert time.monotonic() < deadline, d.run_cli("list")
-        time.sleep(0.2)
-    listing = d.run_cli("list").stdout.splitlines()
+    listing = wait_for(lambda: (out := d.run_cli("list").stdout.splitlines())[1:] and out, 20,
+                       "the host in `flynn-host list`", every=0.2)  # fmt: skip
     assert listing[0].split() == ["ID", "ADDR"]
     assert listing[1].split() == [d.host_id, f"127.0.0.1:{d.port}"]
     found = json.loads(d.run_cli("discover", "--json", "web").stdout)
     assert [i["addr"] for i in found] == ["10.20.30.40:8080"]
-    # stopping the jobs stops their etcd members too (nothing left behind)
     # discoverd supervises its etcd member: killed, it is restarted and rejoins
-    name = "discoverd-127-0-0-1-31211"
-    before = subprocess.run(["pgrep", "-f", f"etcd --name {name} "], capture_output=True,
-                            text=True).stdout.split()  # fmt: skip
+    before = etcd_pids(cluster.ports[1])
     assert len(before) == 1
     subprocess.run(["kill", "-9", before[0]], check=True)
-    deadline = time.monotonic() + 20
-    while True:
-        now = subprocess.run(["pgrep", "-f", f"etcd --name {name} "], capture_output=True,
-                             text=True).stdout.split()  # fmt: skip
-        if now and now != before:
-            break
-        assert time.monotonic() < deadline, "etcd member was not restarted"
-        time.sleep(0.2)
-    two = f"http://127.0.0.1:{PORTS[1]}"
+    wait_for(lambda: (now := etcd_pids(cluster.ports[1])) and now != before, 20,
+             "node 2's etcd member restarted", every=0.2)  # fmt: skip
     http("PUT", f"{two}/services/web/meta", {"data": "after restart", "index": 0})
     assert http("GET", f"{three}/services/web/meta")["data"] == "after restart"
 
     # a daemon that stops marks itself shutting down, then leaves the flynn-host service
     events: list[tuple[str, str]] = []
-    watching = threading.Event()
+    watching, first_event = threading.Event(), threading.Event()
 
     def watch() -> None:
         req = urllib.request.Request(f"{three}/services/flynn-host/instances",
@@ -158,13 +162,14 @@ def test_three_discoverd_jobs_form_one_cluster(cluster):
                     event = json.loads(line[6:])
                     meta = (event.get("instance") or {}).get("meta", {})
                     events.append((event["kind"], meta.get("shutdown", "")))
+                    first_event.set()
                     if event["kind"] == "down":
                         return
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     assert watching.wait(10)
-    time.sleep(0.3)  # the stream's current instances arrive first
+    assert first_event.wait(10)  # the stream's current instance (the host) came first
     d.stop()  # SIGTERM: deregisters, then stops its jobs (the discoverd nodes)
     watcher.join(30)
     assert events[0] == ("up", "")
@@ -175,9 +180,8 @@ def test_three_discoverd_jobs_form_one_cluster(cluster):
         assert final["status"] == "done", (final["exit_status"], final["error"])
 
 
-def test_discoverd_jobs_stop_cleanly(cluster):
-    d, jobs = cluster
-    started = time.monotonic()
+def test_discoverd_jobs_stop_cleanly(cluster: Nodes) -> None:
+    d, jobs = cluster.daemon, cluster.jobs
     for job_id in jobs:
         d.client.stop_job(job_id)
     for job_id in jobs:
@@ -188,6 +192,5 @@ def test_discoverd_jobs_stop_cleanly(cluster):
             d.run_cli("log", job_id).stdout[-1500:],
         )
         assert "discoverd: stopped" in d.run_cli("log", job_id).stdout
-    print(f"three discoverd jobs stopped in {time.monotonic() - started:.1f}s")
-    out = subprocess.run(["pgrep", "-f", "etcd.*discoverd-127-0-0-1-31"], capture_output=True)
-    assert out.stdout == b""
+    # stopping the jobs stopped their etcd members too (nothing left behind)
+    assert [etcd_pids(port) for port in cluster.ports] == [[], [], []]
