@@ -1,11 +1,11 @@
 """discoverd's HTTP API on real etcd: Flynn's paths, JSON, status codes and SSE, and a
-3-member cluster that loses its etcd leader."""
+3-member cluster that loses its etcd leader. How long a fail-over takes is a figure of
+`bench/discoverd_failover.py`; here only that it happens, within generous deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import aiohttp
@@ -16,7 +16,7 @@ from flynn_discoverd.server import SHUTDOWN, make_app
 from flynn_discoverd.store import Store
 from flynn_discoverd.types import instance_id
 
-from flynn_host.devhost import free_ports
+from flynn_host.devhost import free_ports, wait_for_async
 
 SSE = {"Accept": "text/event-stream"}
 Api = Any  # conftest.Api: url, http (a ClientSession), store
@@ -49,8 +49,8 @@ class Stream:
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self.resp = resp
 
-    async def next(self) -> dict[str, Any]:
-        async with asyncio.timeout(5):
+    async def next(self, within: float = 30.0) -> dict[str, Any]:
+        async with asyncio.timeout(within):
             while True:
                 line = await self.resp.content.readline()
                 assert line, "stream ended"
@@ -221,13 +221,14 @@ def test_make_app_is_constructible() -> None:
 # --- a 3-member cluster -----------------------------------------------------------------------
 
 
-async def retry(api: Api, method: str, path: str, body: Any = None) -> tuple[int, Any, float]:
-    """Calls until it succeeds (or 10 s pass); returns how long that took."""
-    start = time.monotonic()
+async def retry(api: Api, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """Calls until it succeeds (or 30 s pass): the last status and body."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
     while True:
         status, got = await call(api, method, path, body)
-        if status == 200 or time.monotonic() - start > 10:
-            return status, got, time.monotonic() - start
+        if status == 200 or loop.time() > deadline:
+            return status, got
         await asyncio.sleep(0.05)
 
 
@@ -267,22 +268,23 @@ async def test_cluster_survives_losing_etcd_leader(
         etcd_cluster[dead].kill()
         alive = [apis[i] for i in range(3) if i != dead]
 
-        status, body, took = await retry(alive[0], "PUT", "/services/web/meta", {
+        # writes and reads resume (a CAS on the acknowledged meta: nothing was lost)
+        status, body = await retry(alive[0], "PUT", "/services/web/meta", {
             "data": 2, "index": meta["index"]
         })  # fmt: skip
         assert status == 200, body
-        assert took < 3.0, f"writes resumed only after {took:.1f}s"
-        status, _, took = await retry(alive[1], "GET", "/services/web/instances")
-        assert status == 200 and took < 3.0
+        status, _ = await retry(alive[1], "GET", "/services/web/instances")
+        assert status == 200
         late = await register(alive[1], "web", instance(999, host="10.9.9.9"))
         # DNS on the surviving nodes answers too, the new instance included
+        ip = late["addr"].rsplit(":", 1)[0]
         for i in range(3):
-            if i == dead:
-                continue
-            started = time.monotonic()
-            while late["addr"].rsplit(":", 1)[0] not in await dns_ips(dns_servers[i].port):
-                assert time.monotonic() - started < 3.0, "DNS did not answer after failover"
-                await asyncio.sleep(0.05)
+            if i != dead:
+
+                async def answers(port: int = dns_servers[i].port) -> bool:
+                    return ip in await dns_ips(port)
+
+                await wait_for_async(answers, 30, f"node {i + 1}'s DNS answering {ip}")
         # every watcher, the one on the dead member's node too, sees the next event: no gap
         for st in streams:
             assert await st.kinds(1) == [("up", late["addr"])]
@@ -300,13 +302,12 @@ async def test_cluster_survives_losing_etcd_leader(
         etcd_cluster[dead].start()
         await etcd_cluster[dead].wait_healthy_async()
         async with EtcdClient([etcd_cluster[dead].client_url]) as own:
-            deadline = time.monotonic() + 5
-            while True:
+
+            async def caught_up() -> bool:
                 kvs, _ = await own.range("/discoverd/services/web/instances/", prefix=True)
-                if len(kvs) == len(acked) + 1 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
-            assert len(kvs) == len(acked) + 1
+                return len(kvs) == len(acked) + 1
+
+            await wait_for_async(caught_up, 30, "the restarted member catching up", every=0.1)
             assert len(await own.member_list()) == 3
     finally:
         for dns in dns_servers:
@@ -359,7 +360,7 @@ async def test_raft_peers_add_and_remove(
     try:
         # etcd refuses to reconfigure a cluster that has not been up for 5 s: 503, retry
         body = {"peer_url": new.peer_url}
-        status, body, _ = await retry(api, "PUT", "/raft/peers/127.0.0.4:1111", body)
+        status, body = await retry(api, "PUT", "/raft/peers/127.0.0.4:1111", body)
         assert status == 200 and body["last_index"] >= 0, body
         listed = await store.etcd.member_list()
         members = {m["name"]: m["peerURLs"][0] for m in listed if m.get("name")}
