@@ -1,6 +1,9 @@
 """The discoverd client against `FakeDiscoverd`, a test double of discoverd's HTTP API written
 here (the few paths the client uses, with Flynn's JSON and error format:
-docs/discoverd.md#http-api), served by aiohttp on loopback. The real server has its own tests."""
+docs/discoverd.md#http-api), served by aiohttp on loopback. The real server has its own tests,
+and `test_client_reconnect.py` watches it through cuts and restarts. Heartbeats are checked
+against the delays the heartbeater chose (`RecordedTiming`), not against the wall clock of a
+possibly busy machine."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -26,11 +31,36 @@ from flynn_discoverd.client import (
 )
 from flynn_discoverd.types import Event, Instance, ServiceMeta, instance_id
 
+from flynn_host.devhost import wait_for_async
 from flynn_host.errors import ValidationError
 
 FAST = HeartbeatTiming(
     interval=0.2, jitter=0.1, failing_min=0.02, failing_max=0.04, register_timeout=2.0
 )
+
+
+@dataclass(frozen=True)
+class RecordedTiming(HeartbeatTiming):
+    """FAST's timing, keeping each delay the heartbeater chose: (failing?, seconds)."""
+
+    interval: float = 0.2
+    jitter: float = 0.1
+    failing_min: float = 0.02
+    failing_max: float = 0.04
+    register_timeout: float = 2.0
+    delays: list[tuple[bool, float]] = field(default_factory=list)
+
+    def next_delay(self, failing: bool) -> float:
+        delay = super().next_delay(failing)
+        self.delays.append((failing, delay))
+        return delay
+
+
+def early(puts: list[float], delays: list[tuple[bool, float]]) -> list[float]:
+    """The gaps between PUTs shorter than the delay chosen before them: none, as a sleep is
+    never shorter (a busy machine only makes it longer, which no test here minds)."""
+    gaps = [b - a for a, b in pairwise(puts)]
+    return [gap for gap, (_, d) in zip(gaps, delays, strict=False) if gap < d - 0.005]
 
 
 def error(status: int, code: str, message: str) -> web.Response:
@@ -351,37 +381,43 @@ async def test_next_url_when_one_is_down(fake: FakeDiscoverd) -> None:
 
 async def test_heartbeats_then_delete_on_close(client: Client, fake: FakeDiscoverd) -> None:
     await client.add_service("web")
-    hb = await client.register("web", "10.0.0.1:80", timing=FAST)
+    timing = RecordedTiming()
+    hb = await client.register("web", "10.0.0.1:80", timing=timing)
     assert isinstance(hb, Heartbeater) and hb.addr == "10.0.0.1:80"
     path = f"/services/web/instances/{instance_id('tcp', '10.0.0.1:80')}"
-    await asyncio.sleep(0.75)
-    puts = [t for t, _ in fake.calls("PUT", path)]
-    assert 4 <= len(puts) <= 8  # the registration, then one every 0.1–0.2 s
-    gaps = [b - a for a, b in zip(puts, puts[1:], strict=False)]
-    assert all(0.09 <= g <= 0.3 for g in gaps), gaps
+
+    def puts() -> list[float]:
+        return [t for t, _ in fake.calls("PUT", path)]
+
+    await wait_for_async(lambda: len(puts()) >= 5, 10, "four heartbeats")
+    # the registration, then a heartbeat after each delay chosen: 0.1–0.2 s while all is well
+    assert timing.delays and all(not f and 0.1 <= d <= 0.2 for f, d in timing.delays)
+    assert early(puts(), timing.delays) == []
     assert [i.addr for i in await client.instances("web")] == ["10.0.0.1:80"]
 
+    beating = hb._task
     await hb.close()
     assert fake.requests[-1][1:3] == ("DELETE", path)
-    n = len(fake.requests)
-    await asyncio.sleep(0.3)
-    assert len(fake.requests) == n  # no heartbeat after close
+    assert beating is not None and beating.done()  # no heartbeat after close
     assert await client.instances("web") == []
     await hb.close()  # idempotent
 
 
 async def test_heartbeat_retries_fast_while_failing(client: Client, fake: FakeDiscoverd) -> None:
     await client.add_service("web")
-    hb = await client.register("web", "10.0.0.1:80", timing=FAST)
+    timing = RecordedTiming()
+    hb = await client.register("web", "10.0.0.1:80", timing=timing)
     fake.fail_puts = 3
-    await asyncio.sleep(0.6)
-    puts = [t for t, _ in fake.calls("PUT", f"/services/web/instances/{hb.instance.id}")]
-    gaps = [b - a for a, b in zip(puts, puts[1:], strict=False)]
-    # after the first normal-interval gap, three failures each followed by a short retry
-    fast = [g for g in gaps if g < 0.08]
-    assert len(fast) == 3, gaps
-    assert all(g >= 0.015 for g in fast), gaps
-    assert not hb.failing
+
+    def puts() -> list[float]:
+        return [t for t, _ in fake.calls("PUT", f"/services/web/instances/{hb.instance.id}")]
+
+    # the registration, three failing heartbeats, and one that succeeds again
+    await wait_for_async(lambda: len(puts()) >= 5 and not hb.failing, 10, "a heartbeat back")
+    # a normal delay; after each failure a short one (0.02–0.04 s); normal ones once it works
+    assert [f for f, _ in timing.delays[:5]] == [False, True, True, True, False]
+    assert all(0.02 <= d <= 0.04 if f else 0.1 <= d <= 0.2 for f, d in timing.delays)
+    assert early(puts(), timing.delays) == []
     await hb.close()
 
 
@@ -484,9 +520,9 @@ async def test_watch_reconnects_and_reports_what_was_missed(
     assert [e.kind for e in got] == ["up", "up", "leader", "current"]
     assert got[2].instance == a
 
-    # while the stream is down: a leaves (b becomes leader), c arrives, b's meta changes
+    # while the stream is down: a leaves (b becomes leader), c arrives, b's meta changes (all
+    # before the loop runs again, so before the watcher can reconnect)
     fake.drop_streams()
-    await asyncio.sleep(0.02)
     del fake.services["web"]["instances"][a.id]
     c = fake.add("web", "10.0.0.3:80")
     b.meta = {"changed": "yes"}
