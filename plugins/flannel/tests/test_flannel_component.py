@@ -14,8 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from flynn_flannel.leases import release_lease
 from flynn_flannel.types import SERVICE
 from flynn_flannel.vxlan import VxlanDevice
 from pyroute2 import netns
+
+from flynn_host.devhost import wait_for_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -123,19 +124,6 @@ class Component:
         return self.log.read_text() if self.log.exists() else ""
 
 
-async def eventually(check: Callable[[], Any], what: str, within: float = 15.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 def wget(netns_name: str, url: str) -> tuple[bool, str]:
     """GET from inside a namespace (blocks: call via a thread, the test serves discoverd)."""
     cmd = ["ip", "netns", "exec", netns_name, "busybox", "wget", "-q", "-O", "-", url]
@@ -182,13 +170,19 @@ async def test_two_hosts_end_to_end(world: dict[str, Any], store) -> None:  # ty
     host: FakeHost = world["host"]
     a, b = world["components"]
     a.start()
-    await eventually(lambda: "waiting for discoverd" in a.output(), "a to wait for discoverd")
+    await wait_for_async(
+        lambda: "waiting for discoverd" in a.output(), 15, "a to wait for discoverd"
+    )
     host.discoverd_url = world["discoverd_url"]
     b.start()
     try:
-        await eventually(lambda: a.subnet_file.exists() and b.subnet_file.exists(), "subnet files")
-        await eventually(lambda: "1 peer(s)" in a.output() and "1 peer(s)" in b.output(), "peers")
-        await eventually(lambda: len(host.networks) == 2, "both hosts told")
+        await wait_for_async(
+            lambda: a.subnet_file.exists() and b.subnet_file.exists(), 15, "subnet files"
+        )
+        await wait_for_async(
+            lambda: "1 peer(s)" in a.output() and "1 peer(s)" in b.output(), 15, "peers"
+        )
+        await wait_for_async(lambda: len(host.networks) == 2, 15, "both hosts told")
     except AssertionError:
         pytest.fail(f"A:\n{a.output()}\nB:\n{b.output()}")
     envs = {
@@ -236,7 +230,9 @@ async def test_two_hosts_end_to_end(world: dict[str, Any], store) -> None:  # ty
     assert not ok  # 500: B does not answer
     # B restarts and keeps its subnet
     b.start()
-    await eventually(lambda: f"flannel: lease {subnet_b} (kept)" in b.output(), "b's lease kept")
+    await wait_for_async(
+        lambda: f"flannel: lease {subnet_b} (kept)" in b.output(), 15, "b's lease kept"
+    )
     assert await asyncio.to_thread(b.stop) == 0
 
     # B's lease disappears from discoverd: A removes B's route, neighbour and fdb entry
@@ -249,8 +245,8 @@ async def test_two_hosts_end_to_end(world: dict[str, Any], store) -> None:  # ty
     async def a_forgot_b() -> bool:
         return await asyncio.to_thread(device_a.entries) == empty
 
-    await eventually(a_forgot_b, "B's entries removed from A")
-    await eventually(lambda: "0 peer(s)" in a.output(), "a to count 0 peers")
+    await wait_for_async(a_forgot_b, 15, "B's entries removed from A")
+    await wait_for_async(lambda: "0 peer(s)" in a.output(), 15, "a to count 0 peers")
     assert not ping(hosts.a, gw_a, gw_b)
 
 

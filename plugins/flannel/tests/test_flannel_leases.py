@@ -9,6 +9,8 @@ import ipaddress
 from flynn_flannel.leases import acquire_lease, ensure_config, read_state, release_lease
 from flynn_flannel.types import SERVICE, NetworkConfig
 
+from flynn_host.devhost import wait_for_async
+
 MAC_A = "aa:aa:aa:00:00:01"
 
 
@@ -90,18 +92,15 @@ async def test_component_renews_and_re_leases(make_client, tmp_path) -> None:  #
     assert "FLANNEL_SUBNET=100.100.1.1/24" in (tmp_path / "subnet.env").read_text()
     tasks = [asyncio.ensure_future(flannel.renew()), asyncio.ensure_future(flannel.watch())]
     try:
-        for _ in range(40):
-            await asyncio.sleep(0.1)
-            if flannel.lease.expiration > first:
-                break
-        assert flannel.lease.expiration > first
+        await wait_for_async(lambda: flannel.lease.expiration > first, 15, "a renewal")
         assert await release_lease(c, "127.0.0.1")
-        for _ in range(40):
-            await asyncio.sleep(0.1)
+
+        async def leased_again() -> object:
             state, _ = await read_state(c)
-            if state.lease_of("127.0.0.1"):
-                break
-        assert state.lease_of("127.0.0.1").subnet == net("100.100.1.0/24")
+            return state.lease_of("127.0.0.1")
+
+        lease = await wait_for_async(leased_again, 15, "the lease taken again", every=0.1)
+        assert lease.subnet == net("100.100.1.0/24")
     finally:
         for t in tasks:
             t.cancel()
