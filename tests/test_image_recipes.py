@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from flynn_host import images
+from flynn_host.devhost import wait_for
 
 from .conftest import IMAGES, ROOT, needs_root
 
@@ -490,6 +490,18 @@ def test_second_run_reuses_the_cache_and_removes_stale_build_dirs(built_images: 
     assert not stale.exists()
 
 
+def chroot_sleep_running() -> bool:
+    """Whether a `sleep 60` runs chrooted into a build directory of IMAGES."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline, root = (proc / "cmdline").read_bytes(), os.readlink(proc / "root")
+        except OSError:  # not a process, or gone
+            continue
+        if cmdline == b"sleep\x0060\x00" and root.startswith(f"{IMAGES}/.build-"):
+            return True
+    return False
+
+
 @pytest.mark.slow
 @needs_root
 def test_an_interrupted_build_leaves_no_mount_loop_device_or_directory(
@@ -516,7 +528,8 @@ def test_an_interrupted_build_leaves_no_mount_loop_device_or_directory(
         for line in proc.stdout:
             if "running 1 commands" in line:
                 break
-        time.sleep(0.5)  # sleep is running in the chroot, over a loop-mounted base layer
+        # interrupted while `sleep` runs in the chroot, over a loop-mounted base layer
+        wait_for(chroot_sleep_running, 30, "sleep 60 in the build's chroot")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130
     finally:
