@@ -50,6 +50,7 @@ test-slow: dev
 bench: dev
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/job_start.py
 	$(BIN)/python bench/discoverd.py
+	$(BIN)/python bench/discoverd_failover.py
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/overlay.py
 
 lint: venv
