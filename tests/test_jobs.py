@@ -310,11 +310,12 @@ def test_stalled_layer_download_holds_no_start_slot_and_delete_ends_it(make_daem
         d.client.add_job(busybox_job(job_id, ["true"]))
         assert d.wait_job(job_id)["status"] == "done"
     assert d.client.get_job(stalled)["status"] == "starting"
-    # a DELETE cancels the download at once: the job failed, the host hung up
+    # a DELETE cancels the download at once: the job failed, the host hung up (not after the
+    # download's 60 s read timeout; the bound leaves a busy machine room)
     asked = time.monotonic()
     d.client.stop_job(stalled)
-    final = d.wait_job(stalled, timeout=5)
-    assert time.monotonic() - asked < 5
+    final = d.wait_job(stalled, timeout=15)
+    assert time.monotonic() - asked < 15
     assert (final["status"], final["error"]) == ("failed", "stopped while starting")
     conn.settimeout(5)
     assert conn.recv(65536).startswith(b"GET /layer.squashfs")

@@ -43,7 +43,7 @@ class Collector:
             self.events.append(ev)
             self.changed.set()
 
-    async def wait_for(self, n: int, within: float = 5.0) -> list[Event]:
+    async def wait_for(self, n: int, within: float = 30.0) -> list[Event]:
         """The events so far, once there are `n` of them or `within` seconds have passed."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
