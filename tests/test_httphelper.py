@@ -62,19 +62,27 @@ async def test_events_are_framed_as_flynn_frames_them() -> None:
 
 async def test_keep_alive_in_silence_leaves_the_iterator_running() -> None:
     cancelled = []
+    speak = asyncio.Event()
 
     async def events() -> AsyncIterator[Any]:
         try:
-            await asyncio.sleep(0.35)  # three keep-alives' worth of silence
+            await speak.wait()  # silent until the client has had two keep-alives
         except asyncio.CancelledError:
             cancelled.append(True)
             raise
         yield "late"
 
-    async with serve(events, keepalive=0.1) as url:
-        _, body = await body_of(url)
+    async with (
+        serve(events, keepalive=0.1) as url,
+        aiohttp.ClientSession() as s,
+        s.get(url) as resp,
+    ):
+        assert [await resp.content.readline() for _ in range(2)] == [b":\n", b":\n"]
+        speak.set()
+        rest = await resp.read()
     assert not cancelled
-    assert body.startswith(b":\n:\n") and body.endswith(b'data: "late"\n\n'), body
+    late = b'data: "late"\n\n'  # after, perhaps, more keep-alives
+    assert rest.endswith(late) and rest.removesuffix(late).replace(b":\n", b"") == b"", rest
 
 
 async def test_a_failing_iterator_ends_the_stream_with_the_error_framing() -> None:
