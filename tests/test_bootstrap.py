@@ -316,7 +316,8 @@ def test_wait_hosts_timeout_names_bootstrap_jobs_that_ended(
     tmp_path: Path, hosts: list[devhost.Daemon]
 ) -> None:
     step = sleeper("dies")
-    step["release"]["processes"]["app"]["args"] = ["sh", "-c", "echo going down; sleep 1; exit 7"]
+    # it outlives run-app's 1 s "kept running" check, then ends before wait-hosts gives up
+    step["release"]["processes"]["app"]["args"] = ["sh", "-c", "echo going down; sleep 2; exit 7"]
     wait = {"id": "wait-hosts", "action": "wait-hosts", "timeout": 3}
     out = bootstrap(tmp_path, hosts[:1], [step, wait])
     assert out.returncode == 1
