@@ -327,11 +327,13 @@ def built_images() -> Path:
 
 
 def run_in(daemon: Any, image: str, args: list[str], **config: Any) -> tuple[int, str]:
-    """Run `args` in a job of `image`; its exit status and output (stdout and stderr)."""
+    """Run `args` in a job of `image`; its exit status and output (stdout and stderr). A job
+    with bind `mounts` runs in the system partition, the only one that may have them."""
     manifest, _ = images.load_manifest(image, IMAGES)
     entry = images.entrypoint(manifest)
     job_id = daemon.new_job_id()
     job = {
+        **({"partition": "system"} if config.get("mounts") else {}),
         "id": job_id,
         "mountspecs": images.mountspecs_for(manifest, images.local_layer_template(IMAGES)),
         "config": {"args": args, "env": entry["env"], "working_dir": entry["cwd"], **config},
