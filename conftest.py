@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from flynn_host.devhost import require_programs
+from flynn_host.dev.host import require_programs
 
 
 @pytest.hookimpl(tryfirst=True)  # before the fixtures, which may run the programs already

@@ -56,7 +56,7 @@ from flynn_discoverd.store import Store  # noqa: E402
 from flynn_discoverd.types import CURRENT, DOWN, UP, instance_id  # noqa: E402
 from stats import summary  # noqa: E402
 
-from flynn_host.devhost import free_ports  # noqa: E402
+from flynn_host.dev.host import free_ports  # noqa: E402
 
 WARMUP = 3
 FANOUT_WATCHERS = 50

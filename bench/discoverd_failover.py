@@ -49,7 +49,7 @@ from flynn_discoverd.store import Store  # noqa: E402
 from flynn_discoverd.types import CURRENT, DOWN, instance_id  # noqa: E402
 from stats import summary  # noqa: E402
 
-from flynn_host.devhost import free_ports  # noqa: E402
+from flynn_host.dev.host import free_ports  # noqa: E402
 
 ELECTION_TIMEOUT = 0.5  # EtcdProcess's --election-timeout
 GIVE_UP = 60.0  # a step that takes longer than this is reported as an error

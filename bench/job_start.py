@@ -49,8 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 from stats import summary  # noqa: E402
 
-from flynn_host import bundle, devhost, images  # noqa: E402
-from flynn_host.runc import find_init, job_key  # noqa: E402
+from flynn_host.dev import host as devhost  # noqa: E402
+from flynn_host.runtime import bundle, images  # noqa: E402
+from flynn_host.runtime.runc import find_init, job_key  # noqa: E402
 from flynn_host.types import Job  # noqa: E402
 
 GOAL_RATIO = 3.0

@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flynn_host.devcluster import Cluster  # noqa: E402
+from flynn_host.dev.cluster import Cluster  # noqa: E402
 
 PORT = 5201
 

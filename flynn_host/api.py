@@ -28,12 +28,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from flynn_host import __version__, attach, httphelper, limits, logs
+from flynn_host import __version__, httphelper, limits
 from flynn_host.errors import FlynnError, ValidationError
 from flynn_host.httphelper import read_json, wants_stream
-from flynn_host.jobnet import parse_network
-from flynn_host.network import NetworkError
+from flynn_host.networking.jobnet import parse_network
+from flynn_host.networking.links import NetworkError
 from flynn_host.plugins.manager import list_plugins
+from flynn_host.runtime import attach, logs
 from flynn_host.types import RUNNING, STARTING, Job, int_field, parse_signal
 
 if TYPE_CHECKING:

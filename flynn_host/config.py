@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from flynn_host.images import DEFAULT_IMAGES_DIR, images_dir
+from flynn_host.runtime.images import DEFAULT_IMAGES_DIR, images_dir
 
 DEFAULT_CONFIG_FILE = "/etc/flynn/host.json"
 

@@ -26,12 +26,12 @@ from flynn_host import __version__
 from flynn_host.api import STREAMS, make_app
 from flynn_host.backend import ContainerBackend
 from flynn_host.config import HostConfig
-from flynn_host.imagestore import ImageStore
-from flynn_host.jobnet import JobNetwork
 from flynn_host.jobs import JobManager
-from flynn_host.layers import LayerStore
+from flynn_host.networking.jobnet import JobNetwork
 from flynn_host.plugins.manager import choose_components
 from flynn_host.registration import DiscoverdRegistration
+from flynn_host.runtime.imagestore import ImageStore
+from flynn_host.runtime.layers import LayerStore
 
 log = logging.getLogger("flynn_host")
 

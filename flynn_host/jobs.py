@@ -26,10 +26,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flynn_host import logs
 from flynn_host.atomicfile import write_json_atomic
 from flynn_host.backend import ContainerBackend, NetworkIsolation, StartError
 from flynn_host.errors import FlynnError, ValidationError, conflict, not_found
+from flynn_host.runtime import logs
 from flynn_host.types import (
     CRASHED,
     DONE,
@@ -42,7 +42,7 @@ from flynn_host.types import (
 )
 
 if TYPE_CHECKING:
-    from flynn_host.jobnet import JobNetwork
+    from flynn_host.networking.jobnet import JobNetwork
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from flynn_host import limits, seccomp
+from flynn_host import limits
 from flynn_host.errors import ValidationError
+from flynn_host.runtime import seccomp
 
 # --- job states -------------------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ import uuid
 
 from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
 
-from flynn_host import devhost, images
+from flynn_host.dev import host as devhost
+from flynn_host.runtime import images
 
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
@@ -208,7 +209,7 @@ def main() -> int:
 def cluster_demo() -> None:
     """Three hosts in network namespaces, booted with `flynn-host bootstrap`; a job on host 1
     reaches a job on host 3 over the overlay by `<service>.discoverd`."""
-    from flynn_host.devcluster import Cluster, leftovers
+    from flynn_host.dev.cluster import Cluster, leftovers
 
     say("three hosts on this machine (script/cluster up -n 3): init, daemons, bootstrap")
     with Cluster(name="demo", say=lambda m: print(f"{DIM}{m}{RESET}", flush=True)) as c:

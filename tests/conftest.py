@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from flynn_host import devhost, images
-from flynn_host.devhost import (  # noqa: F401  (re-exported for the test modules)
+from flynn_host.dev import host as devhost
+from flynn_host.dev.host import (  # noqa: F401  (re-exported for the test modules)
     IMAGES,
     ROOT,
     Daemon,
@@ -25,6 +25,7 @@ from flynn_host.devhost import (  # noqa: F401  (re-exported for the test module
     mounts_under,
     remove_cgroups,
 )
+from flynn_host.runtime import images
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, runc)")
 

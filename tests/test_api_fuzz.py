@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from flynn_host import api, limits
 from flynn_host.errors import ValidationError
-from flynn_host.jobnet import parse_network
+from flynn_host.networking.jobnet import parse_network
 
 from .conftest import IMAGES, busybox_job, mounts_under, needs_root, rss_bytes
 

@@ -27,10 +27,10 @@ import pytest
 from flynn_host.backend import ContainerBackend, ExitInfo, NetworkIsolation, StartError
 from flynn_host.config import HostConfig
 from flynn_host.errors import FlynnError
-from flynn_host.jobnet import JobNetwork
 from flynn_host.jobs import STOPPED_WHILE_STARTING, JobManager
+from flynn_host.networking.jobnet import JobNetwork
+from flynn_host.runtime.volumes import VolumeManager
 from flynn_host.types import ActiveJob, Job
-from flynn_host.volumes import VolumeManager
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "plugin_hooks.md"

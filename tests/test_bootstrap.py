@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from flynn_host import devhost
 from flynn_host.bootstrap.manifest import ManifestError, packaged_manifest, parse_manifest
 from flynn_host.bootstrap.template import TemplateError, render
+from flynn_host.dev import host as devhost
 
 from .conftest import IMAGES, ROOT, needs_root
 

@@ -15,7 +15,7 @@ import pytest
 from flynn_host.cli.daemon import parse_daemon_args
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
-from flynn_host.images import DEFAULT_IMAGES_DIR
+from flynn_host.runtime.images import DEFAULT_IMAGES_DIR
 
 from .conftest import ROOT
 

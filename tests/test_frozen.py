@@ -28,8 +28,9 @@ from typing import Any
 
 import pytest
 
-from flynn_host import __version__, devhost
+from flynn_host import __version__
 from flynn_host import frozen as frozen_mod
+from flynn_host.dev import host as devhost
 from flynn_host.plugins.manager import BUILTIN_PLUGINS, list_plugins, make_plugin_manager
 
 from .conftest import (
@@ -402,8 +403,8 @@ def test_frozen_daemons_boot_a_two_host_cluster(bundle: Path, monkeypatch: Any) 
     """The bundle as every host's daemon (`FLYNN_HOST_BIN`): `init`, `bootstrap` and the
     discoverd and flannel jobs run the frozen program (mounted at /.flynn-host), and a job on
     host 1 reaches a job on host 2 by `<service>.discoverd`."""
-    from flynn_host.devcluster import leftovers
-    from tests.test_devcluster import new_cluster
+    from flynn_host.dev.cluster import leftovers
+    from tests.dev.test_cluster import new_cluster
     from tests.test_multihost import register, run_job, web_job
 
     monkeypatch.setenv("FLYNN_HOST_BIN", str(bundle))

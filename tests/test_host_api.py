@@ -13,10 +13,10 @@ from urllib.parse import quote
 
 import pytest
 
-from flynn_host import attach
 from flynn_host.client import HostAPIError
 from flynn_host.errors import ValidationError
-from flynn_host.jobnet import parse_network
+from flynn_host.networking.jobnet import parse_network
+from flynn_host.runtime import attach
 from flynn_host.types import RESOURCE_BOUNDS
 
 from .conftest import IMAGES, RawResponse, busybox_job, mounts_under, needs_root, raw_request

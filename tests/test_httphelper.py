@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from flynn_host import httphelper
-from flynn_host.devhost import free_port
+from flynn_host.dev.host import free_port
 
 Events = Callable[[], AsyncIterator[Any]]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from flynn_host import images
-from flynn_host.devhost import wait_for
+from flynn_host.dev.host import wait_for
+from flynn_host.runtime import images
 
 from .conftest import IMAGES, ROOT, needs_root
 

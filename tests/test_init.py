@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from flynn_host import devhost
+from flynn_host.dev import host as devhost
 
 from .conftest import ROOT
 

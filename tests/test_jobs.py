@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from flynn_host.client import HostAPIError
-from flynn_host.devhost import wait_for
-from flynn_host.runc import job_key
+from flynn_host.dev.host import wait_for
+from flynn_host.runtime.runc import job_key
 
 from .conftest import busybox_job, cgroups_of, mounts_under, needs_root
 

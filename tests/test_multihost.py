@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from flynn_host import devhost
-from flynn_host.devcluster import Cluster, leftovers
-from flynn_host.devhost import busybox_job
-from flynn_host.network import NETNS_DIR
-from tests.test_devcluster import new_cluster
+from flynn_host.dev import host as devhost
+from flynn_host.dev.cluster import Cluster, leftovers
+from flynn_host.dev.host import busybox_job
+from flynn_host.networking.links import NETNS_DIR
+from tests.dev.test_cluster import new_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 

@@ -284,7 +284,7 @@ def import_allowed(package: str, module: str) -> bool:
         ("from flynn_discoverd import types", True),
         ("from flynn_flannel.leases import acquire_lease", True),  # its own package
         ("import aiohttp.web", True),
-        ("from flynn_host.runc import StartError", False),
+        ("from flynn_host.runtime.runc import StartError", False),
         ("from flynn_host import jobs", False),
         ("def f():\n    from flynn_host.daemon import Host", False),
         ("if TYPE_CHECKING:\n    from flynn_host.config import HostConfig", False),

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from flynn_host.devhost import Daemon, busybox_job, free_port
+from flynn_host.dev.host import Daemon, busybox_job, free_port
 
 from .conftest import ROOT, needs_root
 

@@ -15,9 +15,9 @@ import time
 import uuid
 from typing import Any
 
-from flynn_host import attach
 from flynn_host.bootstrap.runner import Action, ClusterHost, State, StepError
 from flynn_host.client import HostAPIError
+from flynn_host.runtime import attach
 
 # process type fields copied into the job's config as they are
 CONFIG_FIELDS = (

@@ -19,7 +19,7 @@ from flynn_host.config import (
     load_config_file,
     parse_tags,
 )
-from flynn_host.images import images_dir
+from flynn_host.runtime.images import images_dir
 
 
 def parse_daemon_args(argv: list[str]) -> HostConfig:

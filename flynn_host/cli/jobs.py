@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flynn_host import attach, images
 from flynn_host.cli.usage import Parser, UsageError
 from flynn_host.client import HostAPIError, HostClient
+from flynn_host.runtime import attach, images
 from flynn_host.types import parse_limits, parse_signal
 
 

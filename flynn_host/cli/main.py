@@ -112,7 +112,7 @@ def cmd_component(argv: list[str]) -> int:
 
 def cmd_shim(argv: list[str]) -> int:
     """Internal: the per-job shim (the daemon runs it; listed nowhere)."""
-    from flynn_host.shim.__main__ import main as shim_main
+    from flynn_host.runtime.shim.__main__ import main as shim_main
 
     return shim_main(argv)
 
@@ -171,9 +171,9 @@ def is_user_error(exc: BaseException) -> bool:
     """Errors a command's input or the host's answer cause, which get a one-line message: bad
     values (ValueError), files and hosts that are not there (OSError, ConnectionError), Flynn
     errors raised here (an image not found) or by the host API, a refused attach."""
-    from flynn_host.attach import AttachError
     from flynn_host.client import HostAPIError
     from flynn_host.errors import FlynnError
+    from flynn_host.runtime.attach import AttachError
 
     return isinstance(exc, (ValueError, OSError, FlynnError, HostAPIError, AttachError))
 

@@ -23,8 +23,10 @@ PUBLIC_MODULES: dict[str, str] = {
         "the host API's client, key and address: a component's job talks to its host"
     ),
     "flynn_host.atomicfile": "files replaced atomically (flannel's subnet.env)",
-    "flynn_host.volumes": "`VolumeManager`, the base class a `volumes` component may extend",
-    "flynn_host.network": (
+    "flynn_host.runtime.volumes": (
+        "`VolumeManager`, the base class a `volumes` component may extend"
+    ),
+    "flynn_host.networking.links": (
         "network namespaces and netlink (`iproute_in`): flannel's VXLAN device lives beside "
         "the host's bridge, in the host's namespace or a test host's, reached the same way"
     ),

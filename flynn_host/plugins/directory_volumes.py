@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def _make_volumes(host: Host) -> object:
-    from flynn_host.volumes import VolumeManager
+    from flynn_host.runtime.volumes import VolumeManager
 
     return VolumeManager(host.config.volpath)
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def _make_backend(host: Host) -> ContainerBackend:
-    from flynn_host.runc import RuncBackend
+    from flynn_host.runtime.runc import RuncBackend
 
     return RuncBackend(host.config, host.layers)
 

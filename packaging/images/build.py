@@ -42,7 +42,7 @@ for _path in (HERE, ROOT):
 
 import rootfs  # noqa: E402  (this directory's own module: trees, mounts, squashfs)
 
-from flynn_host.images import (  # noqa: E402
+from flynn_host.runtime.images import (  # noqa: E402
     DEFAULT_PATH,
     LAYER_TYPE,
     MANIFEST_TYPE,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flynn_host.images import DEFAULT_PATH
+from flynn_host.runtime.images import DEFAULT_PATH
 
 CLONE_NEWNS = 0x00020000
 POLICY_RC_D = "#!/bin/sh\n# Flynn image build: no daemon starts in the build chroot.\nexit 101\n"

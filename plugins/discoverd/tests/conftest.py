@@ -16,7 +16,7 @@ from flynn_discoverd.etcd import EtcdClient, EtcdProcess
 from flynn_discoverd.server import serve
 from flynn_discoverd.store import Store
 
-from flynn_host.devhost import free_ports, require_programs
+from flynn_host.dev.host import free_ports, require_programs
 
 
 @pytest.fixture(scope="module")

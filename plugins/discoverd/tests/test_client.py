@@ -31,7 +31,7 @@ from flynn_discoverd.client import (
 )
 from flynn_discoverd.types import Event, Instance, ServiceMeta, instance_id
 
-from flynn_host.devhost import wait_for_async
+from flynn_host.dev.host import wait_for_async
 from flynn_host.errors import ValidationError
 
 FAST = HeartbeatTiming(

@@ -16,7 +16,7 @@ from flynn_discoverd.server import serve
 from flynn_discoverd.store import Store
 from flynn_discoverd.types import Event, Instance, ServiceConfig, ServiceMeta
 
-from flynn_host.devhost import free_port, wait_for_async
+from flynn_host.dev.host import free_port, wait_for_async
 
 WITHIN = 30.0  # a deadline for what takes well under a second on an idle machine
 

@@ -17,8 +17,8 @@ import pytest
 from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
 from flynn_discoverd.types import instance_id
 
-from flynn_host import devhost
-from flynn_host.devhost import wait_for
+from flynn_host.dev import host as devhost
+from flynn_host.dev.host import wait_for
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root"), pytest.mark.needs("dig")]
 

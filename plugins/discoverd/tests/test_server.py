@@ -16,7 +16,7 @@ from flynn_discoverd.server import SHUTDOWN, make_app
 from flynn_discoverd.store import Store
 from flynn_discoverd.types import instance_id
 
-from flynn_host.devhost import free_ports, wait_for_async
+from flynn_host.dev.host import free_ports, wait_for_async
 
 SSE = {"Accept": "text/event-stream"}
 Api = Any  # conftest.Api: url, http (a ClientSession), store

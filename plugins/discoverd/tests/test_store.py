@@ -22,7 +22,7 @@ from flynn_discoverd.types import (
     check_service_name,
 )
 
-from flynn_host.devhost import wait_for_async
+from flynn_host.dev.host import wait_for_async
 from flynn_host.errors import FlynnError, ValidationError
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from pyroute2 import NetlinkError
 
-from flynn_host.network import iproute_in
+from flynn_host.networking.links import iproute_in
 
 DEVICE = "flannel.1"
 VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + vxlan (8) + inner Ethernet (14)

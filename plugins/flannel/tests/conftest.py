@@ -15,7 +15,7 @@ import pytest
 from flannel_netns import TwoHosts, ip
 from flynn_discoverd.client import Client
 
-from flynn_host.network import create_netns, delete_netns
+from flynn_host.networking.links import create_netns, delete_netns
 
 # discoverd's fixtures, loaded from its tests' conftest under a name of their own
 _spec = importlib.util.spec_from_file_location(

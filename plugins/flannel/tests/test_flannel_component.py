@@ -29,7 +29,7 @@ from flynn_flannel.types import SERVICE
 from flynn_flannel.vxlan import VxlanDevice
 from pyroute2 import netns
 
-from flynn_host.devhost import wait_for_async
+from flynn_host.dev.host import wait_for_async
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

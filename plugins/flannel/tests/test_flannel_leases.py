@@ -9,7 +9,7 @@ import ipaddress
 from flynn_flannel.leases import acquire_lease, ensure_config, read_state, release_lease
 from flynn_flannel.types import SERVICE, NetworkConfig
 
-from flynn_host.devhost import wait_for_async
+from flynn_host.dev.host import wait_for_async
 
 MAC_A = "aa:aa:aa:00:00:01"
 

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from flynn_host.volumes import VolumeManager
+from flynn_host.runtime.volumes import VolumeManager
 
 MOUNT_OPTIONS = "size=64m,mode=0755"
 

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-from flynn_host.shim.startup import READ_SIZE
+from flynn_host.runtime.shim.startup import READ_SIZE
 
 CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # a client this far behind is dropped, not waited for
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from flynn_host import bundle, seccomp
 from flynn_host.client import HostAPIError
 from flynn_host.errors import ValidationError
+from flynn_host.runtime import bundle, seccomp
 from flynn_host.types import Job
 
-from .conftest import IMAGES, busybox_job, needs_root
+from ..conftest import IMAGES, busybox_job, needs_root
 
 # --- libseccomp: the syscall tables runc resolves names with -----------------------------------
 

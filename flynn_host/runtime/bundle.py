@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flynn_host import seccomp
+from flynn_host.runtime import seccomp
 from flynn_host.types import SYSTEM_PARTITION, Job
 
 CONTAINER_INIT = "/.containerinit"

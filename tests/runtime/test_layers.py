@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer as HTTPServer
 
-from flynn_host.images import file_sha512_256, make_squashfs
-from flynn_host.layers import LayerError, LayerStore, mount_points
+from flynn_host.runtime.images import file_sha512_256, make_squashfs
+from flynn_host.runtime.layers import LayerError, LayerStore, mount_points
 from flynn_host.types import MountSpec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting squashfs needs root")

@@ -6,7 +6,7 @@ import json
 import os
 import re
 
-from flynn_host.logs import (
+from flynn_host.runtime.logs import (
     MAX_LINE,
     LogWriter,
     encode_entry,

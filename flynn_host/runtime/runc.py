@@ -35,13 +35,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from flynn_host import bundle
 from flynn_host.backend import ExitInfo, NetworkIsolation, StartError
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
-from flynn_host.layers import LayerError, LayerStore
-from flynn_host.shim.client import ShimPool, connect_shim, shim_request
-from flynn_host.shim.startup import ShimConfig
+from flynn_host.runtime import bundle
+from flynn_host.runtime.layers import LayerError, LayerStore
+from flynn_host.runtime.shim.client import ShimPool, connect_shim, shim_request
+from flynn_host.runtime.shim.startup import ShimConfig
 from flynn_host.types import PARTITIONS, SYSTEM_PARTITION, Job
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class RuncBackend:
         self.runc = shutil.which("runc") or "/usr/sbin/runc"
         self.shim_command = (
             [sys.executable, "shim"] if getattr(sys, "frozen", False)
-            else [sys.executable, "-m", "flynn_host.shim"]
+            else [sys.executable, "-m", "flynn_host.runtime.shim"]
         )  # fmt: skip
         self.run_jobs = config.run_dir / config.id / "jobs"
         self.pool = ShimPool(self.shim_command, self.run_jobs, config.shim_pool)

@@ -16,7 +16,7 @@ import pytest
 
 from flynn_host.client import HostAPIError
 
-from .conftest import ROOT, busybox_job, needs_root
+from ..conftest import ROOT, busybox_job, needs_root
 
 pytestmark = needs_root
 

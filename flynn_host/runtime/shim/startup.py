@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flynn_host.logs import LogWriter
+from flynn_host.runtime.logs import LogWriter
 
 PR_SET_CHILD_SUBREAPER = 36
 RUNC_TIMEOUT = 60.0  # runc run --detach takes well under a second; a hang must not block forever

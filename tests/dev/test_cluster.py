@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from flynn_host import devcluster
 from flynn_host.client import HostClient
-from flynn_host.devcluster import Cluster, ClusterError, leftovers, netns_pids
-from flynn_host.devhost import ROOT, busybox_job, cgroups_of
+from flynn_host.dev import cluster as devcluster
+from flynn_host.dev.cluster import Cluster, ClusterError, leftovers, netns_pids
+from flynn_host.dev.host import ROOT, busybox_job, cgroups_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 

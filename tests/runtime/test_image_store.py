@@ -19,7 +19,7 @@ import pytest
 from flynn_host import limits
 from flynn_host.client import HostAPIError
 
-from .conftest import IMAGES, RawResponse, busybox_job, needs_root, raw_request, rss_bytes
+from ..conftest import IMAGES, RawResponse, busybox_job, needs_root, raw_request, rss_bytes
 
 pytestmark = needs_root
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from flynn_host import attach
-from flynn_host.attach import AttachError, Frame, attach_host, read_frame
+from flynn_host.runtime import attach
+from flynn_host.runtime.attach import AttachError, Frame, attach_host, read_frame
 
 
 def reader_of(data: bytes) -> asyncio.StreamReader:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flynn_host import images
 from flynn_host.errors import FlynnError
+from flynn_host.runtime import images
 from flynn_host.types import MountSpec
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting squashfs needs root")

@@ -34,13 +34,13 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError
 
-from flynn_host import images
 from flynn_host.atomicfile import write_atomic, write_json_atomic
 from flynn_host.client import HostClient
-from flynn_host.devhost import cgroups_of, delete_runc_containers, mounts_under, remove_cgroups
-from flynn_host.network import NETNS_DIR, create_netns, delete_netns, iproute_in
+from flynn_host.dev.host import cgroups_of, delete_runc_containers, mounts_under, remove_cgroups
+from flynn_host.networking.links import NETNS_DIR, create_netns, delete_netns, iproute_in
+from flynn_host.runtime import images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NAME = "default"
 DEFAULT_BASE = Path(os.environ.get("FLYNN_CLUSTER_DIR", "/var/lib/flynn-cluster"))
 HTTP_PORT = 1113
@@ -581,7 +581,7 @@ class Cluster:
     def _job_namespaces(self) -> list[str]:
         """Network namespaces the hosts made for their jobs and did not remove (a host that
         was killed): the jobs are in each host's state file."""
-        from flynn_host.jobnet import netns_name
+        from flynn_host.networking.jobnet import netns_name
 
         names = []
         for d in self._host_dirs():

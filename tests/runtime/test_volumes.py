@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flynn_host.errors import FlynnError
-from flynn_host.volumes import VolumeManager
+from flynn_host.runtime.volumes import VolumeManager
 
 
 def test_create_get_list_delete(tmp_path: Path) -> None:

@@ -22,17 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from flynn_host import attach
-from flynn_host.attach import Frame, read_frame
-from flynn_host.devhost import wait_for_async
-from flynn_host.logs import read_entries
-from flynn_host.shim.client import connect_shim, shim_request
-from flynn_host.shim.startup import ShimConfig
+from flynn_host.dev.host import wait_for_async
+from flynn_host.runtime import attach
+from flynn_host.runtime.attach import Frame, read_frame
+from flynn_host.runtime.logs import read_entries
+from flynn_host.runtime.shim.client import connect_shim, shim_request
+from flynn_host.runtime.shim.startup import ShimConfig
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"
 CGROUP_PARENT = "flynn-shimtest"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 10
 
 pytestmark = [
@@ -104,7 +104,7 @@ class Job:
         """Start the shim as the daemon does and return its report line."""
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flynn_host.shim", str(self.dir)],
+            [sys.executable, "-m", "flynn_host.runtime.shim", str(self.dir)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

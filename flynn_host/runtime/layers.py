@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import aiohttp
 
 from flynn_host import limits
-from flynn_host.images import file_sha512_256, sha512_256
+from flynn_host.runtime.images import file_sha512_256, sha512_256
 from flynn_host.types import MountSpec
 
 log = logging.getLogger(__name__)

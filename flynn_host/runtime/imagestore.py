@@ -24,10 +24,11 @@ from urllib.parse import urljoin, urlparse
 
 import aiohttp
 
-from flynn_host import images, limits
+from flynn_host import limits
 from flynn_host.atomicfile import write_json_atomic
 from flynn_host.errors import FlynnError, ValidationError, not_found
-from flynn_host.layers import LayerError, LayerStore
+from flynn_host.runtime import images
+from flynn_host.runtime.layers import LayerError, LayerStore
 from flynn_host.types import MountSpec, now
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")

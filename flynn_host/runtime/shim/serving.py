@@ -17,17 +17,22 @@ import os
 import signal
 from typing import Any
 
-from flynn_host import attach
 from flynn_host.atomicfile import write_atomic
-from flynn_host.logs import encode_entry, format_entry, read_entries
-from flynn_host.shim.startup import (
+from flynn_host.runtime import attach
+from flynn_host.runtime.logs import encode_entry, format_entry, read_entries
+from flynn_host.runtime.shim.startup import (
     READ_SIZE,
     Container,
     json_line,
     read_available,
     set_tty_size,
 )
-from flynn_host.shim.subscriber import Subscriber, discard_until_eof, watch_hangup, write_all
+from flynn_host.runtime.shim.subscriber import (
+    Subscriber,
+    discard_until_eof,
+    watch_hangup,
+    write_all,
+)
 
 DRAIN_TIMEOUT = 2.0  # grandchildren may keep the output pipes open after init exits
 CLIENT_LINGER = 2.0  # how long an attach client may take to close after its exit frame

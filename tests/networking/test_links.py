@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from flynn_host import network
-from flynn_host.network import HostNetwork, SubnetAllocator, SubnetExhaustedError
+from flynn_host.networking import links as network
+from flynn_host.networking.links import HostNetwork, SubnetAllocator, SubnetExhaustedError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, veth, iptables)")
 
 
@@ -195,7 +195,8 @@ def test_current_namespace(fake_host: tuple[HostNetwork, str, list[str]]) -> Non
     net, host_ns, jobs = fake_host
     ip = str(net.network.network_address + 9)
     code = (
-        "import sys; from pathlib import Path; from flynn_host.network import HostNetwork\n"
+        "import sys; from pathlib import Path\n"
+        "from flynn_host.networking.links import HostNetwork\n"
         "net = HostNetwork(sys.argv[1], sys.argv[2])\n"
         "if sys.argv[3] == 'up':\n"
         "    net.setup(); net.setup(); net.attach(sys.argv[4], sys.argv[4], sys.argv[5])\n"

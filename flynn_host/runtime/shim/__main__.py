@@ -13,7 +13,13 @@ import sys
 from typing import Any
 
 from flynn_host.atomicfile import write_atomic
-from flynn_host.shim.startup import Container, ShimConfig, StartError, json_line, set_subreaper
+from flynn_host.runtime.shim.startup import (
+    Container,
+    ShimConfig,
+    StartError,
+    json_line,
+    set_subreaper,
+)
 
 
 def _report(message: dict[str, Any]) -> None:
@@ -30,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) == 2 and args[1] == "--idle":
         # a pre-started shim (the daemon keeps a few ready): everything is imported, and the
         # job directory arrives on stdin when a job starts; EOF means no job is coming
-        from flynn_host.shim import serving  # noqa: F401
+        from flynn_host.runtime.shim import serving  # noqa: F401
 
         line = sys.stdin.readline().strip()
         if not line:
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         _report({"error": f"shim: {e}"})
         return 1
     _report({"pid": pid})
-    from flynn_host.shim import serving
+    from flynn_host.runtime.shim import serving
 
     return serving.serve(container)
 

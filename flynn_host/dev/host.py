@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flynn_host import images
 from flynn_host.atomicfile import write_atomic
 from flynn_host.client import HostAPIError, HostClient, auth_headers
+from flynn_host.runtime import images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGES = images.images_dir()
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -263,7 +263,7 @@ class Daemon:
     def job_output(self, job_id: str) -> list[str]:
         """The lines the job has logged so far, stdout and stderr (read from its log file, so
         a test can poll it cheaply)."""
-        from flynn_host.logs import read_entries
+        from flynn_host.runtime.logs import read_entries
 
         return [e["m"] for e in read_entries(str(self.base / "log" / f"{job_id}.log"))]
 
@@ -274,7 +274,7 @@ class Daemon:
     def wait_cleaned(self, job_id: str, timeout: float = 30.0) -> None:
         """Wait until the daemon has removed the job's container (its state says how the job
         ended a moment before the clean-up is done)."""
-        from flynn_host.runc import job_key
+        from flynn_host.runtime.runc import job_key
 
         dirs = [self.base / "work" / "jobs" / job_key(job_id),
                 self.base / "run" / self.host_id / "jobs" / job_key(job_id)]  # fmt: skip

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flynn_host.shim.startup import json_line, unix_path
+from flynn_host.runtime.shim.startup import json_line, unix_path
 
 
 async def connect_shim(job_dir: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -25,7 +25,7 @@ from typing import Any
 from flynn_host.atomicfile import write_json_atomic
 from flynn_host.config import HostConfig
 from flynn_host.errors import ValidationError
-from flynn_host.network import (
+from flynn_host.networking.links import (
     HostNetwork,
     NetworkError,
     SubnetAllocator,
