@@ -20,12 +20,11 @@ from flynn_host.dev.host import (  # noqa: F401  (re-exported for the test modul
     ROOT,
     Daemon,
     busybox_job,
-    cgroups_of,
     free_port,
     mounts_under,
-    remove_cgroups,
 )
 from flynn_host.runtime import images
+from flynn_host.runtime.cgroups import cgroups_of, remove_cgroups  # noqa: F401  (re-exported)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, runc)")
 

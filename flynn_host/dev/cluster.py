@@ -36,9 +36,10 @@ from pyroute2 import IPRoute, NetlinkError
 
 from flynn_host.atomicfile import write_atomic, write_json_atomic
 from flynn_host.client import HostClient
-from flynn_host.dev.host import cgroups_of, delete_runc_containers, mounts_under, remove_cgroups
+from flynn_host.dev.host import delete_runc_containers, mounts_under
 from flynn_host.networking.links import NETNS_DIR, create_netns, delete_netns, iproute_in
 from flynn_host.runtime import images
+from flynn_host.runtime.cgroups import cgroups_of, remove_cgroups
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NAME = "default"

@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 from flynn_host.atomicfile import write_atomic
 from flynn_host.client import HostAPIError, HostClient, auth_headers
 from flynn_host.runtime import images
+from flynn_host.runtime.cgroups import remove_cgroups
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = images.images_dir()
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 T = TypeVar("T")
@@ -324,24 +324,6 @@ def delete_runc_containers(runc_root: Path) -> None:
 def mounts_under(base: Path) -> list[str]:
     with open("/proc/self/mounts") as f:
         return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(base))]
-
-
-def cgroups_of(rel: str) -> list[Path]:
-    found = []
-    for h in CGROUP_ROOT.iterdir():
-        d = h / rel
-        if d.exists():
-            found += [p for p in d.rglob("*") if p.is_dir()] + [d]
-    return found
-
-
-def remove_cgroups(rel: str) -> None:
-    for d in sorted(cgroups_of(rel), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-    for h in CGROUP_ROOT.iterdir():
-        with contextlib.suppress(OSError):
-            (h / "flynn").rmdir()
 
 
 def make_daemon(host_id: str | None = None, start: bool = True, **kw: Any) -> Daemon:

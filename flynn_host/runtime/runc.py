@@ -38,15 +38,14 @@ from typing import Any
 from flynn_host.backend import ExitInfo, NetworkIsolation, StartError
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
-from flynn_host.runtime import bundle
+from flynn_host.runtime import bundle, cgroups
 from flynn_host.runtime.layers import LayerError, LayerStore
 from flynn_host.runtime.shim.client import ShimPool, connect_shim, shim_request
 from flynn_host.runtime.shim.startup import ShimConfig
-from flynn_host.types import PARTITIONS, SYSTEM_PARTITION, Job
+from flynn_host.types import SYSTEM_PARTITION, Job
 
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 SHIM_START_TIMEOUT = 60.0
 MAX_SOCKET_PATH = 100
 
@@ -144,10 +143,7 @@ class RuncBackend:
         return self.config.log_dir / f"{job_id}.log"
 
     def _cgroup_dirs(self, job_id: str) -> list[Path]:
-        """Where the job's cgroup may be, in every hierarchy: under its partition, which only
-        the job's spec says, so under each (the id is unique, so at most one exists)."""
-        base = self.config.cgroup_parent
-        return [h / base / p / job_id for h in _hierarchies() for p in PARTITIONS]
+        return cgroups.job_dirs(self.config.cgroup_parent, job_id)
 
     @property
     def layers_in_use(self) -> set[str]:
@@ -158,7 +154,7 @@ class RuncBackend:
     async def running(self, known_job_ids: set[str]) -> AsyncIterator[None]:
         for path in (self.config.jobs_dir, self.run_jobs, self.config.log_dir):
             private_dir(path)
-        setup_partitions(self.config)
+        cgroups.setup_partitions(self.config)
         self.host_bundle = host_bundle_mounts(self.config.work_dir / "host-bundle")
         self.pool.refill()
         try:
@@ -169,7 +165,7 @@ class RuncBackend:
             yield
         finally:
             await self.pool.close()
-            remove_empty_cgroups(self.config)
+            cgroups.remove_empty_cgroups(self.config)
 
     async def _kill_all(self) -> None:
         """`--force`: kill every container this host's runc root knows, before starting."""
@@ -360,14 +356,7 @@ class RuncBackend:
         return _pid_alive(pid, "shim")
 
     def _oom_killed(self, job_id: str) -> bool:
-        for d in self._cgroup_dirs(job_id):
-            for name in ("memory.oom_control", "memory.events"):
-                with contextlib.suppress(OSError):
-                    for line in (d / name).read_text().splitlines():
-                        key, _, value = line.partition(" ")
-                        if key == "oom_kill" and int(value) > 0:
-                            return True
-        return False
+        return cgroups.oom_killed(self._cgroup_dirs(job_id))
 
     async def signal(self, job_id: str, sig: int) -> None:
         reply = await self._request(job_id, {"signal": sig})
@@ -457,43 +446,3 @@ def bundle_default_disk() -> int:
     from flynn_host.types import RESOURCE_DEFAULTS
 
     return RESOURCE_DEFAULTS["temp_disk"]
-
-
-def _hierarchies() -> list[Path]:
-    """Every cgroup hierarchy a job's cgroup appears in (v1 controllers, or the v2 root)."""
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        return [CGROUP_ROOT]
-    out = []
-    for entry in sorted(CGROUP_ROOT.iterdir()):
-        if entry.is_dir() and (entry / "cgroup.procs").exists() and entry.name != "unified":
-            out.append(entry)
-    return out
-
-
-def setup_partitions(config: HostConfig) -> None:
-    """Flynn's mandatory partitions, as cgroups with their CPU shares (weight on cgroup v2)."""
-    for name, shares in config.partitions.items():
-        for h in _hierarchies():
-            d = h / config.cgroup_parent / name
-            d.mkdir(parents=True, exist_ok=True)
-            if (d / "cpu.shares").exists():
-                (d / "cpu.shares").write_text(str(shares))
-            elif (d / "cpu.weight").exists():
-                (d / "cpu.weight").write_text(str(max(1, min(10000, shares * 100 // 1024))))
-
-
-def remove_empty_cgroups(config: HostConfig) -> None:
-    """Remove this host's partition cgroups (and the shared `flynn` parent) where empty, also
-    in the hybrid layout's `unified` hierarchy, where runc mirrors the job cgroups."""
-    unified = [CGROUP_ROOT / "unified"] if (CGROUP_ROOT / "unified").is_dir() else []
-    for h in _hierarchies() + unified:
-        base = h / config.cgroup_parent
-        if not base.exists():
-            continue
-        for d in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if d.is_dir():
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-        for d in (base, base.parent):
-            with contextlib.suppress(OSError):
-                d.rmdir()

@@ -19,7 +19,8 @@ import pytest
 from flynn_host.client import HostClient
 from flynn_host.dev import cluster as devcluster
 from flynn_host.dev.cluster import Cluster, ClusterError, leftovers, netns_pids
-from flynn_host.dev.host import ROOT, busybox_job, cgroups_of
+from flynn_host.dev.host import ROOT, busybox_job
+from flynn_host.runtime.cgroups import cgroups_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
