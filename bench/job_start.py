@@ -51,8 +51,8 @@ from stats import summary  # noqa: E402
 
 from flynn_host.dev import host as devhost  # noqa: E402
 from flynn_host.runtime import bundle, images  # noqa: E402
-from flynn_host.runtime.runc import find_init, job_key  # noqa: E402
-from flynn_host.types import Job  # noqa: E402
+from flynn_host.runtime.runc import find_init  # noqa: E402
+from flynn_host.types import Job, job_key  # noqa: E402
 
 GOAL_RATIO = 3.0
 SECCOMP_GOAL_RATIO = 1.10  # the default profile may make a start at most 10% slower

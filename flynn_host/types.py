@@ -11,6 +11,7 @@ not use yet (they are kept so a job round-trips).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import signal as _signal
 import time
@@ -386,6 +387,13 @@ class Job:
         """Container hostname: the part of the job id after the host id, at most 64 characters
         (README.md#what-a-job-gets)."""
         return self.id.split("-", 1)[-1][:64]
+
+
+def job_key(job_id: str) -> str:
+    """The job's short key: the first 16 hex digits of sha256(job id). It names what the host
+    makes for a job where the id would be too long (unix socket paths stay under 108 bytes,
+    network namespace names short): its work and run directories, its network namespace."""
+    return hashlib.sha256(job_id.encode()).hexdigest()[:16]
 
 
 def now() -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from flynn_host.client import HostAPIError
 from flynn_host.dev.host import wait_for
-from flynn_host.runtime.runc import job_key
+from flynn_host.types import job_key
 
 from .conftest import busybox_job, cgroups_of, mounts_under, needs_root
 

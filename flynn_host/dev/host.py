@@ -30,6 +30,7 @@ from flynn_host.atomicfile import write_atomic
 from flynn_host.client import HostAPIError, HostClient, auth_headers
 from flynn_host.runtime import images
 from flynn_host.runtime.cgroups import remove_cgroups
+from flynn_host.types import job_key
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = images.images_dir()
@@ -274,8 +275,6 @@ class Daemon:
     def wait_cleaned(self, job_id: str, timeout: float = 30.0) -> None:
         """Wait until the daemon has removed the job's container (its state says how the job
         ended a moment before the clean-up is done)."""
-        from flynn_host.runtime.runc import job_key
-
         dirs = [self.base / "work" / "jobs" / job_key(job_id),
                 self.base / "run" / self.host_id / "jobs" / job_key(job_id)]  # fmt: skip
         deadline = time.monotonic() + timeout

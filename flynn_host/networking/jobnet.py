@@ -13,7 +13,6 @@ same bridge again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import json
 import logging
@@ -36,6 +35,7 @@ from flynn_host.networking.links import (
     netns_path,
     veth_name,
 )
+from flynn_host.types import job_key
 
 log = logging.getLogger("flynn_host.jobnet")
 
@@ -45,8 +45,8 @@ DEFAULT_MTU = 1500
 
 def netns_name(job_id: str) -> str:
     """The job's namespace name: unique across every host of the machine (job ids carry the
-    host id) and short (the same 16 hex digits as the key of the job's directories)."""
-    return NETNS_PREFIX + hashlib.sha256(job_id.encode()).hexdigest()[:16]
+    host id) and short (the same key as the job's directories, `types.job_key`)."""
+    return NETNS_PREFIX + job_key(job_id)
 
 
 # Address space a job network may never take: the host's own (this network, loopback,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flynn_host.plugins.hookspecs import Component, hookimpl
+from flynn_host.plugins.hookspecs import Component, Host, hookimpl
 
 if TYPE_CHECKING:
     from flynn_host.config import HostConfig
-    from flynn_host.daemon import Host
 
 
 def _make_volumes(host: Host) -> object:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from flynn_host.config import HostConfig
-    from flynn_host.daemon import Host
+    from flynn_host.jobs import JobManager
+    from flynn_host.networking.jobnet import JobNetwork
+    from flynn_host.runtime.imagestore import ImageStore
+    from flynn_host.runtime.layers import LayerStore
 
 PROJECT = "flynn"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -42,6 +45,32 @@ class Component:
     factory: Callable[[Host], Any]
     default: bool = False
     description: str = ""
+
+
+class Host(Protocol):
+    """What a hook gets as `host`: the daemon's `flynn_host.daemon.Host`, as far as plugins use
+    it. A Protocol, so that the hooks, and the plugins implementing them, need not import the
+    daemon (which imports them)."""
+
+    @property
+    def config(self) -> HostConfig: ...
+    @property
+    def components(self) -> dict[str, Component]: ...
+    @property
+    def layers(self) -> LayerStore: ...
+    @property
+    def images(self) -> ImageStore: ...
+    @property
+    def network(self) -> JobNetwork: ...
+    @property
+    def backend(self) -> Any: ...
+    @property
+    def volumes(self) -> Any: ...
+    @property
+    def jobs(self) -> JobManager: ...
+    @property
+    def keep_jobs(self) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
 
 
 # --- registration: while the plugin manager is built -------------------------------------------

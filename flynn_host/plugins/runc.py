@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flynn_host.plugins.hookspecs import Component, hookimpl
+from flynn_host.plugins.hookspecs import Component, Host, hookimpl
 
 if TYPE_CHECKING:
     from flynn_host.backend import ContainerBackend
     from flynn_host.config import HostConfig
-    from flynn_host.daemon import Host
 
 
 def _make_backend(host: Host) -> ContainerBackend:

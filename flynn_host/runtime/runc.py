@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from flynn_host.runtime import bundle, cgroups
 from flynn_host.runtime.layers import LayerError, LayerStore
 from flynn_host.runtime.shim.client import ShimPool, connect_shim, shim_request
 from flynn_host.runtime.shim.startup import ShimConfig
-from flynn_host.types import SYSTEM_PARTITION, Job
+from flynn_host.types import SYSTEM_PARTITION, Job, job_key
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +92,6 @@ def mounted_paths() -> set[str]:
 async def unmount(path: Path, detach_loop: bool = False) -> None:
     if str(path) in mounted_paths():
         await run("umount", *(["-d"] if detach_loop else []), str(path))
-
-
-def job_key(job_id: str) -> str:
-    return hashlib.sha256(job_id.encode()).hexdigest()[:16]
 
 
 def _pid_alive(pid: int, needle: str) -> bool:
