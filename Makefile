@@ -33,7 +33,7 @@ $(BIN)/flynn-host: pyproject.toml
 # busybox (tests) and the Debian images base, components, stack (packaging/images/): built once
 # per machine into $(IMAGES) (about 4 minutes), then reused until a recipe changes
 images: venv
-	@$(BIN)/python -m flynn_host.runtime.images build-busybox --dir $(IMAGES) >/dev/null
+	@$(BIN)/python -m flynn_host.dev.busybox --dir $(IMAGES) >/dev/null
 	$(BIN)/python packaging/images/build.py --out $(IMAGES)
 
 demo: dev

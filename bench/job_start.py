@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from stats import summary  # noqa: E402
 
 from flynn_host.dev import host as devhost  # noqa: E402
+from flynn_host.dev.busybox import build_busybox_image  # noqa: E402
 from flynn_host.runtime import bundle, images  # noqa: E402
 from flynn_host.runtime.runc import find_init  # noqa: E402
 from flynn_host.types import Job, job_key  # noqa: E402
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     images_dir = args.images.absolute()
     try:
-        manifest_path = images.build_busybox_image(images_dir)
+        manifest_path = build_busybox_image(images_dir)
         manifest, _ = images.load_manifest(str(manifest_path), images_dir)
         specs = images.mountspecs_for(manifest, images.local_layer_template(images_dir))
     except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as e:

@@ -25,7 +25,7 @@ import uuid
 from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
 
 from flynn_host.dev import host as devhost
-from flynn_host.runtime import images
+from flynn_host.dev.busybox import build_busybox_image
 
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
@@ -52,7 +52,7 @@ def put(url: str, body: object) -> str:
 
 
 def main() -> int:
-    images.build_busybox_image(devhost.IMAGES)
+    build_busybox_image(devhost.IMAGES)
     for name in ("base", "components", "stack"):
         if not (devhost.IMAGES / name / "manifest.json").exists():
             raise SystemExit(f"image {name} is missing in {devhost.IMAGES}: run `make images`")

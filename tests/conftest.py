@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from flynn_host.dev import host as devhost
+from flynn_host.dev.busybox import build_busybox_image
 from flynn_host.dev.host import (  # noqa: F401  (re-exported for the test modules)
     IMAGES,
     ROOT,
@@ -23,7 +24,6 @@ from flynn_host.dev.host import (  # noqa: F401  (re-exported for the test modul
     free_port,
     mounts_under,
 )
-from flynn_host.runtime import images
 from flynn_host.runtime.cgroups import cgroups_of, remove_cgroups  # noqa: F401  (re-exported)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, runc)")
@@ -31,7 +31,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, r
 
 @pytest.fixture(scope="session")
 def busybox_manifest() -> Path:
-    return images.build_busybox_image(IMAGES)
+    return build_busybox_image(IMAGES)
 
 
 @pytest.fixture
