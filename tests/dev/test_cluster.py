@@ -1,4 +1,4 @@
-"""`script/cluster` and `flynn_host.devcluster`: real daemons in their own network namespaces
+"""`script/cluster` and `flynn_host.dev.cluster`: real daemons in their own network namespaces
 behind a bridge, reached from the root namespace and from each other, taken down and brought
 back, and removed without a trace, also after a failed `up`. Each test cluster has its own
 name, subnet (10.201.<k>.0/24) and host ids, so it does not collide with a developer's."""
@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 
 from flynn_host.client import HostClient
-from flynn_host.dev import cluster as devcluster
-from flynn_host.dev.cluster import Cluster, ClusterError, leftovers, netns_pids
-from flynn_host.dev.host import ROOT, busybox_job
+from flynn_host.dev import cluster_network
+from flynn_host.dev.cluster import Cluster, ClusterError, leftovers
+from flynn_host.dev.cluster_hosts import DevClusterHost, netns_pids
+from flynn_host.dev.host import ROOT, busybox_job, mounts_under
+from flynn_host.runtime import images
 from flynn_host.runtime.cgroups import cgroups_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
@@ -67,7 +69,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 def test_daemons_answer_from_the_root_namespace(cluster: Cluster) -> None:
-    k = devcluster.subnet_index(cluster.name)
+    k = cluster_network.subnet_index(cluster.name)
     assert cluster.ips() == [f"10.201.{k}.11", f"10.201.{k}.12"]
     for i, ip in enumerate(cluster.ips(), 1):
         status = HostClient(f"{ip}:1113").status()
@@ -167,7 +169,7 @@ def test_down_leaves_nothing_behind(busybox_manifest: Path) -> None:
         while c.client(1).get_job(job_id)["status"] != "running":
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert devcluster.mounts_under(c.dir) and cgroups_of(f"flynn/{ids[0]}")
+        assert mounts_under(c.dir) and cgroups_of(f"flynn/{ids[0]}")
     finally:
         # from another process, as `script/cluster down` is used
         down = script("down", "--name", c.name)
@@ -180,7 +182,7 @@ def test_a_failed_up_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -> No
     c = new_cluster()
     real_wait = Cluster._wait_answering
 
-    def fail_on_host2(self: Cluster, h: devcluster.DevClusterHost, timeout: float = 30) -> None:
+    def fail_on_host2(self: Cluster, h: DevClusterHost, timeout: float = 30) -> None:
         if h.index == 2:
             raise ClusterError("simulated failure")
         real_wait(self, h, timeout)
@@ -211,14 +213,14 @@ def test_down_of_nothing_is_fine() -> None:
 def test_names_are_checked() -> None:
     with pytest.raises(ClusterError, match="invalid cluster name"):
         Cluster("Bad-Name")
-    assert devcluster.bridge_name("default") == "flynnclu0"
-    assert devcluster.subnet_index("default") == 0
-    assert all(len(devcluster.dev_host_veth("abcdefgh", i)) <= 15 for i in range(1, 51))
+    assert cluster_network.bridge_name("default") == "flynnclu0"
+    assert cluster_network.subnet_index("default") == 0
+    assert all(len(cluster_network.dev_host_veth("abcdefgh", i)) <= 15 for i in range(1, 51))
 
 
 @pytest.mark.slow
 def test_up_bootstraps_the_layer_0_platform() -> None:
-    manifest = devcluster.images.images_dir() / "components" / "manifest.json"
+    manifest = images.images_dir() / "components" / "manifest.json"
     if not manifest.exists():  # `make dev` builds it: a run as root does not skip for it
         pytest.fail(f"{manifest} is missing: run `make images` first", pytrace=False)
     c = new_cluster()
