@@ -9,6 +9,12 @@ Every body is read through `httphelper.read_json` (capped in size, time and nest
 `flynn_host.limits`) and checked before anything acts on it: a request either gets a clear 4xx
 naming the field, or does what it asked; it never gets a 500, a hang, or a 101 followed by a
 traceback.
+
+Size: longer than most modules, on purpose. The API is one route table (`make_app`) and the
+short handlers it names, which share the key guard, the stream tracking and the error handling,
+and a reader checks one against the other; split by path, each part would be a few handlers and
+the table would point across files. The longest section, attach, is this side of a protocol
+whose framing lives in `flynn_host.runtime.attach`.
 """
 
 from __future__ import annotations

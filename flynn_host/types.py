@@ -7,6 +7,14 @@ container (a clear 400 naming the field is better than a crashed job): types as 
 encoding/json would check them (`true` is not an integer), integers within what runc, the kernel
 and mkfs accept, no NUL in what becomes a C string. It is lenient about fields this host does
 not use yet (they are kept so a job round-trips).
+
+Size: longer than most modules, on purpose: it is one schema, Flynn's job JSON, and each type's
+fields are checked next to where they are declared (resources, config, mountspecs, the job, the
+active job with its state machine); split, a field's check would sit in one file and its type in
+another.
+
+`job_key` is here, beside the job id it is derived from, because both the runtime (a job's
+directories) and networking (its namespace name) use it and neither should import the other.
 """
 
 from __future__ import annotations

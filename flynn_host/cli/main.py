@@ -41,7 +41,7 @@ See 'flynn-host help <command>' for more information on a specific command.
 
 
 def commands() -> dict[str, Callable[[list[str]], int]]:
-    from flynn_host.cli import bootstrap, daemon, discover, init, jobs
+    from flynn_host.cli import bootstrap, daemon, discover, init, jobs, run
 
     return {
         "init": init.cmd_init,
@@ -52,7 +52,7 @@ def commands() -> dict[str, Callable[[list[str]], int]]:
         "inspect": jobs.cmd_inspect,
         "stop": jobs.cmd_stop,
         "signal": jobs.cmd_signal,
-        "run": jobs.cmd_run,
+        "run": run.cmd_run,
         "plugins": jobs.cmd_plugins,
         "image": jobs.cmd_image,
         "list": discover.cmd_list,

@@ -11,6 +11,7 @@ zombies, so a plain `sleep` stops on SIGTERM instead of waiting for SIGKILL.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flynn_host.runtime import seccomp
@@ -81,6 +82,12 @@ def job_env(job: Job, host: HostSettings) -> dict[str, str]:
             env["PORT"] = str(number)
         env[f"PORT_{i}"] = str(number)
     return env
+
+
+def ro_bind(source: Path | str, target: Path | str) -> dict[str, Any]:
+    """A read-only recursive bind mount of the host's `source` at the container's `target`."""
+    return {"destination": str(target), "type": "bind", "source": str(source),
+            "options": ["rbind", "ro"]}  # fmt: skip
 
 
 def _mount(dest: str, mtype: str, source: str, options: list[str]) -> dict[str, Any]:

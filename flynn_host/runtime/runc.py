@@ -38,6 +38,7 @@ from flynn_host.backend import ExitInfo, NetworkIsolation, StartError
 from flynn_host.client import HOST_KEY_ENV
 from flynn_host.config import HostConfig
 from flynn_host.runtime import bundle, cgroups
+from flynn_host.runtime.hostbundle import host_bundle_mounts
 from flynn_host.runtime.layers import LayerError, LayerStore
 from flynn_host.runtime.shim.client import ShimPool, connect_shim, shim_request
 from flynn_host.runtime.shim.startup import ShimConfig
@@ -256,7 +257,7 @@ class RuncBackend:
         )
         extra = list(self.host_bundle) if job.config.get("host_bundle") else []
         if network.resolv_conf:
-            extra.append(_ro_bind(network.resolv_conf, "/etc/resolv.conf"))
+            extra.append(bundle.ro_bind(network.resolv_conf, "/etc/resolv.conf"))
         spec = bundle.oci_spec(job, settings, str(rootfs), volume_paths, extra)
         write_private(work / "bundle" / "config.json", json.dumps(spec))  # the job's env
         ShimConfig(
@@ -405,36 +406,6 @@ class RuncBackend:
         await self.layers.adopt(ids)
         self._held[job.id] = ids
         return self._shim_alive(job.id)
-
-
-def _ro_bind(source: Path | str, target: Path | str) -> dict[str, Any]:
-    return {"destination": str(target), "type": "bind", "source": str(source),
-            "options": ["rbind", "ro"]}  # fmt: skip
-
-
-def host_bundle_mounts(launcher_dir: Path) -> list[dict[str, Any]]:
-    """Mounts that give a job this host's own flynn-host at /.flynn-host (read-only), so a
-    component job runs exactly the host's version. Frozen, that is the PyInstaller bundle's
-    directory. From a source tree, the tree and its virtualenv are mounted at their own
-    paths and /.flynn-host holds a launcher that runs the virtualenv's Python on them; the
-    job's image must then have the Python the virtualenv was made from (the `components`
-    image's /usr/bin/python3.11, as on Debian 12 hosts)."""
-    if getattr(sys, "frozen", False):
-        return [_ro_bind(Path(sys.executable).parent, bundle.HOST_BUNDLE)]
-    import flynn_host
-
-    tree = Path(flynn_host.__file__).resolve().parents[1]
-    venv = Path(sys.prefix)
-    # 0755, unlike the job directories: it holds only this two-line launcher, no secret, and
-    # jobs running as any user must be able to run it
-    launcher_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-    launcher = launcher_dir / "flynn-host"
-    launcher.write_text(f'#!/bin/sh\nexec {venv}/bin/python -m flynn_host.cli.main "$@"\n')
-    launcher.chmod(0o755)
-    mounts = [_ro_bind(launcher_dir, bundle.HOST_BUNDLE), _ro_bind(tree, tree)]
-    if not venv.is_relative_to(tree):
-        mounts.append(_ro_bind(venv, venv))
-    return mounts
 
 
 def bundle_default_disk() -> int:
