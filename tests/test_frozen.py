@@ -200,6 +200,24 @@ def test_the_development_setup_is_hidden_from_frozen_processes() -> None:
         assert os.listdir(d)  # outside it, nothing changed
 
 
+def bundled_modules(exe: Path) -> list[str]:
+    """The Python modules in the bundle's archive, read with PyInstaller's own reader."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    archive = CArchiveReader(str(exe))
+    [pyz] = [name for name in archive.toc if name.endswith(".pyz")]
+    return list(archive.open_embedded_archive(pyz).toc)
+
+
+def test_the_bundle_leaves_out_the_development_tools(bundle: Path) -> None:
+    """flynn_host.dev (throwaway daemons and clusters, the busybox test image) is not part of
+    the program: the spec excludes it, and nothing in the program imports it
+    (tests/test_layout.py)."""
+    modules = set(bundled_modules(bundle))
+    assert {"flynn_host.daemon", "flynn_host.runtime.runc"} <= modules  # the program's are read
+    assert sorted(m for m in modules if m.split(".")[:2] == ["flynn_host", "dev"]) == []
+
+
 @needs_root
 def test_version(bundle: Path) -> None:
     out = run_frozen(bundle, "version")
