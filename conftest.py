@@ -3,7 +3,7 @@
 `@pytest.mark.needs("runc", "/bin/busybox")` on a test (or `pytestmark` of a module) says which
 programs it runs. They are all ones `make dev` installs, so a run as root fails such a test when
 one is missing, saying so, rather than skip it quietly; other runs skip it
-(`flynn_host.devhost.require_programs`)."""
+(`flynn_host.dev.host.require_programs`)."""
 
 from __future__ import annotations
 

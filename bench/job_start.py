@@ -5,14 +5,15 @@ jobs one at a time: from just before `PUT /host/jobs/<id>` until the job's `star
 on the `GET /host/jobs` event stream. Each job is stopped and its `cleanup` event awaited before
 the next, so every start is measured alone. In the same run, in alternating blocks of five so
 machine-load drift hits both alike, it times bare `runc run --detach` of the same squashfs layer
-under a fresh overlay with the same OCI config (`flynn_host.bundle.oci_spec`); the overlay mount
-and the container's removal are outside that timed region. It prints median, p95, min and max of
-both, their ratio against the goal (within 3× of bare runc), and where flynn-host's time went,
-read from the mtimes of the files each start step writes.
+under a fresh overlay with the same OCI config (`flynn_host.runtime.bundle.oci_spec`); the
+overlay mount and the container's removal are outside that timed region. It prints median, p95,
+min and max of both, their ratio against the goal (within 3× of bare runc), and where
+flynn-host's time went, read from the mtimes of the files each start step writes.
 
 `--seccomp` compares flynn-host with itself instead: jobs under the default seccomp profile
-(`flynn_host.seccomp`) next to system-partition jobs with `seccomp: unconfined`, alternating in
-blocks of five the same way, against the goal that the filter costs at most 10% of a start.
+(`flynn_host.runtime.seccomp`) next to system-partition jobs with `seccomp: unconfined`,
+alternating in blocks of five the same way, against the goal that the filter costs at most 10%
+of a start.
 
 By default one long-running job keeps the image's layer mounted, as on a host already running
 that image; `--cold-layer` leaves it out so every job also mounts and unmounts the squashfs.

@@ -1,7 +1,7 @@
 """The overlay network: job-to-job TCP throughput and round-trip time between two hosts, next to
 the same measured directly between the two hosts' own network namespaces, in the same run.
 
-Brings up a 2-host cluster (`flynn_host.devcluster`, as `script/cluster up -n 2` does: two
+Brings up a 2-host cluster (`flynn_host.dev.cluster`, as `script/cluster up -n 2` does: two
 daemons in network namespaces on a private bridge, bootstrapped with discoverd and flannel),
 then:
 

@@ -8,9 +8,10 @@ machine, start slots, events, stop timeouts, volumes, and the job's network, whi
 before `start` and hands over as a `NetworkIsolation` (as Nomad gives a driver its network
 isolation spec). A backend never imports networking.
 
-The built-in backend is `flynn_host.runc.RuncBackend`; `tests/test_backend_protocol.py` has a
-second one, which mypy checks against `ContainerBackend` and the tests use to exercise the job
-manager without runc. `docs/plugin_hooks.md` documents each member; a test keeps the two in step.
+The built-in backend is `flynn_host.runtime.runc.RuncBackend`; `tests/test_backend_protocol.py`
+has a second one, which mypy checks against `ContainerBackend` and the tests use to exercise the
+job manager without runc. `docs/plugin_hooks.md` documents each member; a test keeps the two in
+step.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ContainerBackend(Protocol):
         ...
 
     def log_path(self, job_id: str) -> Path:
-        """The job's log file (`flynn_host.logs` format, rotated to `<path>.1`), which the
+        """The job's log file (`flynn_host.runtime.logs` format, rotated to `<path>.1`), which the
         API reads once the job has ended and the manager deletes when it forgets the job."""
         ...
 

@@ -1,5 +1,5 @@
 """Shared fixtures: the busybox test image, and real `flynn-host daemon` processes with their
-own ports, state, work, run, volume and log directories (`flynn_host.devhost`), torn down
+own ports, state, work, run, volume and log directories (`flynn_host.dev.host`), torn down
 completely even when a test fails."""
 
 from __future__ import annotations

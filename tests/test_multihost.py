@@ -1,4 +1,4 @@
-"""Layer 0 on three hosts (network namespaces on a private bridge, `flynn_host.devcluster`,
+"""Layer 0 on three hosts (network namespaces on a private bridge, `flynn_host.dev.cluster`,
 the code behind `script/cluster`), booted from nothing with `flynn-host bootstrap`: discoverd
 and flannel on every host, jobs with overlay addresses reaching each other across hosts by
 address and by `<service>.discoverd`, egress through NAT, a host lost and brought back, and

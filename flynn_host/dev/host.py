@@ -291,7 +291,8 @@ class Daemon:
         stop cleanly leaves)."""
         run_dir = self.base / "run"
         runc_root = run_dir / self.host_id / "runc"
-        # `python -m flynn_host.shim <run>/...` from source, `flynn-host shim <run>/...` frozen
+        # `python -m flynn_host.runtime.shim <run>/...` from source, `flynn-host shim <run>/...`
+        # frozen
         out = subprocess.run(["pgrep", "-f", f"shim {run_dir}/"],
                              capture_output=True, text=True).stdout  # fmt: skip
         for pid in out.split():

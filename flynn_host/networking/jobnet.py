@@ -37,7 +37,7 @@ from flynn_host.networking.links import (
 )
 from flynn_host.types import job_key
 
-log = logging.getLogger("flynn_host.jobnet")
+log = logging.getLogger(__name__)
 
 NETNS_PREFIX = "fj-"
 DEFAULT_MTU = 1500

@@ -14,7 +14,9 @@ from __future__ import annotations
 # importers): the test fails on an entry that no longer names a module.
 PUBLIC_MODULES: dict[str, str] = {
     "flynn_host": "`__version__`: the version a component reports is its host's",
-    "flynn_host.plugins.hookspecs": "`hookimpl` and `Component`: what a plugin implements",
+    "flynn_host.plugins.hookspecs": (
+        "`hookimpl`, `Component` and `Host` (what hooks get): what a plugin implements"
+    ),
     "flynn_host.errors": "`FlynnError`, `ValidationError`, `not_found`: Flynn's error JSON",
     "flynn_host.httphelper": (
         "the error middleware, bounded JSON bodies and the SSE writer every aiohttp API shares"

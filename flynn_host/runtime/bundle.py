@@ -169,7 +169,7 @@ def oci_spec(
             **({"consoleSize": {"height": 24, "width": 80}} if cfg.get("tty") else {}),
             "user": {"uid": cfg.get("uid") or 0, "gid": cfg.get("gid") or 0},
             # -g: a signal for the job goes to its whole process group (a shell's children
-            # too), as a terminal's Ctrl-C does; see `flynn_host.shim` for SIGSTOP/SIGCONT
+            # too), as a terminal's Ctrl-C does; see `flynn_host.runtime.shim` for SIGSTOP/SIGCONT
             "args": [CONTAINER_INIT, "-g", "--", *cfg["args"]],
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": cfg.get("working_dir") or "/",

@@ -3,8 +3,9 @@
 For each job the backend mounts the job's squashfs layers (shared, reference-counted, through
 the `LayerStore`), makes a writable layer on an ext2 image bounded by `temp_disk`, joins them
 with overlayfs as the bundle's root filesystem, writes `config.json` and starts the shim
-(`flynn_host.shim`), which runs `runc run --detach`, owns the container's stdio and writes its
-log. Shims outlive the daemon, so a restarted daemon adopts running jobs through their sockets.
+(`flynn_host.runtime.shim`), which runs `runc run --detach`, owns the container's stdio and
+writes its log. Shims outlive the daemon, so a restarted daemon adopts running jobs through
+their sockets.
 
 Where things live, per job (`<key>` is a short hash of the job id, to keep unix socket paths
 under the kernel's 108-byte limit):

@@ -18,9 +18,9 @@ Why a deny-list, not Docker's allow-list: with runc 1.1 and libseccomp 2.5, an a
 the ~390 calls programs use made every `runc run` 15-20 ms slower (most of it libseccomp
 generating the BPF program), a fifth of a job start; this list costs 3-4 ms, within the 10%
 the issue allows. The price is that a call a future kernel adds is allowed until it is named.
-`ALLOWED` records what was reviewed and let through, and tests/test_seccomp.py fails as soon as
-the host's libseccomp knows a call that is in neither list, so that a new call is decided on,
-not let through unseen.
+`ALLOWED` records what was reviewed and let through, and tests/runtime/test_seccomp.py fails as
+soon as the host's libseccomp knows a call that is in neither list, so that a new call is
+decided on, not let through unseen.
 
 runc skips names its libseccomp does not know (a newer call such as `open_tree_attr` is listed
 for when it does) and applies names of another architecture (the i386 `clock_settime64`, arm's

@@ -260,7 +260,8 @@ class Progress:
 
 @contextmanager
 def build_lock(out: Path) -> Iterator[None]:
-    # The same lock as flynn_host.images' busybox builder: one builder at a time per directory.
+    # The same lock as the busybox builder's (flynn_host.dev.busybox): one builder at a time per
+    # directory.
     with open(out / ".build.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield

@@ -285,8 +285,8 @@ def finish_tree(root: Path, source_date_epoch: int, overlay_upper: bool) -> None
 
 
 def make_layer(runner: Runner, tree: Path, out: Path) -> None:
-    """Pack `tree` as a squashfs layer. Unlike flynn_host.images.make_squashfs (right for the
-    busybox image) this keeps owners (postgres, etcd, _apt own files), xattrs (file
+    """Pack `tree` as a squashfs layer. Unlike flynn_host.runtime.images.make_squashfs (right for
+    the busybox image) this keeps owners (postgres, etcd, _apt own files), xattrs (file
     capabilities, overlay opaque directories) and the clamped mtimes."""
     env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     runner.run("mksquashfs", str(tree), str(out), "-noappend", "-no-progress", "-comp", "gzip",

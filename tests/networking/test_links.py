@@ -1,4 +1,4 @@
-"""Tests for `flynn_host.network`: the address allocator, and a real bridge with two job
+"""Tests for `flynn_host.networking.links`: the address allocator, and a real bridge with two job
 namespaces attached, all inside a network namespace standing in for the host so that nothing
 on the machine itself is touched. Everything is removed afterwards, even when a test fails."""
 

@@ -1,4 +1,4 @@
-"""Tests for flynn_host.attach: frame encoding and decoding, and the host attach client."""
+"""Tests for flynn_host.runtime.attach: frame encoding and decoding, and the host attach client."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Tests for flynn_host.layers: verified fetches (file:// and http://), shared read-only mounts,
-and clean-up after a restart. Real squashfs files, real loop mounts."""
+"""Tests for flynn_host.runtime.layers: verified fetches (file:// and http://), shared read-only
+mounts, and clean-up after a restart. Real squashfs files, real loop mounts."""
 
 from __future__ import annotations
 

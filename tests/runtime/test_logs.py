@@ -1,4 +1,4 @@
-"""Tests for flynn_host.logs: line splitting, partial lines, rotation and reading back."""
+"""Tests for flynn_host.runtime.logs: line splitting, partial lines, rotation and reading back."""
 
 from __future__ import annotations
 

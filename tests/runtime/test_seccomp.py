@@ -1,5 +1,6 @@
-"""The default seccomp profile (`flynn_host.seccomp`): what the spec says, what a real job under
-runc can and cannot call, how a system job opts out, and that ordinary programs still work.
+"""The default seccomp profile (`flynn_host.runtime.seccomp`): what the spec says, what a real job
+under runc can and cannot call, how a system job opts out, and that ordinary programs still
+work.
 
 Three kinds of check, each of which fails without the filter: a probe that makes every denied
 call from inside a `components` job (Python's ctypes) and reports its errno, run once confined

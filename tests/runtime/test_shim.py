@@ -1,9 +1,10 @@
-"""Tests for flynn_host.shim with real runc: busybox containers started the way the daemon does.
+"""Tests for flynn_host.runtime.shim with real runc: busybox containers started the way the
+daemon does.
 
 Each test builds a job directory (an OCI bundle over a shared busybox rootfs, and shim.json),
-runs `python -m flynn_host.shim JOBDIR` in a new session, and talks to it over its socket. The
-`make_job` fixture always kills the shims it started, force-deletes leftover containers and
-removes the test cgroups, also when a test fails.
+runs `python -m flynn_host.runtime.shim JOBDIR` in a new session, and talks to it over its
+socket. The `make_job` fixture always kills the shims it started, force-deletes leftover
+containers and removes the test cgroups, also when a test fails.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for flynn_host.volumes: data volumes and their persistent index."""
+"""Tests for flynn_host.runtime.volumes: data volumes and their persistent index."""
 
 from __future__ import annotations
 

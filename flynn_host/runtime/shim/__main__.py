@@ -1,6 +1,6 @@
-"""The shim's program: `python -m flynn_host.shim JOBDIR` from source, `flynn-host shim JOBDIR`
-frozen (the CLI calls `main`), or `... JOBS_DIR --idle` for a pre-started shim that waits on
-stdin for its job directory. It starts the container (`startup`), reports `{"pid": N}` or
+"""The shim's program: `python -m flynn_host.runtime.shim JOBDIR` from source, `flynn-host shim
+JOBDIR` frozen (the CLI calls `main`), or `... JOBS_DIR --idle` for a pre-started shim that waits
+on stdin for its job directory. It starts the container (`startup`), reports `{"pid": N}` or
 `{"error": "..."}` as one JSON line on stdout, and only then imports `serving` (asyncio and
 the rest), which runs until the container has exited: the import is off the job's start.
 """
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = [line]
     if len(args) != 1:
-        print("usage: python -m flynn_host.shim JOBDIR | JOBS_DIR --idle", file=sys.stderr)
+        print("usage: python -m flynn_host.runtime.shim JOBDIR | JOBS_DIR --idle", file=sys.stderr)
         return 2
     job_dir = os.path.abspath(args[0])
     # tracebacks go to the job directory, where the daemon's operator can find them
