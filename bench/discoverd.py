@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -402,18 +403,13 @@ def print_table(result: dict[str, Any]) -> None:
           f"{q['query_round_trip_ms']['p95']:.2f} ms")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=100, help="measured rounds")
-    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    args = p.parse_args(argv)
-    if args.samples < 1:
-        p.error("--samples must be at least 1")
-    if shutil.which("etcd") is None:
-        print("error: etcd is not on PATH", file=sys.stderr)
-        return 1
-
-    base = Path(tempfile.mkdtemp(prefix="bench-discoverd-"))
+def on_etcd_cluster(
+    prefix: str, bench: Callable[[list[EtcdProcess]], Awaitable[dict[str, Any]]]
+) -> tuple[int, dict[str, Any] | None]:
+    """Run `bench` on a fresh 3-member etcd cluster under a temporary directory; return the
+    exit status and its result. Whatever happens (an error, Ctrl-C, SIGTERM) no etcd process
+    and no directory is left; a leftover is reported and fails the run."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     members = make_members(base)
     on_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result: dict[str, Any] | None = None
@@ -423,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             m.start()
         for m in members:
             m.wait_healthy()
-        result = asyncio.run(run_bench(members, args.samples, sys.stderr.isatty()))
+        result = asyncio.run(bench(members))
     except (OSError, RuntimeError, TimeoutError, EtcdError, aiohttp.ClientError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e!r}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -453,6 +449,24 @@ def main(argv: list[str] | None = None) -> int:
     if base.exists():
         print(f"error: could not remove {base}", file=sys.stderr)
         code = code or 1
+    return code, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=100, help="measured rounds")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    args = p.parse_args(argv)
+    if args.samples < 1:
+        p.error("--samples must be at least 1")
+    if shutil.which("etcd") is None:
+        print("error: etcd is not on PATH", file=sys.stderr)
+        return 1
+
+    code, result = on_etcd_cluster(
+        "bench-discoverd-",
+        lambda members: run_bench(members, args.samples, sys.stderr.isatty()),
+    )
     if result is not None:
         if args.json:
             print(json.dumps(result, indent=2))

@@ -24,12 +24,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "plugins" / "discoverd"))
 
 import aiohttp  # noqa: E402
-from discoverd import etcd_left, make_members  # noqa: E402  (bench/discoverd.py)
+from discoverd import on_etcd_cluster  # noqa: E402  (bench/discoverd.py)
 from dnslib import QTYPE, DNSRecord  # noqa: E402
 from flynn_discoverd.client import Client  # noqa: E402
 from flynn_discoverd.dns import DNSServer  # noqa: E402
-from flynn_discoverd.etcd import EtcdClient, EtcdError, EtcdProcess  # noqa: E402
+from flynn_discoverd.etcd import EtcdClient, EtcdProcess  # noqa: E402
 from flynn_discoverd.server import serve  # noqa: E402
 from flynn_discoverd.store import Store  # noqa: E402
 from flynn_discoverd.types import CURRENT, DOWN, instance_id  # noqa: E402
@@ -263,42 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: etcd is not on PATH", file=sys.stderr)
         return 1
 
-    base = Path(tempfile.mkdtemp(prefix="bench-failover-"))
-    members = make_members(base)
-    on_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result: dict[str, Any] | None = None
-    code = 0
-    try:
-        for m in members:
-            m.start()
-        for m in members:
-            m.wait_healthy()
-        result = asyncio.run(run_bench(members, args.rounds, args.ttl))
-    except (OSError, RuntimeError, TimeoutError, EtcdError, aiohttp.ClientError) as e:
-        print(f"error: {e!r}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code = 130
-    except asyncio.CancelledError:  # SIGTERM while measuring
-        print("terminated", file=sys.stderr)
-        code = 143
-    finally:
-        on_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: clean up still
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for m in members:
-            with contextlib.suppress(OSError):
-                m.stop()
-        left = etcd_left(base)
-        for pid in left:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(base, ignore_errors=True)
-        signal.signal(signal.SIGINT, on_int)
-        signal.signal(signal.SIGTERM, on_term)
-    if left:
-        print(f"error: etcd processes were left running (killed): {left}", file=sys.stderr)
-        code = code or 1
+    code, result = on_etcd_cluster(
+        "bench-failover-", lambda members: run_bench(members, args.rounds, args.ttl)
+    )
     if result is not None:
         if args.json:
             print(json.dumps(result, indent=2))

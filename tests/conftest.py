@@ -7,6 +7,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +101,20 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def read_until(fd: int, pattern: bytes, timeout: float = 20.0) -> bytes:
+    """What a pty (or any fd) gives until `pattern` shows up, the fd closes or `timeout`."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while pattern not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf

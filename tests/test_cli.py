@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import pty
-import select
 import subprocess
 import sys
-import time
 
-from .conftest import ROOT, needs_root
+from .conftest import ROOT, needs_root, read_until
 
 pytestmark = needs_root
 
@@ -59,22 +57,6 @@ def test_version_and_version_release():
     assert helped.returncode == 0 and "--release" in helped.stdout
     bad = cli("version", "--nope")
     assert bad.returncode == 2 and "usage: flynn-host version [--release]" in bad.stderr
-
-
-def read_until(fd: int, pattern: bytes, timeout: float = 20.0) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while pattern not in buf and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
 
 
 def test_keys_typed_before_a_tty_job_attaches_reach_it(daemon):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pty
 import re
-import select
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from flynn_host.client import HostAPIError
 
-from ..conftest import ROOT, busybox_job, needs_root
+from ..conftest import ROOT, busybox_job, needs_root, read_until
 
 pytestmark = needs_root
 
@@ -175,22 +174,6 @@ def test_run_with_bind_workdir_and_limits(daemon, tmp_path):
     assert missing.returncode == 1 and "nosuchimage" in missing.stderr
 
 
-def _read_until(fd: int, pattern: bytes, timeout: float = 20.0) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while pattern not in buf and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
-
-
 def test_run_with_a_tty_is_interactive(daemon):
     pid, fd = pty.fork()
     if pid == 0:  # child: the CLI, with the pty as its terminal
@@ -204,12 +187,12 @@ def test_run_with_a_tty_is_interactive(daemon):
         import termios
 
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-        assert b"# " in _read_until(fd, b"# ")  # the shell's prompt: it is interactive
+        assert b"# " in read_until(fd, b"# ")  # the shell's prompt: it is interactive
         os.write(fd, b"tty; stty size\n")
-        out = _read_until(fd, b"33 101")
+        out = read_until(fd, b"33 101")
         assert b"/dev/pts/0" in out and b"33 101" in out
         os.write(fd, b"exit 4\n")
-        _read_until(fd, b"never", timeout=3)
+        read_until(fd, b"never", timeout=3)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 4
     finally:
