@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 IMAGES ?= /var/lib/flynn/images
 APT_PACKAGES := runc squashfs-tools busybox-static tini iproute2 iptables util-linux \
                 e2fsprogs python3-venv python3-dev procps curl binutils strace mmdebstrap \
-                etcd-server etcd-client dnsutils nftables
+                etcd-server etcd-client dnsutils nftables \
+                postgresql-15 patroni
 
 .PHONY: dev apt venv images demo test test-slow bench lint format clean dist
 

@@ -23,6 +23,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "ping": "flynn_ping.plugin",
     "discoverd": "flynn_discoverd.plugin",
     "flannel": "flynn_flannel.plugin",
+    "postgres": "flynn_postgres.plugin",
     "bootstrap-actions": "flynn_host.plugins.bootstrap_actions",
 }
 
