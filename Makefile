@@ -5,6 +5,7 @@ PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 IMAGES ?= /var/lib/flynn/images
+APT_LOG ?= /tmp/flynn-make-apt.log
 APT_PACKAGES := runc squashfs-tools busybox-static tini iproute2 iptables util-linux \
                 e2fsprogs python3-venv python3-dev procps curl binutils strace mmdebstrap \
                 etcd-server etcd-client dnsutils nftables \
@@ -19,8 +20,14 @@ apt:
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  echo "apt: installing$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  echo "apt: installing$$missing (log: $(APT_LOG))"; \
+	  had_main=$$(test -d /etc/postgresql/15/main && echo yes); \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } \
+	    >$(APT_LOG) 2>&1 || { tail -20 $(APT_LOG); exit 1; }; \
+	  if [ -z "$$had_main" ] && [ -d /etc/postgresql/15/main ]; then \
+	    echo "apt: removing the PostgreSQL cluster 15/main the package made (nodes run in jobs)"; \
+	    pg_dropcluster --stop 15 main >>$(APT_LOG) 2>&1; \
+	  fi; \
 	fi
 
 venv: $(BIN)/flynn-host
