@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -143,6 +143,21 @@ def require_programs(*programs: str) -> None:
     if os.geteuid() == 0:
         pytest.fail(f"{what}: missing in a run as root (run `make dev`)", pytrace=False)
     pytest.skip(what)
+
+
+@contextlib.contextmanager
+def etcd_member(prefix: str) -> Iterator[Any]:
+    """In a test: one real etcd member (discoverd's `EtcdProcess`) on free loopback ports in a
+    temporary directory, stopped and removed afterwards, whatever happened."""
+    from flynn_discoverd.etcd import EtcdProcess  # a plugin's: only its tests' fixtures use this
+
+    require_programs("etcd")
+    client_port, peer_port = free_ports(2)
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
+        EtcdProcess("m1", Path(tmp) / "m1", client_port=client_port, peer_port=peer_port) as p,
+    ):
+        yield p
 
 
 def busybox_job(job_id: str, args: list[str], **config: Any) -> dict[str, Any]:

@@ -16,17 +16,13 @@ from flynn_discoverd.etcd import EtcdClient, EtcdProcess
 from flynn_discoverd.server import serve
 from flynn_discoverd.store import Store
 
+from flynn_host.dev.host import etcd_member as temporary_etcd_member
 from flynn_host.dev.host import free_ports, require_programs
 
 
 @pytest.fixture(scope="module")
 def etcd_member() -> Iterator[EtcdProcess]:
-    require_programs("etcd")
-    client_port, peer_port = free_ports(2)
-    with (
-        tempfile.TemporaryDirectory(prefix="discoverd-etcd-") as tmp,
-        EtcdProcess("m1", Path(tmp) / "m1", client_port=client_port, peer_port=peer_port) as p,
-    ):
+    with temporary_etcd_member("discoverd-etcd-") as p:
         yield p
 
 

@@ -13,17 +13,12 @@ from pathlib import Path
 import pytest
 from flynn_discoverd.etcd import EtcdProcess
 
-from flynn_host.dev.host import free_ports, require_programs
+from flynn_host.dev.host import etcd_member as temporary_etcd_member
 
 
 @pytest.fixture
 def etcd_member() -> Iterator[EtcdProcess]:
-    require_programs("etcd")
-    client_port, peer_port = free_ports(2)
-    with (
-        tempfile.TemporaryDirectory(prefix="postgres-etcd-") as tmp,
-        EtcdProcess("m1", Path(tmp) / "m1", client_port=client_port, peer_port=peer_port) as p,
-    ):
+    with temporary_etcd_member("postgres-etcd-") as p:
         yield p
 
 
