@@ -428,6 +428,7 @@ def test_the_same_probe_gets_through_in_an_unconfined_system_job(
 def test_the_issue_reproductions_fail_in_busybox(daemon):
     job_id = daemon.new_job_id()
     script = (
+        "exec 2>&1; "  # one stream: the log keeps the order the lines were written in
         "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; "
         "unshare -U -r id && echo userns-root; "
         "mkdir -p /tmp/x; unshare -U -r -m sh -c 'mount -t tmpfs none /tmp/x' && echo mounted; "
@@ -558,7 +559,7 @@ def test_unconfined_is_refused_outside_the_system_partition(daemon):
 def test_a_job_may_keep_its_privileges_and_still_has_the_filter(daemon):
     job_id = daemon.new_job_id()
     job = busybox_job(job_id, ["sh", "-c", "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; "
-                                           "unshare -U id || echo refused"],
+                                           "unshare -U id 2>&1 || echo refused"],
                       no_new_privileges=False)  # fmt: skip
     final, out = run_job(daemon, job)
     assert final["status"] == "done"
