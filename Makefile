@@ -9,7 +9,8 @@ APT_LOG ?= /tmp/flynn-make-apt.log
 APT_PACKAGES := runc squashfs-tools busybox-static tini iproute2 iptables util-linux \
                 e2fsprogs python3-venv python3-dev procps curl binutils strace mmdebstrap \
                 etcd-server etcd-client dnsutils nftables \
-                postgresql-15 patroni
+                postgresql-15 patroni postgresql-15-postgis-3 postgresql-15-postgis-3-scripts \
+                postgresql-15-pgrouting postgresql-15-pgrouting-scripts postgresql-15-pgextwlist
 
 .PHONY: dev apt venv images demo test test-slow bench lint format clean dist
 
