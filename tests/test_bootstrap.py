@@ -78,10 +78,26 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         "run-app",
         "run-app",
         "wait-hosts",
+        "gen-random",
+        "gen-random",
+        "run-app",
+        "wait",
     ]
     discoverd = steps[2]["release"]
     assert discoverd["env"]["DISCOVERD_PEERS"] == "10.0.0.2:1111,10.0.0.1:1111"
     assert steps[3]["release"]["env"]["BACKEND"] == "vxlan"
+    # the postgres appliance: three nodes in strict mode (one, available, in a singleton),
+    # its passwords from the gen-random steps, filled in only when the step runs
+    postgres = steps[7]
+    assert postgres["processes"] == {"postgres": 3, "web": 2}
+    env = postgres["release"]["env"]
+    assert env["POSTGRES_MODE"] == "strict" and env["PGHOST"] == "leader.postgres.discoverd"
+    assert env["POSTGRES_SUPERUSER_PASSWORD"] == '{{ (index .StepData "pg-password").Data }}'
+    single = parse_manifest(
+        packaged_manifest().read_text(), "packaged", {**DATA, "Singleton": True}
+    )
+    assert single[7]["release"]["env"]["POSTGRES_MODE"] == "available"
+    assert steps[8]["url"] == "http://postgres-api.discoverd/ping"
 
 
 # --- against real daemons ----------------------------------------------------------------------
@@ -267,6 +283,31 @@ def test_run_app_omni_metadata_and_rerun(tmp_path: Path, hosts: list[devhost.Dae
     for d in hosts:
         for jid in list(app_jobs(d, "omni-app")) + list(app_jobs(d, "spread-app")):
             d.client.stop_job(jid)
+
+
+@needs_root
+def test_generated_secret_reaches_the_job_but_never_the_output(
+    tmp_path: Path, hosts: list[devhost.Daemon]
+) -> None:
+    app = sleeper("secret-app")
+    app["release"]["env"]["PASSWORD"] = '{{ (index .StepData "pw").Data }}'
+    steps = [{"id": "pw", "action": "gen-random", "length": 20}, app]
+    for mode in ("--json", "--steps=pw,secret-app"):
+        out = bootstrap(tmp_path, hosts, steps, mode)
+        assert out.returncode == 0, out.stdout + out.stderr
+        ((jid, job),) = [j for d in hosts for j in app_jobs(d, "secret-app").items()]
+        password = job["job"]["config"]["env"]["PASSWORD"]
+        assert len(password) == 40 and int(password, 16) >= 0
+        assert password not in out.stdout + out.stderr
+        if mode == "--json":
+            events = [json.loads(line) for line in out.stdout.splitlines()]
+            done = {e["id"]: e.get("data") for e in events if e["state"] == "done"}
+            assert done["pw"] == {"data": "(secret)"}
+            assert done["secret-app"]["release"]["env"]["PASSWORD"] == "(secret)"
+        for d in hosts:
+            for j in app_jobs(d, "secret-app"):
+                d.client.stop_job(j)
+                d.wait_job(j)
 
 
 @needs_root

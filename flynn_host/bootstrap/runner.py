@@ -8,12 +8,14 @@ failure. A step's action returns its step data, which later steps can read in `s
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from flynn_host.bootstrap.template import TemplateError, render_step
 from flynn_host.client import HostClient
 
 
@@ -82,19 +84,42 @@ class State:
     step_data: dict[str, Any] = field(default_factory=dict)
     emit: Emit = lambda info: None  # noqa: E731
     current: StepInfo | None = None
+    # values no output may show (generated passwords): `redact` replaces them
+    secrets: set[str] = field(default_factory=set)
 
     @property
     def sorted_host_ips(self) -> list[str]:
         return sorted(h.ip for h in self.hosts)
 
-    def template_data(self) -> dict[str, Any]:
-        """The fields a manifest template can use."""
-        return {"Singleton": self.singleton, "SortedHostIPs": self.sorted_host_ips}
+    def template_data(self, with_steps: bool = False) -> dict[str, Any]:
+        """The fields a manifest template can use (`StepData` only once steps run)."""
+        data: dict[str, Any] = {"Singleton": self.singleton, "SortedHostIPs": self.sorted_host_ips}
+        if with_steps:
+            data["StepData"] = self.step_data
+        return data
+
+    def redact(self, value: Any) -> Any:
+        """`value` with every secret (in any string, at any depth) replaced by `(secret)`."""
+        if isinstance(value, str):
+            for secret in self.secrets:
+                value = value.replace(secret, "(secret)")
+            return value
+        if isinstance(value, list):
+            return [self.redact(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.redact(v) for k, v in value.items()}
+        return value
+
+    def report(self, info: StepInfo) -> None:
+        """Emit `info` with the secrets taken out of its data and error."""
+        if self.secrets:
+            info.data, info.error = self.redact(info.data), self.redact(info.error)
+        self.emit(info)
 
     def progress(self, message: str) -> None:
         """Report progress of the running step (an `info` event; one text line)."""
         step = self.current
-        self.emit(
+        self.report(
             StepInfo(step.id if step else "", step.action if step else "", "info", data=message)
         )
 
@@ -165,7 +190,9 @@ def run_steps(
     """Run the steps (those in `only`, when given) in order; False after the first failure.
 
     Every step's action is built before any step runs, so an unknown action or a malformed
-    step stops the bootstrap before it has changed anything.
+    step stops the bootstrap before it has changed anything. A step that uses earlier steps'
+    data (`{{ (index .StepData "ID").Data }}`) is rendered again, and its action built again,
+    just before it runs. Output never shows a secret a step made (`State.secrets`).
     """
     built = []
     for step in steps:
@@ -176,20 +203,22 @@ def run_steps(
             if cls is None:
                 known = ", ".join(sorted(actions))
                 raise StepError(f"unknown action {step['action']!r} (available: {known})")
-            built.append((step, cls(step)))
+            built.append((step, cls, cls(step)))
         except StepError as exc:
-            state.emit(StepInfo(step["id"], step["action"], "error", error=str(exc)))
+            state.report(StepInfo(step["id"], step["action"], "error", error=str(exc)))
             return False
-    for step, action in built:
+    for step, cls, action in built:
         state.current = StepInfo(step["id"], step["action"], "start")
-        state.emit(state.current)
+        state.report(state.current)
         try:
+            if "{{" in json.dumps(step):
+                action = cls(render_step(step, state.template_data(with_steps=True)))
             data = action.run(state)
-        except StepError as exc:
-            state.emit(StepInfo(step["id"], step["action"], "error", error=str(exc)))
+        except (StepError, TemplateError) as exc:
+            state.report(StepInfo(step["id"], step["action"], "error", error=str(exc)))
             return False
         if data is not None:
             state.step_data[step["id"]] = data
-        state.emit(StepInfo(step["id"], step["action"], "done", data=data))
+        state.report(StepInfo(step["id"], step["action"], "done", data=data))
     state.current = None
     return True

@@ -10,7 +10,11 @@ what a Layer 0 manifest needs and refuse everything else by name, rather than gu
   (`$i` counts from 0) and `{{ range .X }}...{{ . }}...{{ end }}`;
 - `{{ if PIPELINE }}...{{ else }}...{{ end }}` (Go's truth: false, "", 0 and empty lists are
   false);
-- `{{- ` / ` -}}` trim the white space beside the action, as in Go.
+- `{{- ` / ` -}}` trim the white space beside the action, as in Go;
+- `{{ (index .StepData "ID").Field }}`: a field of an earlier step's data (`.Data` of a
+  `gen-random` step is its `data`). Step data exists only once that step has run, so the whole
+  manifest is rendered first without it (these actions are kept as they are) and each step is
+  rendered again just before it runs (`render_step`).
 
 Values are inserted as they are (no JSON escaping), as Go's text/template does.
 """
@@ -27,6 +31,7 @@ ACTION_RE = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
 # inside a JSON string the quotes are escaped (`{{ getenv \"NAME\" }}`), as in Flynn's manifest
 GETENV_RE = re.compile(r'^getenv\s+(\\?)"(\w+)\1"$')
 RANGE_RE = re.compile(r"^range\s+(?:(?:(\$\w+)\s*,\s*)?(\$\w+)\s*:=\s*)?(.+)$")
+STEPDATA_RE = re.compile(r'^\(index\s+\.StepData\s+(\\?)"([\w.-]+)\1"\)\.([A-Za-z]\w*)$')
 
 
 class TemplateError(ValueError):
@@ -103,10 +108,31 @@ def _parse(
     return nodes, i, ""
 
 
+class _Deferred(str):
+    """An action left for later: rendered as it was written."""
+
+
+def _step_data(m: re.Match[str], line: int, data: Mapping[str, Any]) -> Any:
+    if "StepData" not in data:
+        return _Deferred("{{ " + m.group(0) + " }}")
+    step, name = m.group(2), m.group(3)
+    if step not in data["StepData"]:
+        raise TemplateError(f"line {line}: step {step!r} has no data (has it run yet?)")
+    value = data["StepData"][step]
+    # Go's exported field `Data` is the JSON key `data`
+    key = name[0].lower() + name[1:]
+    if not isinstance(value, Mapping) or key not in value:
+        raise TemplateError(f"line {line}: the data of step {step!r} has no field {name}")
+    return value[key]
+
+
 def _eval(expr: str, line: int, data: Mapping[str, Any], scope: dict[str, Any]) -> Any:
     m = GETENV_RE.match(expr)
     if m:
         return os.environ.get(m.group(2), "")
+    m = STEPDATA_RE.match(expr)
+    if m:
+        return _step_data(m, line, data)
     if expr == ".":
         return scope["."]
     if re.fullmatch(r"\$\w+", expr):
@@ -121,7 +147,7 @@ def _eval(expr: str, line: int, data: Mapping[str, Any], scope: dict[str, Any]) 
         return data[name]
     raise TemplateError(
         f"line {line}: unsupported template construct {{{{ {expr} }}}} (supported: getenv, "
-        ".Field, $var, range, if/else, end)"
+        '.Field, (index .StepData "ID").Field, $var, range, if/else, end)'
     )
 
 
@@ -161,3 +187,14 @@ def render(src: str, data: Mapping[str, Any]) -> str:
     """Render `src` with the fields `data` (e.g. {"Singleton": True, "SortedHostIPs": [...]})."""
     nodes, _, _ = _parse(_tokens(src), 0, ())
     return _render(nodes, data, {".": data})
+
+
+def render_step(value: Any, data: Mapping[str, Any]) -> Any:
+    """`value` (a parsed step) with every string that still holds an action rendered."""
+    if isinstance(value, str):
+        return render(value, data) if "{{" in value else value
+    if isinstance(value, list):
+        return [render_step(v, data) for v in value]
+    if isinstance(value, dict):
+        return {k: render_step(v, data) for k, v in value.items()}
+    return value

@@ -1,4 +1,4 @@
-"""The built-in bootstrap actions (Layer 0), offered through the same hook as a vendor's."""
+"""The built-in bootstrap actions, offered through the same hook as a vendor's."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from flynn_host.plugins.hookspecs import hookimpl
 
 @hookimpl
 def flynn_host_bootstrap_actions() -> dict[str, type]:
-    from flynn_host.bootstrap import actions
+    from flynn_host.bootstrap import actions, genrandom, wait
 
     return {
+        "gen-random": genrandom.GenRandom,
+        "wait": wait.Wait,
         "require-env": actions.RequireEnv,
         "resource-check": actions.ResourceCheck,
         "run-app": actions.RunApp,
