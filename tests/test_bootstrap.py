@@ -289,25 +289,42 @@ def test_run_app_omni_metadata_and_rerun(tmp_path: Path, hosts: list[devhost.Dae
 def test_generated_secret_reaches_the_job_but_never_the_output(
     tmp_path: Path, hosts: list[devhost.Daemon]
 ) -> None:
+    """A gen-random value reaches the job's env and no output; a rerun, whose gen-random makes
+    a new value, starts a lost job with the env of the release still running."""
     app = sleeper("secret-app")
     app["release"]["env"]["PASSWORD"] = '{{ (index .StepData "pw").Data }}'
+    app["processes"] = {"app": 2}
     steps = [{"id": "pw", "action": "gen-random", "length": 20}, app]
-    for mode in ("--json", "--steps=pw,secret-app"):
-        out = bootstrap(tmp_path, hosts, steps, mode)
-        assert out.returncode == 0, out.stdout + out.stderr
-        ((jid, job),) = [j for d in hosts for j in app_jobs(d, "secret-app").items()]
-        password = job["job"]["config"]["env"]["PASSWORD"]
-        assert len(password) == 40 and int(password, 16) >= 0
-        assert password not in out.stdout + out.stderr
-        if mode == "--json":
-            events = [json.loads(line) for line in out.stdout.splitlines()]
-            done = {e["id"]: e.get("data") for e in events if e["state"] == "done"}
-            assert done["pw"] == {"data": "(secret)"}
-            assert done["secret-app"]["release"]["env"]["PASSWORD"] == "(secret)"
-        for d in hosts:
-            for j in app_jobs(d, "secret-app"):
-                d.client.stop_job(j)
-                d.wait_job(j)
+
+    def passwords() -> dict[str, str]:
+        return {
+            jid: job["job"]["config"]["env"]["PASSWORD"]
+            for d in hosts
+            for jid, job in app_jobs(d, "secret-app").items()
+        }
+
+    out = bootstrap(tmp_path, hosts, steps, "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (password,) = set(passwords().values())
+    assert len(password) == 40 and int(password, 16) >= 0
+    assert password not in out.stdout + out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    done = {e["id"]: e.get("data") for e in events if e["state"] == "done"}
+    assert done["pw"] == {"data": "(secret)"}
+    assert done["secret-app"]["release"]["env"]["PASSWORD"] == "(secret)"
+
+    lost = next(iter(app_jobs(hosts[1], "secret-app")))
+    hosts[1].client.stop_job(lost)
+    hosts[1].wait_job(lost)
+    again = bootstrap(tmp_path, hosts, steps)  # text output
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "(secret)" not in again.stderr  # text output shows no step data at all
+    now = passwords()
+    assert len(now) == 2 and lost not in now and set(now.values()) == {password}
+    for d in hosts:
+        for j in app_jobs(d, "secret-app"):
+            d.client.stop_job(j)
+            d.wait_job(j)
 
 
 @needs_root

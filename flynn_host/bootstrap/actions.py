@@ -9,15 +9,14 @@ and process type counts towards the wanted number.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
 from typing import Any
 
+from flynn_host.bootstrap.joblog import job_failure, last_log_lines
 from flynn_host.bootstrap.runner import Action, ClusterHost, State, StepError
 from flynn_host.client import HostAPIError
-from flynn_host.runtime import attach
 
 # process type fields copied into the job's config as they are
 CONFIG_FIELDS = (
@@ -46,47 +45,6 @@ def _host_call(host: ClusterHost, what: str, method: str, path: str, body: Any =
         return host.client.request(method, path, body)
     except (HostAPIError, ConnectionError, OSError) as exc:
         raise StepError(f"host {host}: {what}: {exc}") from None
-
-
-def last_log_lines(host: ClusterHost, job_id: str, lines: int = 5) -> list[str]:
-    """The job's last output lines (through the attach API), or [] if they cannot be had."""
-
-    async def read() -> bytes:
-        flags = attach.ATTACH_LOGS | attach.ATTACH_STDOUT | attach.ATTACH_STDERR
-        request = {"job_id": job_id, "flags": flags, "lines": lines}
-        reader, writer = await attach.attach_host(host.client.url, request, host.client.key)
-        out = b""
-        try:
-            while (frame := await attach.read_frame(reader)) is not None:
-                if frame.kind == "data" and frame.data:
-                    out += frame.data
-                elif frame.kind in ("exit", "error"):
-                    break
-        finally:
-            writer.close()
-        return out
-
-    async def bounded() -> bytes:
-        return await asyncio.wait_for(read(), 3)
-
-    try:
-        text = asyncio.run(bounded()).decode(errors="replace")
-    except Exception:  # noqa: BLE001 - the log is a courtesy; the step error says enough
-        return []
-    return text.splitlines()[-lines:]
-
-
-def job_failure(host: ClusterHost, job_id: str, job: dict[str, Any]) -> str:
-    """`host H: job J crashed with exit status 3: ERROR`, then the job's last log lines."""
-    text = f"host {host}: job {job_id} {job.get('status')}"
-    if job.get("exit_status") is not None:
-        text += f" with exit status {job['exit_status']}"
-    if job.get("error"):
-        text += f": {job['error']}"
-    log = last_log_lines(host, job_id)
-    if log:
-        text += "; its last output:\n" + "\n".join(f"    {line}" for line in log)
-    return text
 
 
 class RequireEnv(Action):
@@ -252,13 +210,16 @@ class RunApp(Action):
         if not self.image:
             raise StepError("artifact.image must name an image in the hosts' image stores")
         self.counts = {k: int(v) for k, v in (step.get("processes") or {}).items()}
+        self.running_env: dict[str, dict[str, str] | None] = {}
         for typ in self.counts:
             if typ not in self.procs:
                 raise StepError(f"process type {typ!r} is not in release.processes")
 
     # --- placement ---------------------------------------------------------------------------
     def existing(self, state: State) -> dict[str, dict[str, list[str]]]:
-        """host id -> type -> ids of this app's active jobs there (what a rerun keeps)."""
+        """host id -> type -> ids of this app's active jobs there (what a rerun keeps). The
+        env of each type's running jobs is kept too: a rerun starts the missing jobs of the
+        release it finds, whose generated secrets a rerun of `gen-random` would not match."""
         out: dict[str, dict[str, list[str]]] = {}
         for host in state.hosts:
             jobs = _host_call(host, "listing jobs", "GET", "/host/jobs?active=true") or {}
@@ -272,6 +233,7 @@ class RunApp(Action):
                 self.release.setdefault("id", meta.get("flynn-controller.release"))
                 typ = meta.get("flynn-controller.type", "")
                 out.setdefault(host.id, {}).setdefault(typ, []).append(jid)
+                self.running_env.setdefault(typ, (job["job"].get("config") or {}).get("env"))
         return out
 
     def placements(
@@ -301,6 +263,7 @@ class RunApp(Action):
         proc = self.procs[typ]
         job_id = f"{host.id}-{uuid.uuid4().hex}"
         env = {**(self.release.get("env") or {}), **(proc.get("env") or {})}
+        env.update(self.running_env.get(typ) or {})
         env.update(
             {
                 "FLYNN_APP_ID": self.app["id"],
