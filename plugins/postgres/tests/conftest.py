@@ -1,31 +1,19 @@
 """Fixtures for postgres: a real single-member etcd on free loopback ports (discoverd's
-`EtcdProcess`), a temporary volume directory the `postgres` user can reach, and a running
-singleton node (etcd, Patroni and PostgreSQL 15 on loopback) shared by a test module. All are
-stopped and removed afterwards, whatever the tests did."""
+`EtcdProcess`), a temporary volume directory the `postgres` user can reach, and running
+singleton nodes (etcd, Patroni and PostgreSQL 15 on loopback), one shared by a test module.
+All are stopped and removed afterwards, whatever the tests did."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from flynn_discoverd.etcd import EtcdProcess
+from postgres_nodes import Node, running_singleton, temporary_volume_root
 
 from flynn_host.dev.host import etcd_member as temporary_etcd_member
-from flynn_host.dev.host import free_ports, require_programs, wait_for
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-SUPERUSER_PASSWORD = "test-superuser-secret"
 
 
 @pytest.fixture
@@ -34,109 +22,32 @@ def etcd_member() -> Iterator[EtcdProcess]:
         yield p
 
 
-@contextlib.contextmanager
-def temporary_volume_root() -> Iterator[Path]:
-    """A fresh directory for node volumes, traversable by the `postgres` user (tempfile makes
-    0700 directories, and PostgreSQL runs as postgres, not root)."""
-    root = Path(tempfile.mkdtemp(prefix="flynn-postgres-test-"))
-    try:
-        os.chmod(root, 0o755)
-        yield root
-    finally:
-        kill_processes_naming(root)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture
 def volume_root() -> Iterator[Path]:
     with temporary_volume_root() as root:
         yield root
 
 
-def kill_processes_naming(path: Path) -> None:
-    """SIGKILL every process whose command line names `path`: what a failed test left."""
-    out = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True)
-    for pid in out.stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
-def http_status(url: str) -> int:
-    """The status `url` answers with; 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
-
-@dataclass(frozen=True)
-class Node:
-    """A running singleton: PostgreSQL on 127.0.0.1:`port` as superuser `postgres`."""
-
-    port: int
-    api_port: int
-    data: Path
-    log: Path
-    superuser_password: str = SUPERUSER_PASSWORD
-
-
 @pytest.fixture(scope="module")
 def singleton_node() -> Iterator[Node]:
-    """One singleton node (`--mode available`: a singleton acknowledges writes alone) leading
-    its own etcd, for a whole test module; stopped with SIGTERM afterwards (killed if that
-    does not work) and its volume removed."""
+    """One singleton node leading its own etcd, for a whole test module, in `available` mode:
+    a singleton acknowledges writes alone (in `strict` mode every commit would wait)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (runs postgres as postgres)")
-    require_programs("etcd", "patroni", "pgrep", str(PG_BIN / "postgres"))
     with (
         temporary_etcd_member("postgres-etcd-") as etcd,
         temporary_volume_root() as root,
+        running_singleton(etcd.client_port, root, "pgapi", "available") as node,
     ):
-        port, api_port = free_ports(2)
-        node = Node(port, api_port, root / "node", root / "node.log")
-        args = [
-            "--name", "node-1", "--scope", "pgapi", "--data-dir", str(node.data),
-            "--listen", "127.0.0.1", "--port", str(port), "--api-port", str(api_port),
-            "--etcd", f"127.0.0.1:{etcd.client_port}", "--network", "127.0.0.0/8",
-            "--mode", "available",
-        ]  # fmt: skip
-        env = {
-            **os.environ,
-            "POSTGRES_SUPERUSER_PASSWORD": SUPERUSER_PASSWORD,
-            "POSTGRES_REPLICATION_PASSWORD": "test-replication-secret",
-        }
-        with open(node.log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "flynn_host.cli.main", "component", "postgres", *args],
-                env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0,
-            )  # fmt: skip
-        try:
-
-            def leading() -> bool:
-                assert proc.poll() is None, f"node exited {proc.returncode}: {tail(node.log)}"
-                return http_status(f"http://127.0.0.1:{api_port}/primary") == 200
-
-            wait_for(leading, timeout=90, what="the singleton to bootstrap and lead", every=0.3)
-            yield node
-        finally:
-            stop(proc)
+        yield node
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """SIGTERM a process started in its own group; SIGKILL the group if it lingers."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+@pytest.fixture
+def strict_node(singleton_node: Node) -> Iterator[Node]:
+    """A second singleton (scope `pgstrict`, the same etcd) in `strict` mode: it leads, but
+    with no synchronous standby it acknowledges no commit."""
+    with (
+        temporary_volume_root() as root,
+        running_singleton(singleton_node.etcd_port, root, "pgstrict", "strict") as node,
+    ):
+        yield node
