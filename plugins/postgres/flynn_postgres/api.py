@@ -6,7 +6,8 @@ service `<service>-api`).
 `DELETE /databases?id=/databases/<user>:<database>` drops them; `GET /ping` is 200 only while
 a primary commits writes. Errors are Flynn's error JSON; while no primary takes writes every
 endpoint answers 503 `service_unavailable` with `retry: true`. The SQL is in `databases`; this
-module holds the settings, the HTTP side and the registration in discoverd.
+module holds the settings, the HTTP side and the registration in discoverd
+(docs/postgres.md#the-provider-api).
 
 On SIGTERM it leaves discoverd first (so no new request is sent here), then stops serving, and
 exits 0.

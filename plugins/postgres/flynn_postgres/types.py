@@ -29,7 +29,8 @@ WAL_KEEP_SIZE = "1GB"
 
 # The seed's extensions that Debian packages for PostgreSQL 15 (contrib, PostGIS, pgRouting),
 # which an app's role may `CREATE EXTENSION` through pgextwlist. Two of the seed's are missing:
-# chkpass left PostgreSQL in version 11, and Debian does not package plv8.
+# chkpass left PostgreSQL in version 11, and Debian does not package plv8
+# (docs/postgres.md#extensions).
 EXTENSIONS = (
     "btree_gin", "btree_gist", "citext", "cube", "dblink", "dict_int", "earthdistance",
     "fuzzystrmatch", "hstore", "intarray", "isn", "ltree", "pg_prewarm", "pg_stat_statements",
