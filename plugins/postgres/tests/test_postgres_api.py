@@ -449,6 +449,10 @@ def test_unknown_paths_wrong_methods_and_bad_bodies_get_flynn_errors(api: Api) -
     assert call("POST", f"{api.url}/ping")[0] == 405
     status, body = call("POST", f"{api.url}/databases", b"{not json")
     assert (status, body["code"]) == (400, "syntax_error")
+    # the resource config Flynn's controller sends is accepted (and ignored)
+    status, body = call("POST", f"{api.url}/databases", b'{"config": {}}')
+    assert status == 200, body
+    assert call("DELETE", delete_url(api, body["id"]))[0] == 200
 
 
 # --- extensions -------------------------------------------------------------------------------
