@@ -1,4 +1,5 @@
-"""postgres's hooks: the `postgres` platform component."""
+"""postgres's hooks: the `postgres` platform component (a node) and `postgres-api` (the
+resource provider)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ def _main(argv: list[str]) -> int:
     return main(argv)
 
 
+def _api_main(argv: list[str]) -> int:
+    from flynn_postgres.api import main
+
+    return main(argv)
+
+
 @hookimpl
 def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
-    return {"postgres": _main}
+    return {"postgres": _main, "postgres-api": _api_main}

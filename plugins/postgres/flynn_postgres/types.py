@@ -27,6 +27,24 @@ REPLICATION_USER = "replicator"
 # appliance, that is about 5 minutes; it costs at most 1 GB of disk beside max_wal_size.
 WAL_KEEP_SIZE = "1GB"
 
+# The seed's extensions that Debian packages for PostgreSQL 15 (contrib, PostGIS, pgRouting),
+# which an app's role may `CREATE EXTENSION` through pgextwlist. Two of the seed's are missing:
+# chkpass left PostgreSQL in version 11, and Debian does not package plv8
+# (docs/postgres.md#extensions).
+EXTENSIONS = (
+    "btree_gin", "btree_gist", "citext", "cube", "dblink", "dict_int", "earthdistance",
+    "fuzzystrmatch", "hstore", "intarray", "isn", "ltree", "pg_prewarm", "pg_stat_statements",
+    "pg_trgm", "pgcrypto", "pgrouting", "pgrowlocks", "pgstattuple", "plpgsql", "postgis",
+    "postgis_topology", "postgres_fdw", "tablefunc", "unaccent", "uuid-ossp",
+)  # fmt: skip
+# pgextwlist, loaded into every session: it runs `CREATE EXTENSION` of an allowed extension as
+# the bootstrap superuser, then hands the session back, so app roles stay plain roles.
+# local_preload_libraries looks in $libdir/plugins, where Debian installs it.
+EXTENSION_PARAMETERS = {
+    "local_preload_libraries": "pgextwlist",
+    "extwlist.extensions": ",".join(EXTENSIONS),
+}
+
 # a discoverd service name, a Patroni scope and an etcd key segment all at once
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -194,7 +212,13 @@ def patroni_config(settings: NodeSettings) -> dict[str, Any]:
                 },
                 "rewind": {"username": SUPERUSER, "password": settings.superuser_password},
             },
-            "parameters": {"unix_socket_directories": str(settings.run_dir)},
+            # local parameters win over the cluster's (Patroni merges them last) and are
+            # rewritten on every start, so every node has the extension allow-list, also one
+            # joining a cluster bootstrapped before the list changed
+            "parameters": {
+                "unix_socket_directories": str(settings.run_dir),
+                **EXTENSION_PARAMETERS,
+            },
             "pg_hba": _pg_hba(settings),
         },
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from flynn_postgres import service
 from flynn_postgres.types import (
+    EXTENSIONS,
     NodeSettings,
     SettingsError,
     etcd_hosts_from,
@@ -61,6 +62,39 @@ def test_available_mode_lets_a_primary_go_on_alone() -> None:
     dcs = patroni_config(settings(mode="available"))["bootstrap"]["dcs"]
     assert dcs["synchronous_mode"] is True
     assert dcs["synchronous_mode_strict"] is False
+
+
+def test_every_node_loads_the_extension_allow_list() -> None:
+    conf = patroni_config(settings())
+    # local parameters: Patroni applies them over the cluster's on every node's start
+    params = conf["postgresql"]["parameters"]
+    assert params["local_preload_libraries"] == "pgextwlist"
+    assert params["extwlist.extensions"].split(",") == list(EXTENSIONS)
+    assert params["unix_socket_directories"] == "/data/patroni"
+    # not the cluster-wide ones, which only a new cluster's first node writes
+    dcs_params = conf["bootstrap"]["dcs"]["postgresql"]["parameters"]
+    assert "local_preload_libraries" not in dcs_params
+
+
+def test_the_extension_list_is_the_seeds_that_debian_packages() -> None:
+    assert len(EXTENSIONS) == len(set(EXTENSIONS)) == 26
+    assert {"hstore", "postgis", "postgis_topology", "pgrouting", "uuid-ossp"} <= set(EXTENSIONS)
+    # chkpass left PostgreSQL in 11; Debian packages no plv8
+    assert not {"chkpass", "plv8"} & set(EXTENSIONS)
+    # nothing that reads the server's files or needs a superuser to be safe
+    assert not {"adminpack", "file_fdw", "plpython3u"} & set(EXTENSIONS)
+    # pgextwlist reads the list as comma separated names: none may hold a comma or a space
+    assert all(re.fullmatch(r"[a-z0-9_-]+", name) for name in EXTENSIONS)
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/postgresql/15/extension").is_dir(), reason="PostgreSQL 15 not installed"
+)
+def test_every_listed_extension_is_installed() -> None:
+    """The packages `make dev` and the postgres image install hold each one."""
+    ext_dir = Path("/usr/share/postgresql/15/extension")
+    assert [e for e in EXTENSIONS if not (ext_dir / f"{e}.control").is_file()] == []
+    assert Path("/usr/lib/postgresql/15/lib/plugins/pgextwlist.so").is_file()
 
 
 def test_scope_ports_and_networks_are_settings() -> None:
