@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "plugins" / "postgres"))
 
 from flynn_postgres import devcluster as pg  # noqa: E402
-from flynn_postgres.devcluster import Writer, wait_for  # noqa: E402
+from flynn_postgres.devcluster import Writer, healthy, wait_for  # noqa: E402
 
 from flynn_host.dev.cluster import Cluster, ClusterError  # noqa: E402
 
@@ -68,12 +68,6 @@ def app_database(c: Cluster) -> dict[str, str]:
     if status != 0:
         raise SystemExit(f"creating the tables failed: {out}")
     return env
-
-
-def healthy(c: Cluster) -> bool:
-    members = pg.patroni(c, pg.primary(c), "/cluster")["members"]
-    found = sorted(m["role"] for m in members if m.get("state") in ("running", "streaming"))
-    return found == ["leader", "replica", "sync_standby"]
 
 
 def writes_per_second(c: Cluster, env: dict[str, str], seconds: int) -> float:

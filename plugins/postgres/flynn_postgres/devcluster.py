@@ -29,6 +29,8 @@ IMAGE = "postgres"
 SERVICE = "postgres"
 DISCOVERD_PORT = 1111
 PATRONI_PORT = 8008
+# how long tests give a fail-over: generous, Patroni's TTL is 10 s
+FAILOVER = 60.0
 
 
 class NotYet(Exception):
@@ -142,6 +144,34 @@ def psql(c: Cluster, node: Node, sql: str, env: dict[str, str] | None = None) ->
     if out.returncode != 0:
         raise NotYet(f"psql on {node.ip}: {out.stderr.strip()}")
     return out.stdout.strip()
+
+
+# --- the cluster's health and data ---------------------------------------------------------
+
+
+def roles(c: Cluster) -> dict[str, str]:
+    """Patroni's view: member name -> role, from the primary."""
+    members = patroni(c, primary(c), "/cluster")["members"]
+    return {m["name"]: m["role"] for m in members if m.get("state") in ("running", "streaming")}
+
+
+def healthy(c: Cluster) -> bool:
+    """Three nodes running: a leader, a sync standby, a replica; discoverd's leader on it."""
+    found = sorted(roles(c).values())
+    return found == ["leader", "replica", "sync_standby"] and primary(c) is not None
+
+
+def count_and_sum(c: Cluster, node: Node, env: dict[str, str]) -> str:
+    super_env = {"PGUSER": "postgres", "PGPASSWORD": node.env["POSTGRES_SUPERUSER_PASSWORD"],
+                 "PGDATABASE": env["PGDATABASE"]}  # fmt: skip
+    return psql(c, node, "SELECT count(*), coalesce(sum(id), 0) FROM acked", super_env)
+
+
+def missing_acks(c: Cluster, node: Node, env: dict[str, str], acked: list[int]) -> list[int]:
+    super_env = {"PGUSER": "postgres", "PGPASSWORD": node.env["POSTGRES_SUPERUSER_PASSWORD"],
+                 "PGDATABASE": env["PGDATABASE"]}  # fmt: skip
+    present = {int(x) for x in psql(c, node, "SELECT id FROM acked", super_env).split()}
+    return sorted(set(acked) - present)
 
 
 # --- jobs ----------------------------------------------------------------------------------------

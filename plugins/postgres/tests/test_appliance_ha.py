@@ -14,14 +14,19 @@ from collections.abc import Iterator
 
 import pytest
 from flynn_postgres import devcluster as pg
-from flynn_postgres.devcluster import Node, Writer, wait_for
+from flynn_postgres.devcluster import (
+    FAILOVER,
+    Writer,
+    count_and_sum,
+    healthy,
+    missing_acks,
+    wait_for,
+)
 
 from flynn_host.dev.cluster import Cluster, leftovers
 from tests.dev.test_cluster import new_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
-
-FAILOVER = 60.0  # generous: Patroni's TTL is 10 s
 
 
 @pytest.fixture(scope="module")
@@ -45,31 +50,6 @@ def app(cluster: Cluster) -> dict[str, str]:
                              env)  # fmt: skip
     assert status == 0, out
     return env
-
-
-def roles(c: Cluster) -> dict[str, str]:
-    """Patroni's view: member name -> role, from the primary."""
-    members = pg.patroni(c, pg.primary(c), "/cluster")["members"]
-    return {m["name"]: m["role"] for m in members if m.get("state") in ("running", "streaming")}
-
-
-def healthy(c: Cluster) -> bool:
-    """Three nodes running: a leader, a sync standby, a replica; discoverd's leader on it."""
-    found = sorted(roles(c).values())
-    return found == ["leader", "replica", "sync_standby"] and pg.primary(c) is not None
-
-
-def count_and_sum(c: Cluster, node: Node, env: dict[str, str]) -> str:
-    super_env = {"PGUSER": "postgres", "PGPASSWORD": node.env["POSTGRES_SUPERUSER_PASSWORD"],
-                 "PGDATABASE": env["PGDATABASE"]}  # fmt: skip
-    return pg.psql(c, node, "SELECT count(*), coalesce(sum(id), 0) FROM acked", super_env)
-
-
-def missing_acks(c: Cluster, node: Node, env: dict[str, str], acked: list[int]) -> list[int]:
-    super_env = {"PGUSER": "postgres", "PGPASSWORD": node.env["POSTGRES_SUPERUSER_PASSWORD"],
-                 "PGDATABASE": env["PGDATABASE"]}  # fmt: skip
-    present = {int(x) for x in pg.psql(c, node, "SELECT id FROM acked", super_env).split()}
-    return sorted(set(acked) - present)
 
 
 def test_three_nodes_on_three_hosts_and_the_leader_is_the_primary(cluster: Cluster) -> None:

@@ -14,12 +14,17 @@ from collections.abc import Iterator
 
 import pytest
 from flynn_postgres import devcluster as pg
-from flynn_postgres.devcluster import Writer, wait_for
+from flynn_postgres.devcluster import (
+    FAILOVER,
+    Writer,
+    count_and_sum,
+    healthy,
+    missing_acks,
+    wait_for,
+)
 
 from flynn_host.dev.cluster import Cluster, leftovers
 from tests.dev.test_cluster import new_cluster
-
-from .test_appliance_ha import FAILOVER, count_and_sum, healthy, missing_acks
 
 pytestmark = [
     pytest.mark.slow,
