@@ -239,6 +239,12 @@ async def watch_node(
                 await applying
 
 
+def stop_if_failed(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the look at Patroni failed: stopping the node", exc_info=task.exception())
+        stop.set()
+
+
 async def stop_patroni(
     proc: asyncio.subprocess.Process, settings: NodeSettings, api: PatroniAPI,
     leave: Callable[[], Awaitable[None]], args: argparse.Namespace,
@@ -268,20 +274,26 @@ async def supervise(
     api = PatroniAPI(f"http://{host_port(settings.listen_ip, settings.api_port)}")
     done = asyncio.Event()
     watcher = asyncio.create_task(watch_node(api, registration, settings.mode, done))
+    # a node that stopped following Patroni (a bug) could stay discoverd's leader after a
+    # demotion: it stops instead, and its job is restarted
+    watcher.add_done_callback(lambda task: stop_if_failed(task, stop))
 
     async def leave() -> None:
         """Stop following Patroni, then deregister: nothing registers the node again. A bug
         here is logged, not raised: Patroni must still get its clean shutdown."""
         done.set()
-        try:
+        with contextlib.suppress(Exception):  # a failed look is logged by stop_if_failed
             await watcher
-            if registration is not None:
+        if registration is not None:
+            try:
                 await registration.close()
-        except Exception:
-            log.exception("leaving discoverd")
+            except Exception:
+                log.exception("leaving discoverd")
 
     try:
         if await unless_stopped(proc.wait(), stop) is None:
+            if registration is not None:
+                registration.stopping = True  # it may still leave, but never registers again
             await stop_patroni(proc, settings, api, leave, args)
         else:
             log.warning("Patroni exited with status %s", proc.returncode)

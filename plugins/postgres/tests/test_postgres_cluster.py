@@ -372,7 +372,11 @@ def test_a_stopped_primary_hands_over_to_its_sync_standby(cluster: Cluster) -> N
         status = primary.proc.wait(timeout=30)
         took = time.monotonic() - stopped
         assert status == 0, primary.log_tail()
-        assert "switched over to " + sync in primary.log.read_text()
+        stop_log = primary.log.read_text()
+        stop_log = stop_log[stop_log.rindex("postgres: stopping (") :]
+        assert "switched over to " + sync in stop_log
+        # it left discoverd when it stopped being the primary, and did not come back
+        assert "left pgcluster" in stop_log and "registered" not in stop_log
         assert cluster.node(sync).is_primary()
         # the stopped node left discoverd; the leader is the new primary
         assert primary.addr not in {i["addr"] for i in cluster.instances()}
