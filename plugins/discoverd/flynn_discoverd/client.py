@@ -333,6 +333,14 @@ class Client:
             body["leader_id"] = meta.leader_id
         return ServiceMeta.from_json(await self._request("PUT", f"/services/{service}/meta", body))
 
+    # ---- the cluster ----
+
+    async def raft_peers(self) -> list[str]:
+        """The discoverd nodes' addresses (`GET /raft/peers`): `ip:port` or `http://ip:port`.
+        Each node's etcd answers clients on its port + 1268 (docs/discoverd.md)."""
+        raw = await self._request("GET", "/raft/peers")
+        return [str(p) for p in raw or []]
+
     # ---- registration ----
 
     async def register(

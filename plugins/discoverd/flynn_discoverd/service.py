@@ -27,6 +27,7 @@ from flynn_discoverd.dns import DNSServer
 from flynn_discoverd.etcd import EtcdClient, EtcdError, EtcdProcess
 from flynn_discoverd.server import SHUTDOWN, serve
 from flynn_discoverd.store import Store
+from flynn_discoverd.types import ETCD_CLIENT_PORT_OFFSET, ETCD_PEER_PORT_OFFSET
 from flynn_host.client import (
     HostAPIError,
     HostClient,
@@ -37,8 +38,8 @@ from flynn_host.client import (
 
 log = logging.getLogger("discoverd")
 
-CLIENT_PORT_OFFSET = 1268
-PEER_PORT_OFFSET = 1269
+CLIENT_PORT_OFFSET = ETCD_CLIENT_PORT_OFFSET
+PEER_PORT_OFFSET = ETCD_PEER_PORT_OFFSET
 
 
 def split_addr(addr: str, default_host: str = "") -> tuple[str, int]:

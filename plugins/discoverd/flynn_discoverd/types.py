@@ -29,6 +29,12 @@ EVENT_KINDS = (UP, UPDATE, DOWN, LEADER, CURRENT, SERVICE_META)
 LEADER_OLDEST = "oldest"
 LEADER_MANUAL = "manual"
 
+# each node's etcd member listens beside its API port: clients on port + 1268 and peers on
+# port + 1269 (2379 and 2380 for 1111), so a node's API address (`/raft/peers`) is enough to
+# find its etcd
+ETCD_CLIENT_PORT_OFFSET = 1268
+ETCD_PEER_PORT_OFFSET = 1269
+
 
 def check_service_name(name: str) -> str:
     if not SERVICE_NAME_RE.fullmatch(name or ""):

@@ -1,22 +1,29 @@
 """`flynn-host component postgres`: one PostgreSQL 15 node managed by Patroni, on the cluster's
 etcd. It checks the data volume, writes Patroni's config (0600), runs one `patroni` process as
-the `postgres` user with its output in the job's log, and supervises it as a unit: SIGTERM (a
-job stop) becomes Patroni's own clean shutdown, which stops PostgreSQL; after `--stop-timeout`
-the process group and the postmaster are killed. The component exits with Patroni's status.
+the `postgres` user with its output in the job's log, and supervises it as a unit.
+
+- **etcd**: `--etcd`/POSTGRES_ETCD, or else discoverd's members: `GET /raft/peers` of
+  `--discoverd`/DISCOVERD, each node's etcd on its API port + 1268 (`discovery.find_etcd`).
+- **discoverd**: with `--discoverd`, the node looks at its Patroni a few times a second and
+  keeps its instance in service `<scope>` (`discovery.Registration`): the running primary
+  registers and makes itself the service's leader; a node that stops being the primary
+  deregisters at once, so `leader.<scope>.discoverd` is never a non-primary.
+- **mode**: once primary, it patches the cluster's dynamic config if its mode differs
+  (`patroni.apply_mode`): `bootstrap.dcs` only counts for a new cluster.
+- **stop**: SIGTERM (a job stop) makes a primary switch over to a healthy sync standby first
+  (`patroni.hand_over`), leaves discoverd, then becomes Patroni's own clean shutdown, which
+  stops PostgreSQL; `--stop-timeout` after the SIGTERM the process group and the postmaster are
+  killed. The component exits with Patroni's status.
 
 The volume (`--data-dir`, default /data) holds `pgdata/` (PostgreSQL's data directory) and
 `patroni/` (config, pgpass and the server's socket, rewritten on every start); a volume holding
 anything else is refused, so a stray or foreign volume is never initialised over.
-
-What this node does not do yet: it takes the etcd endpoints from `--etcd`/POSTGRES_ETCD rather
-than finding discoverd's members itself, does not register in discoverd or follow the primary
-there, and does not hand over to a sync standby before stopping (Patroni 3.0.2's SIGTERM stops
-PostgreSQL without a switchover). docs/postgres.md lists the steps that follow.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -24,12 +31,16 @@ import os
 import pwd
 import signal
 import socket
-import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from flynn_discoverd.client import Client
+
+from flynn_postgres.discovery import DiscoveryError, Registration, find_etcd
+from flynn_postgres.patroni import PatroniAPI, apply_mode, hand_over
 from flynn_postgres.types import (
     DEFAULT_API_PORT,
     DEFAULT_PORT,
@@ -44,6 +55,11 @@ from flynn_postgres.types import (
 log = logging.getLogger("postgres")
 
 PATRONI = "patroni"
+# how often the node looks at its Patroni: a promotion reaches discoverd's leader within this
+# plus a few milliseconds
+POLL_EVERY = 0.25
+# a discoverd request (registration, leader) must not hold up the next look for long
+DISCOVERD_TIMEOUT = 2.0
 # what a node's volume may hold besides nothing (lost+found: an ext4 volume's root)
 VOLUME_ENTRIES = {"pgdata", "patroni", "lost+found"}
 
@@ -65,24 +81,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     p.add_argument("--etcd", default=env.get("POSTGRES_ETCD", ""),
-                   help="etcd client endpoints, host:port,...")  # fmt: skip
+                   help="etcd client endpoints, host:port,... (default: discoverd's)")  # fmt: skip
+    p.add_argument("--discoverd", default=env.get("DISCOVERD", ""),
+                   help="discoverd URL(s), comma separated: where to register and, without "
+                        "--etcd, where to find etcd")  # fmt: skip
     p.add_argument("--mode", choices=MODES, default=env.get("POSTGRES_MODE", "strict"))
     p.add_argument("--network", action="append", default=None,
                    help="CIDR clients connect from (repeatable; default: job network)")  # fmt: skip
     p.add_argument("--user", default="postgres",
                    help="the OS user PostgreSQL runs as, when started as root")  # fmt: skip
     p.add_argument("--stop-timeout", type=float, default=25.0,
-                   help="seconds Patroni has to stop before it is killed")  # fmt: skip
+                   help="seconds from SIGTERM until Patroni and PostgreSQL are killed")  # fmt: skip
+    p.add_argument("--handover-timeout", type=float, default=10.0,
+                   help="seconds a stopping primary waits for a switchover")  # fmt: skip
+    p.add_argument("--discovery-timeout", type=float, default=120.0,
+                   help="seconds to wait for discoverd to list etcd")  # fmt: skip
     return p.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> NodeSettings:
+def settings_from(args: argparse.Namespace, etcd_hosts: list[str]) -> NodeSettings:
     extra: dict[str, Any] = {"networks": args.network} if args.network else {}
     settings = NodeSettings(
         name=args.name,
         scope=args.scope,
         data_dir=Path(args.data_dir),
-        etcd_hosts=etcd_hosts_from(args.etcd),
+        etcd_hosts=etcd_hosts,
         superuser_password=os.environ.get("POSTGRES_SUPERUSER_PASSWORD", ""),
         replication_password=os.environ.get("POSTGRES_REPLICATION_PASSWORD", ""),
         listen_ip=args.listen,
@@ -159,60 +182,174 @@ def postmaster_pid(pgdata: Path) -> int | None:
     return pid if b"postgres" in cmdline.split(b"\0", 1)[0] else None
 
 
-def kill_all(proc: subprocess.Popen[bytes], pgdata: Path) -> None:
+def kill_all(patroni_pid: int, pgdata: Path) -> None:
     """SIGKILL Patroni's process group and the postmaster, which Patroni starts in a session
     of its own; the postmaster's children exit when it does."""
     pid = postmaster_pid(pgdata)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(patroni_pid, signal.SIGKILL)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
 
 
-def supervise(proc: subprocess.Popen[bytes], pgdata: Path, stop_timeout: float) -> int:
-    """Wait for Patroni; on SIGTERM/SIGINT pass SIGTERM on and give it `stop_timeout`."""
-    stopping: list[int] = []
+T = TypeVar("T")
 
-    def on_signal(signum: int, _frame: object) -> None:
-        stopping.append(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    deadline: float | None = None
-    while True:
-        try:
-            status = proc.wait(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        if stopping and deadline is None:
-            log.info("stopping: Patroni shuts PostgreSQL down (%ss before a kill)", stop_timeout)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + stop_timeout
-        if deadline is not None and time.monotonic() > deadline:
-            log.warning("Patroni did not stop within %ss: killing it and PostgreSQL", stop_timeout)
-            kill_all(proc, pgdata)
-            status = proc.wait()
-            break
+async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None (and `work` cancelled) if `stop` is set first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        return await task
+    return None
+
+
+async def watch_node(
+    api: PatroniAPI, registration: Registration | None, mode: str, done: asyncio.Event
+) -> None:
+    """Look at Patroni every POLL_EVERY s until `done`: discoverd follows what it says, and a
+    new primary brings the cluster's config to this node's mode once per term (beside the
+    looks, which must not wait for it)."""
+    applied = False
+    applying: asyncio.Task[bool] | None = None
+    try:
+        while not done.is_set():
+            state = await api.node_state()
+            if registration is not None:
+                await registration.step(state)
+            if applying is not None and applying.done():
+                applied, applying = applying.result(), None
+            if state is None or not state.is_primary:
+                applied = False
+            elif not applied and applying is None:
+                applying = asyncio.create_task(apply_mode(api, mode))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), POLL_EVERY)
+    finally:
+        if applying is not None:
+            applying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await applying
+
+
+def stop_if_failed(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the look at Patroni failed: stopping the node", exc_info=task.exception())
+        stop.set()
+
+
+async def stop_patroni(
+    proc: asyncio.subprocess.Process, settings: NodeSettings, api: PatroniAPI,
+    leave: Callable[[], Awaitable[None]], args: argparse.Namespace,
+) -> None:  # fmt: skip
+    """A job stop: a primary hands over first, the node leaves discoverd (`leave`), then
+    Patroni gets SIGTERM, its clean shutdown of PostgreSQL; `--stop-timeout` after the job's
+    SIGTERM (under the host's 30 s before its SIGKILL) it is killed with PostgreSQL."""
+    deadline = time.monotonic() + args.stop_timeout
+    log.info("stopping (%ss before a kill)", args.stop_timeout)
+    await hand_over(api, settings.name, min(args.handover_timeout, args.stop_timeout / 2))
+    await leave()
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        log.warning("Patroni did not stop in time: killing it and PostgreSQL")
+        kill_all(proc.pid, settings.pgdata)
+        await proc.wait()
+
+
+async def supervise(
+    proc: asyncio.subprocess.Process, settings: NodeSettings,
+    registration: Registration | None, args: argparse.Namespace, stop: asyncio.Event,
+) -> int:  # fmt: skip
+    """Run the node until Patroni exits, or until SIGTERM/SIGINT (`stop`) stops it."""
+    api = PatroniAPI(f"http://{host_port(settings.listen_ip, settings.api_port)}")
+    done = asyncio.Event()
+    watcher = asyncio.create_task(watch_node(api, registration, settings.mode, done))
+    # a node that stopped following Patroni (a bug) could stay discoverd's leader after a
+    # demotion: it stops instead, and its job is restarted
+    watcher.add_done_callback(lambda task: stop_if_failed(task, stop))
+
+    async def leave() -> None:
+        """Stop following Patroni, then deregister: nothing registers the node again. A bug
+        here is logged, not raised: Patroni must still get its clean shutdown."""
+        done.set()
+        with contextlib.suppress(Exception):  # a failed look is logged by stop_if_failed
+            await watcher
+        if registration is not None:
+            try:
+                await registration.close()
+            except Exception:
+                log.exception("leaving discoverd")
+
+    try:
+        if await unless_stopped(proc.wait(), stop) is None:
+            if registration is not None:
+                registration.stopping = True  # it may still leave, but never registers again
+            await stop_patroni(proc, settings, api, leave, args)
+        else:
+            log.warning("Patroni exited with status %s", proc.returncode)
+    finally:
+        if not done.is_set():
+            await leave()
+        await api.close()
+        if proc.returncode is None:
+            kill_all(proc.pid, settings.pgdata)
+            await proc.wait()
     # a postmaster Patroni left behind (Patroni died) must not outlive the unit
-    pid = postmaster_pid(pgdata)
+    pid = postmaster_pid(settings.pgdata)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGQUIT)
+    status = proc.returncode
+    assert status is not None
     return status if status >= 0 else 128 - status
 
 
-def run(args: argparse.Namespace) -> int:
+def host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+async def etcd_hosts(args: argparse.Namespace, stop: asyncio.Event) -> list[str] | None:
+    """`--etcd`, or else the members discoverd lists (None: stopped while waiting)."""
+    hosts = etcd_hosts_from(args.etcd)
+    if hosts:
+        return hosts
+    if not args.discoverd:
+        raise SettingsError(
+            "no etcd endpoints: give --etcd or POSTGRES_ETCD (host:port,...), or --discoverd "
+            "or DISCOVERD to find discoverd's"
+        )
+    async with Client(args.discoverd.split(","), timeout=DISCOVERD_TIMEOUT) as client:
+        return await unless_stopped(find_etcd(client, within=args.discovery_timeout), stop)
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        settings = settings_from(args)
+        hosts = await etcd_hosts(args, stop)
+        if hosts is None:
+            return 0
+        settings = settings_from(args, hosts)
         check_volume(settings)
         uid, gid = server_user(args.user)
         config = prepare(settings, uid, gid)
     except (SettingsError, VolumeError) as exc:
         print(f"postgres: {exc}", file=sys.stderr, flush=True)
         return 2
+    except DiscoveryError as exc:
+        print(f"postgres: {exc}", file=sys.stderr, flush=True)
+        return 1
     env = {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
         "HOME": str(settings.run_dir),
@@ -227,21 +364,23 @@ def run(args: argparse.Namespace) -> int:
         settings.name, settings.scope, settings.mode, settings.listen_ip, settings.port,
         ",".join(settings.etcd_hosts),
     )  # fmt: skip
+    registration = None
+    if args.discoverd:
+        client = Client(args.discoverd.split(","), timeout=DISCOVERD_TIMEOUT)
+        addr = host_port(settings.listen_ip, settings.port)
+        registration = Registration(client, settings.scope, addr, settings.name)
+    else:
+        log.info("no discoverd (--discoverd, DISCOVERD): not registering in discoverd")
     # its own process group, so a kill reaches Patroni's helpers too; stdout and stderr are
     # ours, which is the job's log
-    proc = subprocess.Popen(
-        [PATRONI, str(config)], env=env, cwd=settings.run_dir, process_group=0, **as_user
+    proc = await asyncio.create_subprocess_exec(
+        PATRONI, str(config), env=env, cwd=settings.run_dir, process_group=0, **as_user
     )
-    try:
-        status = supervise(proc, settings.pgdata, args.stop_timeout)
-    finally:
-        if proc.returncode is None:
-            kill_all(proc, settings.pgdata)
-            proc.wait()
+    status = await supervise(proc, settings, registration, args, stop)
     print(f"postgres: patroni exited with status {status}", flush=True)
     return status
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return run(parse_args(argv))
+    return asyncio.run(run(parse_args(argv)))

@@ -193,6 +193,9 @@ def patroni_config(settings: NodeSettings) -> dict[str, Any]:
                         "max_replication_slots": 10,
                         "wal_log_hints": "on",
                         "password_encryption": "scram-sha-256",
+                        # a standby whose new primary refused it (its replication slot not
+                        # made yet) retries in 1 s, not 5: in strict mode commits wait for it
+                        "wal_retrieve_retry_interval": "1s",
                     },
                 },
             },

@@ -42,6 +42,7 @@ def test_strict_mode_renders_the_measured_settings() -> None:
     assert dcs["synchronous_node_count"] == 1
     assert dcs["postgresql"]["use_pg_rewind"] is True
     assert dcs["postgresql"]["parameters"]["wal_keep_size"] == "1GB"
+    assert dcs["postgresql"]["parameters"]["wal_retrieve_retry_interval"] == "1s"
     assert "data-checksums" in conf["bootstrap"]["initdb"]
     assert conf["scope"] == "postgres" and conf["name"] == "node-1"
     assert conf["etcd3"]["hosts"] == ["127.0.0.1:2379"]

@@ -1,10 +1,13 @@
 """`flynn-host component postgres` for real: the component as a subprocess, a real etcd, real
 Patroni and PostgreSQL 15 on loopback. A singleton bootstraps, leads, takes a write, and
-stops cleanly on SIGTERM leaving no process behind; a foreign volume is refused."""
+stops cleanly on SIGTERM leaving no process behind; restarted in another mode, it patches the
+running cluster's config; a foreign volume is refused. Three nodes with discoverd:
+test_postgres_cluster.py."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +147,51 @@ def test_a_foreign_volume_is_refused_before_anything_starts(
     assert "is not empty and holds no postgres node (found important.db)" in out.stderr
     assert sorted(os.listdir(data)) == ["important.db"]
     assert not processes_under(data)
+
+
+def test_a_new_mode_reaches_the_running_cluster(
+    etcd_member: EtcdProcess, volume_root: Path
+) -> None:
+    """`bootstrap.dcs` counts only for a new cluster: a node restarted with another mode
+    patches the cluster's config once it is the primary (strict → available here, so the
+    singleton takes writes again)."""
+    require_programs("patroni", "pgrep", str(PG_BIN / "postgres"))
+    port, api_port = free_ports(2)
+    data = volume_root / "node"
+    log = volume_root / "node.log"
+    base = [
+        "--name", "node-1", "--scope", "pgmode", "--data-dir", str(data),
+        "--listen", "127.0.0.1", "--port", str(port), "--api-port", str(api_port),
+        "--etcd", f"127.0.0.1:{etcd_member.client_port}", "--network", "127.0.0.1/32",
+    ]  # fmt: skip
+
+    def strict_in_config() -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/config", timeout=2) as resp:
+            return json.load(resp).get("synchronous_mode_strict")
+
+    try:
+        for mode in ("strict", "available"):
+            with running_node([*base, "--mode", mode], log) as proc:
+                wait_for(
+                    lambda: http_status(f"http://127.0.0.1:{api_port}/primary") == 200,
+                    timeout=90, what=f"the {mode} node to lead", every=0.5,
+                )  # fmt: skip
+                want = mode == "strict"
+                wait_for(
+                    lambda: strict_in_config() is want,  # noqa: B023 (called in this loop)
+                    timeout=10, what=f"the cluster config in {mode} mode", every=0.2,
+                    ignoring=(OSError,),
+                )  # fmt: skip
+                if mode == "available":  # a singleton takes writes again
+                    psql(port, "CREATE TABLE acks (id int PRIMARY KEY)")
+                    psql(port, "INSERT INTO acks VALUES (1)")
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert "cluster config patched to available mode" in log.read_text()
+    except BaseException:
+        print(log.read_text()[-5000:] if log.exists() else "(no log)")
+        raise
+    finally:
+        for line in processes_under(volume_root):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
