@@ -260,15 +260,24 @@ class HostNetwork:
 
     # --- bridge ----------------------------------------------------------------------------
 
+    def bridge_mac(self) -> str:
+        """The bridge's own MAC, fixed by its address (`02:fb:` + the gateway's octets). A
+        bridge whose address was never set takes the lowest MAC of its ports and changes it
+        as veths come and go: every running job's ARP entry for its gateway then names a MAC
+        nobody has, and its traffic off the subnet stops until the entry is renewed (seconds
+        to a minute) — each time any job on the host starts or stops."""
+        return "02:fb:" + ":".join(f"{int(o):02x}" for o in self.gateway.split("."))
+
     def setup(self) -> None:
-        """Create the bridge with the subnet's .1, up, with the MTU; enable forwarding; add the
-        NAT rule. Safe to call again."""
+        """Create the bridge with the subnet's .1 and a fixed MAC, up, with the MTU; enable
+        forwarding; add the NAT rule. Safe to call again."""
         with self._ipr() as ipr:
             try:
                 ipr.link("add", ifname=self.bridge_name, kind="bridge")
             except NetlinkError as e:
                 _ignore(e, errno.EEXIST)
             idx = ipr.link_lookup(ifname=self.bridge_name)[0]
+            ipr.link("set", index=idx, address=self.bridge_mac())
             try:
                 ipr.addr("add", index=idx, address=self.gateway, prefixlen=self.network.prefixlen)
             except NetlinkError as e:

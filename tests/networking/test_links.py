@@ -162,6 +162,38 @@ def test_bridge_jobs_and_nat(fake_host: tuple[HostNetwork, str, list[str]], tmp_
     assert network.veth_name(a) not in _link_names(host_ns)
 
 
+def _mac(ns: str, link: str) -> str:
+    return _ip(ns, "-br", "link", "show", link).split()[2]
+
+
+@needs_root
+def test_bridge_mac_stays_put_as_jobs_come_and_go(
+    fake_host: tuple[HostNetwork, str, list[str]], tmp_path: Path
+) -> None:
+    """A bridge whose MAC is not set takes its lowest port's: a job's veth with a lower MAC
+    would change it, and every other job's ARP entry for the gateway would name a MAC nobody
+    has (their traffic off the subnet stopped until it was renewed)."""
+    net, host_ns, jobs = fake_host
+    net.setup()
+    assert (
+        _mac(host_ns, net.bridge_name)
+        == net.bridge_mac()
+        == "02:fb:" + ":".join(f"{int(o):02x}" for o in net.gateway.split("."))
+    )
+    a, b, _ = jobs
+    alloc = SubnetAllocator(tmp_path / "ips.json", str(net.network))
+    net.attach(a, a, alloc.allocate(a))
+    assert _ping(a, net.gateway)
+    before = _ip(a, "neigh", "show", net.gateway)
+    info = net.attach(b, b, alloc.allocate(b))
+    # the lowest MAC there is, on a port of the bridge
+    _ip(host_ns, "link", "set", info["veth"], "address", "02:00:00:00:00:01")
+    assert _mac(host_ns, net.bridge_name) == net.bridge_mac()
+    net.detach(b)
+    assert _mac(host_ns, net.bridge_name) == net.bridge_mac()
+    assert net.bridge_mac() in before and _ping(a, net.gateway)
+
+
 @needs_root
 def test_attach_without_bridge_leaves_nothing(
     fake_host: tuple[HostNetwork, str, list[str]],
