@@ -443,7 +443,13 @@ async def _attached(
         if shim is not None:
             await resp.write(bytes([attach.STATUS_SUCCESS]))
             sent = await _proxy(client, resp, *shim)
-            if sent["exit"] or not flags & attach.ATTACH_STREAM and sent["frames"]:
+            # a request that does not follow the job is answered once the shim has sent what
+            # there is, which may be nothing yet (a job just started has logged nothing)
+            if (
+                sent["exit"]
+                or not flags & attach.ATTACH_STREAM
+                and (sent["frames"] or sent["done"])
+            ):
                 return resp
         # the job ended while we attached (or its shim went away): finish from the job's
         # record and log file, replaying the log only if the shim sent nothing of it
@@ -524,8 +530,9 @@ async def _proxy(
 ) -> dict[str, Any]:
     """Forward frames both ways between the client and the job's shim, which already speaks
     Flynn's attach framing. Returns what reached the client: whether any frame did, which
-    streams were ended, and whether the exit frame was sent."""
-    sent: dict[str, Any] = {"frames": 0, "eof": set(), "exit": False}
+    streams were ended, whether the exit frame was sent, and whether the shim ended the
+    stream itself (`done`) rather than going away."""
+    sent: dict[str, Any] = {"frames": 0, "eof": set(), "exit": False, "done": False}
 
     async def upstream() -> None:
         while data := await client.read(65536):
@@ -542,6 +549,8 @@ async def _proxy(
             elif frame.kind in ("exit", "error"):
                 sent["exit"] = True
                 break
+        else:
+            sent["done"] = True
     except (OSError, ValueError, asyncio.IncompleteReadError):
         pass  # the shim went away: the caller finishes the stream from the job's record
     finally:

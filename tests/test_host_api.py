@@ -89,6 +89,20 @@ def test_attach_to_a_failed_job_gets_its_error(daemon):
     assert out.returncode == 1 and "not found" in out.stderr
 
 
+def test_log_of_a_job_that_has_logged_nothing_returns_at_once(daemon):
+    """`flynn-host log` of a running job with no output yet prints nothing and exits 0 (it
+    used to wait 30 s for the job to end, then fail with `attach failed:`)."""
+    job_id = daemon.new_job_id()
+    daemon.client.add_job(busybox_job(job_id, ["sleep", "60"]))
+    daemon.wait_job(job_id, ("running",))
+    started = time.monotonic()
+    out = daemon.run_cli("log", job_id)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    assert time.monotonic() - started < 10
+    daemon.client.stop_job(job_id)
+    daemon.wait_job(job_id)
+
+
 def test_run_hostnet_and_version_and_usage(daemon):
     # an option of the job's command is the command's, not flynn-host's
     dashed = daemon.run_cli("run", "busybox", "sh", "-c", "echo $0 $1", "-h", "--help")
