@@ -89,7 +89,7 @@ def failovers(c: Cluster, env: dict[str, str], kills: int) -> dict[str, Any]:
         old = pg.primary(c)
         writer = Writer(c, host=next(h for h in (1, 2, 3) if h != old.host)).start(env)
         try:
-            wait_for(lambda w=writer: len(w.acks()) >= 10, 60)
+            writer.wait_acks(10, 60)
             killed_at = time.time()
             pg.kill_job(c, old)
             wait_for(lambda o=old: pg.primary(c).job_id != o.job_id, 120, every=0.05)

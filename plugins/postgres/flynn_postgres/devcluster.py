@@ -290,6 +290,15 @@ class Writer:
                 out.append((int(parts[1]), float(parts[2])))
         return out
 
+    def wait_acks(self, count: int, timeout: float = 60.0, after: float = 0.0) -> None:
+        """Until `count` inserts (acknowledged after unix time `after`) are acknowledged; on
+        a timeout the error shows the writer's last lines."""
+        try:
+            wait_for(lambda: len([t for _, t in self.acks() if t > after]) >= count, timeout)
+        except TimeoutError as exc:
+            tail = job_log(self.c, self.host, self.job_id).splitlines()[-15:]
+            raise TimeoutError(f"{exc}; the writer's last lines:\n" + "\n".join(tail)) from None
+
     def stop(self) -> None:
         client = self.c.client(self.host)
         client.stop_job(self.job_id)

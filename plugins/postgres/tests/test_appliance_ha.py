@@ -75,11 +75,11 @@ def test_a_killed_primary_loses_no_acknowledged_write(
     old = pg.primary(cluster)
     writer = Writer(cluster, host=next(h for h in (1, 2, 3) if h != old.host)).start(app)
     try:
-        wait_for(lambda: len(writer.acks()) >= 20, 30)
+        writer.wait_acks(20, 30)
         killed_at = time.time()
         pg.kill_job(cluster, old)
         new = wait_for(lambda: (p := pg.primary(cluster)).job_id != old.job_id and p, FAILOVER)
-        wait_for(lambda: any(t > killed_at for _, t in writer.acks()), FAILOVER)
+        writer.wait_acks(1, FAILOVER, after=killed_at)
         back = pg.restart_node(cluster, old)
         wait_for(lambda: healthy(cluster), FAILOVER)
         assert pg.patroni(cluster, back)["role"] == "replica"
@@ -155,7 +155,7 @@ def test_a_partitioned_primary_takes_no_write_and_rejoins(
     writer = Writer(cluster, host=other).start(app)
     cut = ["ip", "link", "set", "eth0", "down"]
     try:
-        wait_for(lambda: len(writer.acks()) >= 10, 30)
+        writer.wait_acks(10, 30)
         cluster.exec(old.host, cut, check=True)
         cut_at = time.time()
         # on the cut-off side a commit is never acknowledged: the old primary's sync standby
@@ -170,7 +170,7 @@ def test_a_partitioned_primary_takes_no_write_and_rejoins(
         # the majority side elects a new primary and the writer goes on there
         new = wait_for(lambda: (p := pg.primary(cluster)).job_id != old.job_id and p, FAILOVER)
         assert new.host != old.host
-        wait_for(lambda: any(t > cut_at for _, t in writer.acks()), FAILOVER)
+        writer.wait_acks(1, FAILOVER, after=cut_at)
     finally:
         cluster.exec(old.host, ["ip", "link", "set", "eth0", "up"])
         cluster.exec(old.host, ["ip", "route", "replace", "default", "via",

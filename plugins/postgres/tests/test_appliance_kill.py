@@ -68,7 +68,7 @@ def test_no_acknowledged_write_is_lost_across_kills(cluster: Cluster, what: str)
         writer = Writer(cluster, next(h for h in (1, 2, 3) if h != old.host), n * 1_000_000)
         writer.start(app)
         try:
-            wait_for(lambda w=writer: len(w.acks()) >= 20, 60)
+            writer.wait_acks(20, 60)
             killed_at = time.time()
             if what == "job":
                 pg.kill_job(cluster, old)
@@ -76,7 +76,7 @@ def test_no_acknowledged_write_is_lost_across_kills(cluster: Cluster, what: str)
                 cluster.stop_host(old.host, kill=True, remove_namespace=True)
             new = wait_for(lambda o=old: (p := pg.primary(cluster)).job_id != o.job_id and p,
                            FAILOVER)  # fmt: skip
-            wait_for(lambda w=writer, k=killed_at: any(t > k for _, t in w.acks()), FAILOVER)
+            writer.wait_acks(1, FAILOVER, after=killed_at)
         finally:
             writer.stop()
         acked += [i for i, _ in writer.acks()]
