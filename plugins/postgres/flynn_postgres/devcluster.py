@@ -29,6 +29,8 @@ IMAGE = "postgres"
 SERVICE = "postgres"
 DISCOVERD_PORT = 1111
 PATRONI_PORT = 8008
+# Patroni's role of a primary: `master` before 3.0.3, `primary` since
+PRIMARY = ("master", "primary")
 # how long tests give a fail-over: generous, Patroni's TTL is 10 s
 FAILOVER = 60.0
 

@@ -54,7 +54,22 @@ from flynn_postgres.types import (
 
 log = logging.getLogger("postgres")
 
-PATRONI = "patroni"
+# the Python the image's Patroni is installed for, and the launcher it runs Patroni with
+SYSTEM_PYTHON = "/usr/bin/python3"
+LAUNCHER = Path(__file__).with_name("patroni_launch.py")
+
+
+def patroni_command(run_dir: Path) -> list[str]:
+    """Patroni, run by `patroni_launch.py` (written to `run_dir`, where the `postgres` user can
+    read it, whatever flynn-host's own files are) on the system's Python, which has the image's
+    Patroni: the launcher backports the fix that keeps a rejoining old primary from taking the
+    leader key back (its docstring tells the story)."""
+    launcher = run_dir / "patroni_launch.py"
+    launcher.write_text(LAUNCHER.read_text())
+    launcher.chmod(0o644)
+    return [SYSTEM_PYTHON, str(launcher)]
+
+
 # how often the node looks at its Patroni: a promotion reaches discoverd's leader within this
 # plus a few milliseconds
 POLL_EVERY = 0.25
@@ -374,7 +389,12 @@ async def run(args: argparse.Namespace) -> int:
     # its own process group, so a kill reaches Patroni's helpers too; stdout and stderr are
     # ours, which is the job's log
     proc = await asyncio.create_subprocess_exec(
-        PATRONI, str(config), env=env, cwd=settings.run_dir, process_group=0, **as_user
+        *patroni_command(settings.run_dir),
+        str(config),
+        env=env,
+        cwd=settings.run_dir,
+        process_group=0,
+        **as_user,
     )
     status = await supervise(proc, settings, registration, args, stop)
     print(f"postgres: patroni exited with status {status}", flush=True)

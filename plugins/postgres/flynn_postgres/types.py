@@ -196,6 +196,11 @@ def patroni_config(settings: NodeSettings) -> dict[str, Any]:
                         # a standby whose new primary refused it (its replication slot not
                         # made yet) retries in 1 s, not 5: in strict mode commits wait for it
                         "wal_retrieve_retry_interval": "1s",
+                        # a primary that stops (a demotion when it lost etcd) waits for its
+                        # walsenders to hand the shutdown checkpoint over; to a standby cut
+                        # off by a partition that lasted wal_sender_timeout (60 s by default),
+                        # all the while taking connections: 5 s bounds it
+                        "wal_sender_timeout": "5s",
                     },
                 },
             },

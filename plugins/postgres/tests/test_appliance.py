@@ -45,7 +45,7 @@ def app_env(body: dict[str, object]) -> dict[str, str]:
 
 def test_a_singleton_leads_in_available_mode(cluster: Cluster, node: Node) -> None:
     assert len(pg.app_jobs(cluster, "web")) == 1  # the API: one, as a singleton clamps 2
-    state = wait_for(lambda: (s := pg.patroni(cluster, node)).get("role") == "master" and s)
+    state = wait_for(lambda: (s := pg.patroni(cluster, node)).get("role") in pg.PRIMARY and s)
     assert state["state"] == "running"
     assert node.env["POSTGRES_MODE"] == "available"
     config = pg.patroni(cluster, node, "/config")

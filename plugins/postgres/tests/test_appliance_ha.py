@@ -59,7 +59,7 @@ def test_three_nodes_on_three_hosts_and_the_leader_is_the_primary(cluster: Clust
     assert len(pg.app_jobs(cluster, "web")) == 2
     assert {n.env["POSTGRES_MODE"] for n in nodes} == {"strict"}
     primary = pg.primary(cluster)
-    assert pg.patroni(cluster, primary)["role"] == "master"
+    assert pg.patroni(cluster, primary)["role"] in pg.PRIMARY
     config = pg.patroni(cluster, primary, "/config")
     assert config["synchronous_mode"] is True and config["synchronous_mode_strict"] is True
     instances = pg.discoverd(cluster, "/services/postgres/instances")
@@ -166,7 +166,7 @@ def test_a_partitioned_primary_takes_no_write_and_rejoins(
                               env={**app, "PGCONNECT_TIMEOUT": "3"}, capture_output=True,
                               text=True)  # fmt: skip
         assert insert.returncode != 0, insert.stdout
-        wait_for(lambda: pg.patroni(cluster, old)["role"] != "master", FAILOVER)
+        wait_for(lambda: pg.patroni(cluster, old)["role"] not in pg.PRIMARY, FAILOVER)
         # the majority side elects a new primary and the writer goes on there
         new = wait_for(lambda: (p := pg.primary(cluster)).job_id != old.job_id and p, FAILOVER)
         assert new.host != old.host
@@ -177,7 +177,9 @@ def test_a_partitioned_primary_takes_no_write_and_rejoins(
                                 cluster.gateway])  # fmt: skip
     try:
         wait_for(lambda: healthy(cluster), 120)
-        assert pg.patroni(cluster, old)["role"] == "replica"  # rejoined, rewound if need be
+        # rejoined (rewound if need be), a member of the healthy cluster again
+        assert old.job_id in {n.job_id for n in pg.nodes(cluster)}
+        assert pg.patroni(cluster, old)["state"] == "running"
     finally:
         writer.stop()
     acked = [i for i, _ in writer.acks()]

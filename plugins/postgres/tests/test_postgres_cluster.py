@@ -149,7 +149,11 @@ class Node:
 
     def is_primary(self) -> bool:
         status, body = self.patroni("/primary")
-        return status == 200 and body.get("role") == "master" and body.get("state") == "running"
+        return (
+            status == 200
+            and body.get("role") in ("master", "primary")
+            and body.get("state") == "running"
+        )
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
@@ -259,7 +263,8 @@ def ids_on(node: Node) -> set[int]:
 def test_three_nodes_and_discoverd_leader_is_the_primary(cluster: Cluster) -> None:
     primary = cluster.node(cluster.formed() or "")
     members = cluster.members()
-    assert {m["state"] for m in members.values()} == {"running"}
+    # Patroni 4 says `streaming` of a replica that streams, `running` of the primary
+    assert {m["state"] for m in members.values()} <= {"running", "streaming"}
     # the etcd of nodes a and b came from discoverd's /raft/peers (its API port + 1268)
     etcd = f"etcd 127.0.0.1:{cluster.discoverd.etcd.client_port}"
     for n in cluster.nodes:
@@ -309,7 +314,7 @@ def test_a_killed_primary_is_replaced_and_the_leader_follows(cluster: Cluster) -
         f"kill -> Patroni primary {new_name}: {promoted - killed:.2f}s; "
         f"promotion -> discoverd leader: {delay:.3f}s"
     )
-    assert promoted - killed < 20
+    assert promoted - killed < 20, cluster.node(new_name).log_tail(6000)
     assert delay < 1.5
     new = cluster.node(new_name)
     assert 100 in ids_on(new), "an acknowledged write was lost"
