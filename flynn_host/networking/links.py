@@ -200,6 +200,11 @@ def _ignore(err: NetlinkError, *codes: int) -> None:
         raise err
 
 
+def job_mac(ip: str) -> str:
+    """A job's `eth0` MAC: `02:42:` and its IPv4 address's octets (locally administered)."""
+    return "02:42:" + ":".join(f"{int(o):02x}" for o in ip.split("."))
+
+
 class HostNetwork:
     """The host's bridge, NAT rule and job veths. Every method blocks: call via
     `asyncio.to_thread`.
@@ -349,7 +354,10 @@ class HostNetwork:
             lo = ns.link_lookup(ifname="lo")[0]
             ns.link("set", index=lo, state="up")
             idx = ns.link_lookup(ifname=peer)[0]
-            ns.link("set", index=idx, ifname="eth0")
+            # a MAC fixed by the address, as Docker does: an address is given again to a later
+            # job, and the host (and the jobs beside it) may still hold the old job's MAC for
+            # it in their ARP caches for half a minute; with this, that entry is still right
+            ns.link("set", index=idx, ifname="eth0", address=job_mac(ip))
             ns.addr("add", index=idx, address=ip, prefixlen=prefix)
             ns.link("set", index=idx, state="up")
             ns.route("add", dst="0.0.0.0/0", gateway=self.gateway)

@@ -182,7 +182,14 @@ def test_bridge_mac_stays_put_as_jobs_come_and_go(
     )
     a, b, _ = jobs
     alloc = SubnetAllocator(tmp_path / "ips.json", str(net.network))
-    net.attach(a, a, alloc.allocate(a))
+    ip_a = alloc.allocate(a)
+    net.attach(a, a, ip_a)
+    # a job's own MAC follows from its address: a stale ARP entry for a reused address holds
+    assert (
+        _mac(a, "eth0")
+        == network.job_mac(ip_a)
+        == "02:42:" + ":".join(f"{int(o):02x}" for o in ip_a.split("."))
+    )
     assert _ping(a, net.gateway)
     before = _ip(a, "neigh", "show", net.gateway)
     info = net.attach(b, b, alloc.allocate(b))
