@@ -61,6 +61,7 @@ bench: dev
 	$(BIN)/python bench/discoverd.py
 	$(BIN)/python bench/discoverd_failover.py
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/overlay.py
+	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/postgres_failover.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -34,10 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "plugins" / "postgres"))
 
-from flynn_postgres import devcluster as pg  # noqa: E402
-from flynn_postgres.devcluster import Writer, healthy, wait_for  # noqa: E402
-
+from flynn_host.dev import postgres as pg  # noqa: E402
 from flynn_host.dev.cluster import Cluster, ClusterError  # noqa: E402
+from flynn_host.dev.postgres import Writer, healthy, wait_for  # noqa: E402
 
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 

@@ -1,7 +1,8 @@
-"""The PostgreSQL appliance on a development cluster (`flynn_host.dev.cluster`), as its tests
-and `bench/postgres_failover.py` drive it: find the nodes and the primary, run one-off jobs
-from the `postgres` image (psql, a writer that records each acknowledged id), kill a node's
-job and start it again on its volume, ask the provider API for a database.
+"""The PostgreSQL appliance (`plugins/postgres`) on a development cluster
+(`flynn_host.dev.cluster`), as its tests and `bench/postgres_failover.py` drive it: find the
+nodes and the primary, run one-off jobs from the `postgres` image (psql, a writer that records
+each acknowledged id), kill a node's job and start it again on its volume, ask the provider API
+for a database.
 
 Until the scheduler exists (issue 13) nothing restarts a job that died: `restart_node` plays
 the scheduler's part (a new job with the dead one's config and volume on the same host). What

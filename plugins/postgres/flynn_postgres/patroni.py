@@ -91,10 +91,12 @@ class PatroniAPI:
     """Patroni's REST API at `url` (`http://<listen>:<api-port>`), with short timeouts: the
     node polls it several times a second and must notice at once when it does not answer."""
 
-    def __init__(self, url: str, timeout: float = 1.0) -> None:
+    def __init__(self, url: str, timeout: float = 1.0, auth: tuple[str, str] | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        # (user, password) for the requests that change the cluster
+        self.auth = aiohttp.BasicAuth(*auth) if auth else None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -110,7 +112,10 @@ class PatroniAPI:
         self, method: str, path: str, body: Any = None, within: float | None = None
     ) -> tuple[int, str]:
         t = self.timeout if within is None else aiohttp.ClientTimeout(total=within)
-        async with self._http().request(method, self.url + path, json=body, timeout=t) as resp:
+        auth = self.auth if method != "GET" else None
+        async with self._http().request(
+            method, self.url + path, json=body, timeout=t, auth=auth
+        ) as resp:
             return resp.status, await resp.text()
 
     async def node_state(self) -> NodeState | None:

@@ -46,6 +46,7 @@ from flynn_postgres.types import (
     DEFAULT_PORT,
     DEFAULT_SCOPE,
     MODES,
+    REST_USER,
     NodeSettings,
     SettingsError,
     etcd_hosts_from,
@@ -286,7 +287,10 @@ async def supervise(
     registration: Registration | None, args: argparse.Namespace, stop: asyncio.Event,
 ) -> int:  # fmt: skip
     """Run the node until Patroni exits, or until SIGTERM/SIGINT (`stop`) stops it."""
-    api = PatroniAPI(f"http://{host_port(settings.listen_ip, settings.api_port)}")
+    api = PatroniAPI(
+        f"http://{host_port(settings.listen_ip, settings.api_port)}",
+        auth=(REST_USER, settings.superuser_password),
+    )
     done = asyncio.Event()
     watcher = asyncio.create_task(watch_node(api, registration, settings.mode, done))
     # a node that stopped following Patroni (a bug) could stay discoverd's leader after a

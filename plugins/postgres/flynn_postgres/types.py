@@ -22,6 +22,8 @@ DEFAULT_API_PORT = 8008
 BIN_DIR = "/usr/lib/postgresql/15/bin"
 SUPERUSER = "postgres"
 REPLICATION_USER = "replicator"
+# the user of Patroni's REST API for what changes the cluster (its password: the superuser's)
+REST_USER = "patroni"
 # 64 WAL segments of 16 MB: a standby away for a few minutes (a host reboot, a job restart)
 # catches up by streaming instead of being re-cloned. At 3 MB/s of WAL, a busy small
 # appliance, that is about 5 minutes; it costs at most 1 GB of disk beside max_wal_size.
@@ -168,6 +170,10 @@ def patroni_config(settings: NodeSettings) -> dict[str, Any]:
         "restapi": {
             "listen": f"{ip}:{settings.api_port}",
             "connect_address": f"{ip}:{settings.api_port}",
+            # every job on the cluster network reaches this API, and app jobs are untrusted:
+            # what changes the cluster (switchover, failover, restart, PATCH /config) needs
+            # the superuser's password (only reads stay open, for health checks)
+            "authentication": {"username": REST_USER, "password": settings.superuser_password},
         },
         "etcd3": {"hosts": list(settings.etcd_hosts), "protocol": "http"},
         "bootstrap": {

@@ -11,10 +11,10 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from flynn_postgres import devcluster as pg
-from flynn_postgres.devcluster import Node, wait_for
 
+from flynn_host.dev import postgres as pg
 from flynn_host.dev.cluster import Cluster, leftovers
+from flynn_host.dev.postgres import Node, wait_for
 from tests.dev.test_cluster import new_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")

@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from flynn_postgres import devcluster as pg
-from flynn_postgres.devcluster import (
+
+from flynn_host.dev import postgres as pg
+from flynn_host.dev.cluster import Cluster, leftovers
+from flynn_host.dev.postgres import (
     FAILOVER,
     Writer,
     count_and_sum,
@@ -22,8 +24,6 @@ from flynn_postgres.devcluster import (
     missing_acks,
     wait_for,
 )
-
-from flynn_host.dev.cluster import Cluster, leftovers
 from tests.dev.test_cluster import new_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
@@ -121,11 +121,19 @@ def test_available_mode_goes_on_alone(cluster: Cluster, app: dict[str, str]) -> 
     the cluster's config) lets the primary acknowledge writes with no standby."""
     wait_for(lambda: healthy(cluster), FAILOVER)
     primary = pg.primary(cluster)
-    out = cluster.exec(primary.host, ["curl", "-sf", "-X", "PATCH", "-d",
-                                      '{"synchronous_mode_strict": false}',
-                                      f"http://{primary.ip}:8008/config"],
-                       capture_output=True, text=True)  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    url = f"http://{primary.ip}:8008/config"
+    creds = f"patroni:{primary.env['POSTGRES_SUPERUSER_PASSWORD']}"
+
+    def patch(body: str, *auth: str) -> str:
+        out = cluster.exec(primary.host, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                          *auth, "-X", "PATCH", "-d", body, url],
+                           capture_output=True, text=True)  # fmt: skip
+        return out.stdout
+
+    # what any job on the network could try: refused without the credentials
+    assert patch('{"synchronous_mode": false}') == "401"
+    assert pg.patroni(cluster, primary, "/config")["synchronous_mode"] is True
+    assert patch('{"synchronous_mode_strict": false}', "-u", creds) == "200"
     standbys = [n for n in pg.nodes(cluster) if n.job_id != primary.job_id]
     try:
         for n in standbys:
@@ -138,9 +146,7 @@ def test_available_mode_goes_on_alone(cluster: Cluster, app: dict[str, str]) -> 
         )
         assert "committed" in out, out
     finally:
-        cluster.exec(primary.host, ["curl", "-sf", "-X", "PATCH", "-d",
-                                    '{"synchronous_mode_strict": true}',
-                                    f"http://{primary.ip}:8008/config"])  # fmt: skip
+        patch('{"synchronous_mode_strict": true}', "-u", creds)
         for n in standbys:
             pg.restart_node(cluster, n)
     wait_for(lambda: healthy(cluster), FAILOVER)

@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from flynn_postgres import devcluster as pg
-from flynn_postgres.devcluster import (
+
+from flynn_host.dev import postgres as pg
+from flynn_host.dev.cluster import Cluster, leftovers
+from flynn_host.dev.postgres import (
     FAILOVER,
     Writer,
     count_and_sum,
@@ -22,8 +24,6 @@ from flynn_postgres.devcluster import (
     missing_acks,
     wait_for,
 )
-
-from flynn_host.dev.cluster import Cluster, leftovers
 from tests.dev.test_cluster import new_cluster
 
 pytestmark = [

@@ -47,6 +47,8 @@ def test_strict_mode_renders_the_measured_settings() -> None:
     assert conf["scope"] == "postgres" and conf["name"] == "node-1"
     assert conf["etcd3"]["hosts"] == ["127.0.0.1:2379"]
     assert conf["restapi"]["listen"] == "100.100.1.5:8008"
+    # changing the cluster through Patroni's API takes the superuser's password
+    assert conf["restapi"]["authentication"] == {"username": "patroni", "password": "su-secret"}
     pg = conf["postgresql"]
     assert pg["listen"] == pg["connect_address"] == "100.100.1.5:5432"
     assert pg["bin_dir"] == "/usr/lib/postgresql/15/bin"
