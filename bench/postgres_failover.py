@@ -12,6 +12,9 @@
   through `leader.postgres.discoverd`: on the three-node cluster in strict mode (each commit
   waits for the sync standby) against a one-host cluster's singleton (commits are local), the
   reference, booted in the same run.
+* **idle memory** of the three-node appliance, 10 s after it is healthy: RSS and PSS summed
+  over every process of the node jobs (Patroni, PostgreSQL and its workers) and of the two API
+  jobs, from their cgroups.
 
     python bench/postgres_failover.py [--kills 5] [--time 10] [--json]
 
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT / "plugins" / "postgres"))
 
 from flynn_host.dev import postgres as pg  # noqa: E402
 from flynn_host.dev.cluster import Cluster, ClusterError  # noqa: E402
+from flynn_host.dev.cluster_hosts import cgroup_pids  # noqa: E402
 from flynn_host.dev.postgres import Writer, healthy, wait_for  # noqa: E402
 
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
@@ -67,6 +71,25 @@ def app_database(c: Cluster) -> dict[str, str]:
     if status != 0:
         raise SystemExit(f"creating the tables failed: {out}")
     return env
+
+
+def memory(c: Cluster, typ: str) -> dict[str, float]:
+    """MiB of all the processes of the app's `typ` jobs: RSS summed (shared pages counted in
+    every process that maps them) and PSS summed (shared pages split among them: what the
+    jobs really take together)."""
+    rss = pss = 0
+    for host, job_id, _ in pg.app_jobs(c, typ):
+        rel = f"flynn/{c.host(host).id}/system/{job_id}"
+        for pid in cgroup_pids(rel):
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+            except OSError:
+                continue  # gone meanwhile
+    return {"rss_mib": rss / 1024, "pss_mib": pss / 1024}
 
 
 def writes_per_second(c: Cluster, env: dict[str, str], seconds: int) -> float:
@@ -113,6 +136,9 @@ def run(kills: int, seconds: int) -> dict[str, Any]:
         env3 = app_database(three)
         wait_for(lambda: healthy(three), 120, every=0.5)
         config = pg.patroni(three, pg.primary(three), "/config")
+        say("idle memory (10 s after the cluster is healthy)")
+        time.sleep(10)
+        idle = {typ: memory(three, typ) for typ in ("postgres", "web")}
         say(f"writes/s on 3 nodes, strict ({seconds} s)")
         tps3 = writes_per_second(three, env3, seconds)
         say(f"{kills} kills of the primary's job")
@@ -131,6 +157,7 @@ def run(kills: int, seconds: int) -> dict[str, Any]:
         "patroni": {k: config[k] for k in ("ttl", "loop_wait", "retry_timeout")},
         **result,
         "writes_per_s": {"strict_3_nodes": tps3, "singleton": tps1},
+        "idle_memory": idle,
     }
 
 
@@ -149,6 +176,10 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"writes/s (pgbench, 4 clients, 1 INSERT per transaction): strict 3 nodes "
           f"{w['strict_3_nodes']:.0f}, singleton {w['singleton']:.0f}: {ratio:.2f}× the "
           "singleton")  # fmt: skip
+    m = r["idle_memory"]
+    print(f"idle memory, 3 nodes (Patroni + PostgreSQL): RSS {m['postgres']['rss_mib']:.0f} MiB, "
+          f"PSS {m['postgres']['pss_mib']:.0f} MiB; 2 API processes: RSS "
+          f"{m['web']['rss_mib']:.0f} MiB, PSS {m['web']['pss_mib']:.0f} MiB")  # fmt: skip
 
 
 def main() -> int:
