@@ -7,8 +7,10 @@ read and stopped, a data volume shared by two jobs, the Debian images imported a
 platform component served from the host's own code, discoverd as a job (etcd, its API and
 DNS, the host registering itself), and the plugin list. Then three hosts in network
 namespaces booted with `flynn-host bootstrap` (discoverd and flannel on each), and a job on
-host 1 reaching a job on host 3 over the overlay by `<service>.discoverd`. Everything is
-removed at the end, whatever happened.
+host 1 reaching a job on host 3 over the overlay by `<service>.discoverd`; the PostgreSQL
+appliance bootstrap started (three nodes, discoverd's leader on the primary), a database for
+an app from its provider API and the app's psql. Everything is removed at the end, whatever
+happened.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
 
 from flynn_host.dev import host as devhost
 from flynn_host.dev.busybox import build_busybox_image
+from flynn_host.dev.cluster import Cluster, leftovers
 
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
@@ -209,8 +212,6 @@ def main() -> int:
 def cluster_demo() -> None:
     """Three hosts in network namespaces, booted with `flynn-host bootstrap`; a job on host 1
     reaches a job on host 3 over the overlay by `<service>.discoverd`."""
-    from flynn_host.dev.cluster import Cluster, leftovers
-
     say("three hosts on this machine (script/cluster up -n 3): init, daemons, bootstrap")
     with Cluster(name="demo", say=lambda m: print(f"{DIM}{m}{RESET}", flush=True)) as c:
         c.up(3, host_id_prefix="demoh")
@@ -246,9 +247,43 @@ def cluster_demo() -> None:
         out = c.exec(1, argv, capture_output=True, text=True, timeout=60)
         sys.stdout.write(out.stdout + out.stderr)
 
+        postgres_demo(c)
+
         say("script/cluster down: every namespace, bridge, vxlan device, rule, mount, process")
     left = leftovers(c)
     print("nothing left behind" if not left else f"LEFT: {left}")
+
+
+def postgres_demo(c: Cluster) -> None:
+    """The PostgreSQL appliance bootstrap started: its nodes, a database for an app from the
+    provider API, and the app's psql through leader.postgres.discoverd."""
+    from flynn_host.dev import postgres as pg
+
+    say("the PostgreSQL appliance: three nodes on three hosts; discoverd's leader is the primary")
+    pg.wait_for(lambda: pg.healthy(c), 60)
+    members = pg.patroni(c, pg.primary(c), "/cluster")["members"]
+    for m in sorted(members, key=lambda m: m["name"]):
+        print(f"{m['name']}  {m['host']}:{m['port']}  {m['role']}  {m['state']}")
+    print(f"leader.postgres.discoverd -> {pg.leader_addr(c)}")
+
+    say("a database for an app: POST http://postgres-api.discoverd/databases (from a job)")
+    status, body = pg.api_request(c, 1, "POST", "/databases")
+    shown = {
+        k: ("..." if k in ("PGPASSWORD", "DATABASE_URL") else v) for k, v in body["env"].items()
+    }
+    print(f"{status} id={body['id']} env={json.dumps(shown)}")
+
+    say("the app's psql (a job on host 2 with only that env): a table, hstore and PostGIS")
+    script = (
+        "psql -v ON_ERROR_STOP=1 -c 'CREATE TABLE notes (id serial, body text)' "
+        "-c \"INSERT INTO notes (body) VALUES ('written through leader.postgres.discoverd')\" "
+        "-c 'SELECT * FROM notes' -c 'CREATE EXTENSION hstore' -c 'CREATE EXTENSION postgis' "
+        "-c 'SELECT postgis_version()'"
+    )
+    status, out = pg.run_job(c, 2, script, {k: str(v) for k, v in body["env"].items()})
+    sys.stdout.write(out)
+    status, _ = pg.api_request(c, 1, "DELETE", f"/databases?id={body['id']}")
+    print(f"DELETE /databases?id={body['id']}: {status}")
 
 
 if __name__ == "__main__":

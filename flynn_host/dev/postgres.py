@@ -257,8 +257,9 @@ WRITER = r"""
 i=${FIRST_ID:-0}
 while true; do
   i=$((i+1))
+  began=$(date +%s.%N)
   if psql -qtA -v ON_ERROR_STOP=1 -c "INSERT INTO acked (id) VALUES ($i)" >/dev/null 2>&1; then
-    echo "ack $i $(date +%s.%N)"
+    echo "ack $i $(date +%s.%N) $began"
   else
     echo "fail $i $(date +%s.%N)"
     sleep 0.1
@@ -270,7 +271,8 @@ done
 @dataclass
 class Writer:
     """A job inserting first + 1, first + 2, ... through `leader.postgres.discoverd`, one psql
-    connection per insert; each id whose commit was acknowledged is printed `ack ID TIME`."""
+    connection per insert; each id whose commit was acknowledged is printed `ack ID TIME
+    BEGAN` (unix times: acknowledged, and when its psql started)."""
 
     c: Cluster
     host: int
@@ -286,11 +288,15 @@ class Writer:
 
     def acks(self) -> list[tuple[int, float]]:
         """(id, unix time) of every acknowledged insert so far."""
+        return [(i, acked) for i, acked, _ in self.acks_begun()]
+
+    def acks_begun(self) -> list[tuple[int, float, float]]:
+        """(id, acknowledged at, begun at) of every acknowledged insert so far."""
         out = []
         for line in job_log(self.c, self.host, self.job_id).splitlines():
             parts = line.split()
-            if len(parts) == 3 and parts[0] == "ack":
-                out.append((int(parts[1]), float(parts[2])))
+            if len(parts) == 4 and parts[0] == "ack":
+                out.append((int(parts[1]), float(parts[2]), float(parts[3])))
         return out
 
     def wait_acks(self, count: int, timeout: float = 60.0, after: float = 0.0) -> None:
