@@ -253,12 +253,18 @@ def restart_node(c: Cluster, node: Node) -> Node:
 
 # --- a writer that records what was acknowledged -------------------------------------------------
 
+# A connection to a primary that a partition cut off would hang (nothing answers, nothing
+# resets it): unacknowledged data gives up after tcp_user_timeout, a silent peer after the
+# keepalives, so the writer tries again through the name instead of waiting forever.
 WRITER = r"""
+CONNINFO="dbname=$PGDATABASE tcp_user_timeout=2000 keepalives=1 keepalives_idle=1"
+CONNINFO="$CONNINFO keepalives_interval=1 keepalives_count=2"
 i=${FIRST_ID:-0}
 while true; do
   i=$((i+1))
   began=$(date +%s.%N)
-  if psql -qtA -v ON_ERROR_STOP=1 -c "INSERT INTO acked (id) VALUES ($i)" >/dev/null 2>&1; then
+  if psql -qtA -v ON_ERROR_STOP=1 -d "$CONNINFO" -c "INSERT INTO acked (id) VALUES ($i)" \
+       >/dev/null 2>&1; then
     echo "ack $i $(date +%s.%N) $began"
   else
     echo "fail $i $(date +%s.%N)"

@@ -182,10 +182,11 @@ def test_a_partitioned_primary_takes_no_write_and_rejoins(
         cluster.exec(old.host, ["ip", "route", "replace", "default", "via",
                                 cluster.gateway])  # fmt: skip
     try:
-        wait_for(lambda: healthy(cluster), 120)
-        # rejoined (rewound if need be), a member of the healthy cluster again
+        # rejoined (rewound if need be: it stops and starts PostgreSQL again meanwhile), a
+        # member of the healthy cluster again
         assert old.job_id in {n.job_id for n in pg.nodes(cluster)}
-        assert pg.patroni(cluster, old)["state"] in ("running", "streaming")
+        wait_for(lambda: pg.patroni(cluster, old)["state"] in ("running", "streaming")
+                 and healthy(cluster), 120)  # fmt: skip
     finally:
         writer.stop()
     acked = [i for i, _ in writer.acks()]
