@@ -5,6 +5,7 @@ name, subnet (10.201.<k>.0/24) and host ids, so it does not collide with a devel
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -41,6 +42,19 @@ def new_cluster() -> Cluster:
         if not c.exists():
             return c
     raise AssertionError("no free test cluster name")
+
+
+@contextlib.contextmanager
+def booted_cluster(n: int) -> Iterator[Cluster]:
+    """A new cluster of `n` hosts booted with `flynn-host bootstrap`; removed afterwards, and
+    nothing of it may be left."""
+    c = new_cluster()
+    try:
+        c.up(n, bootstrap=True, host_id_prefix=f"{c.name}h")
+        yield c
+    finally:
+        c.down()
+        assert leftovers(c) == []
 
 
 def up(c: Cluster, n: int = 2) -> Cluster:

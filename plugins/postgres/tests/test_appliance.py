@@ -13,22 +13,17 @@ from collections.abc import Iterator
 import pytest
 
 from flynn_host.dev import postgres as pg
-from flynn_host.dev.cluster import Cluster, leftovers
+from flynn_host.dev.cluster import Cluster
 from flynn_host.dev.postgres import Node, wait_for
-from tests.dev.test_cluster import new_cluster
+from tests.dev.test_cluster import booted_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = new_cluster()
-    try:
-        c.up(1, bootstrap=True, host_id_prefix=f"{c.name}h")
+    with booted_cluster(1) as c:
         yield c
-    finally:
-        c.down()
-        assert leftovers(c) == []
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from flynn_discoverd.etcd import EtcdProcess
+from postgres_nodes import http_status
 
 from flynn_host.dev.host import free_ports, require_programs, wait_for
 
@@ -45,16 +46,6 @@ def processes_under(path: Path) -> list[str]:
     """Every process whose command line names `path` (Patroni's config, postgres's -D)."""
     out = subprocess.run(["pgrep", "-af", str(path)], capture_output=True, text=True)
     return out.stdout.splitlines()
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 def psql(port: int, sql: str) -> str:
