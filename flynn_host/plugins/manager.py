@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "discoverd": "flynn_discoverd.plugin",
     "flannel": "flynn_flannel.plugin",
     "postgres": "flynn_postgres.plugin",
+    "controller": "flynn_controller.plugin",
     "bootstrap-actions": "flynn_host.plugins.bootstrap_actions",
 }
 

@@ -1,0 +1,19 @@
+"""controller's hooks: the `controller` platform component (the API server, process `web` of
+the controller app)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flynn_host.plugins.hookspecs import hookimpl
+
+
+def _main(argv: list[str]) -> int:
+    from flynn_controller.service import main
+
+    return main(argv)
+
+
+@hookimpl
+def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
+    return {"controller": _main}
