@@ -3,17 +3,21 @@
 
 `run-app` starts an app's jobs directly on the hosts, bypassing any scheduler, as Flynn's
 bootstrap does. Its artifact is an image in each host's image store (`GET /host/images/<name>`
-gives the layers), not a URL. It is safe to rerun: a host already running a job of the same app
-and process type counts towards the wanted number.
+gives the layers), not a URL. It provisions the app's `resources` (a database from a provider
+API) into the release's env first. It is safe to rerun: a host already running a job of the
+same app and process type counts towards the wanted number, and an app whose jobs run keeps
+their env (its resources are not provisioned again).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from typing import Any
 
+from flynn_host.bootstrap import services
 from flynn_host.bootstrap.joblog import job_failure, last_log_lines
 from flynn_host.bootstrap.runner import Action, ClusterHost, State, StepError
 from flynn_host.client import HostAPIError
@@ -36,6 +40,10 @@ CONFIG_FIELDS = (
     "no_new_privileges",
 )
 FINISHED = ("done", "crashed", "failed")
+# env keys whose values no output may show (a provisioned resource's password, a key)
+SECRET_KEY_RE = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.I)
+# shorter values are not taken as secrets: hiding "" or "1" everywhere would garble the output
+MIN_SECRET = 8
 # how long a job must keep running before run-app counts it as started
 STARTED_AFTER = 1.0
 
@@ -194,9 +202,11 @@ def _port(p: dict[str, Any]) -> dict[str, Any]:
 
 class RunApp(Action):
     """Flynn's `run-app`: `{"app": {"name", "meta"}, "release": {"env", "processes"},
-    "artifact": {"image": NAME}, "processes": {TYPE: COUNT}}`. Omni process types run COUNT
-    jobs on every host; others are spread over the hosts in turn. In singleton mode every
-    count above 1 becomes 1."""
+    "artifact": {"image": NAME}, "processes": {TYPE: COUNT}, "resources": [{"name", "url"}]}`.
+    Omni process types run COUNT jobs on every host; others are spread over the hosts in turn.
+    In singleton mode every count above 1 becomes 1. Each resource is provisioned (`POST {}`
+    to its provider URL, answering `{"id", "env"}`) and its env merged into the release's
+    before any job starts, unless the app's jobs already run."""
 
     def __init__(self, step: dict[str, Any]) -> None:
         super().__init__(step)
@@ -214,6 +224,12 @@ class RunApp(Action):
         for typ in self.counts:
             if typ not in self.procs:
                 raise StepError(f"process type {typ!r} is not in release.processes")
+        self.resources = step.get("resources") or []
+        for r in self.resources:
+            name, url = (r.get("name"), r.get("url")) if isinstance(r, dict) else (None, None)
+            if not (isinstance(name, str) and isinstance(url, str) and "://" in url):
+                raise StepError(f'resource {r!r}: expected {{"name": NAME, "url": "http://..."}}')
+        self.images: dict[str, dict[str, Any]] = {}
 
     # --- placement ---------------------------------------------------------------------------
     def existing(self, state: State) -> dict[str, dict[str, list[str]]]:
@@ -363,8 +379,17 @@ class RunApp(Action):
 
     def mountspecs(self, host: ClusterHost) -> list[Any]:
         """The layers of the step's image in `host`'s image store."""
+        return list(self.image_record(host)["mountspecs"])
+
+    def image_record(self, host: ClusterHost) -> dict[str, Any]:
+        """`GET /host/images/<image>` on `host`: its id, `source` (the manifest URL it was
+        imported from) and `mountspecs`."""
+        if host.id in self.images:
+            return self.images[host.id]
         try:
-            return host.client.request("GET", f"/host/images/{self.image}")["mountspecs"]
+            record = host.client.request("GET", f"/host/images/{self.image}")
+            self.images[host.id] = record
+            return dict(record)
         except HostAPIError as exc:
             if exc.status != 404:
                 raise StepError(f"host {host}: finding image {self.image!r}: {exc}") from None
@@ -376,11 +401,66 @@ class RunApp(Action):
         except (ConnectionError, OSError) as exc:
             raise StepError(f"host {host}: finding image {self.image!r}: {exc}") from None
 
+    # --- resources and env ---------------------------------------------------------------------
+    def provision(self, state: State) -> list[dict[str, Any]]:
+        """Each resource from its provider: `{"name", "url", "id", "env"}`."""
+        out = []
+        for r in self.resources:
+            state.progress(f"provisioning {r['name']} from {r['url']}")
+            resp = services.request(state, "POST", r["url"], {})
+            body = resp.body
+            if (
+                resp.status not in (200, 201)
+                or not isinstance(body, dict)
+                or not isinstance(body.get("env"), dict)
+            ):
+                raise StepError(
+                    f"provisioning {r['name']} from {r['url']}: {services.describe(resp)}"
+                )
+            env = {str(k): str(v) for k, v in body["env"].items()}
+            for k, v in env.items():
+                if SECRET_KEY_RE.search(k) and len(v) >= MIN_SECRET:
+                    state.secrets.add(v)
+            out.append({"name": r["name"], "url": r["url"], "id": body.get("id"), "env": env})
+        return out
+
+    def started_env(self, state: State) -> dict[str, str]:
+        """The release env the app's jobs run with: the step's, or when jobs already run,
+        theirs (without what their process type or the host added). Values that stand where
+        the step has a secret, or under a secret-looking key, are secrets too."""
+        env = {k: str(v) for k, v in (self.release.get("env") or {}).items()}
+        for typ, running in self.running_env.items():
+            own = set((self.procs.get(typ) or {}).get("env") or {})
+            for k, v in (running or {}).items():
+                if k not in own and not k.startswith("FLYNN_"):
+                    env[k] = v
+        steps = self.release.get("env") or {}
+        for k, v in env.items():
+            was_secret = k in steps and state.redact(str(steps[k])) != str(steps[k])
+            if (was_secret or SECRET_KEY_RE.search(k)) and len(v) >= MIN_SECRET:
+                state.secrets.add(v)
+        return env
+
+    def artifact(self, state: State) -> dict[str, Any]:
+        """The image as a later step registers it: its name, id and manifest URL (`uri`)."""
+        record = self.image_record(state.hosts[0])
+        return {"image": self.image, "id": record.get("id"), "uri": record.get("source")}
+
     def run(self, state: State) -> Any:
         have = self.existing(state)
         self.app.setdefault("id", None)
         self.app["id"] = self.app["id"] or str(uuid.uuid4())
         self.release["id"] = self.release.get("id") or str(uuid.uuid4())
+        resources: list[dict[str, Any]] = []
+        if self.resources and have:
+            state.progress("the app's jobs run: keeping their env, provisioning nothing")
+        elif self.resources:
+            resources = self.provision(state)
+            env = dict(self.release.get("env") or {})
+            for r in resources:
+                env.update(r["env"])
+            self.release["env"] = env
+        self.release["env"] = self.started_env(state)
         mountspecs: dict[str, list[Any]] = {}
         started: list[tuple[ClusterHost, str]] = []
         for host, typ in self.placements(state, have):
@@ -391,11 +471,13 @@ class RunApp(Action):
             started.append((host, job["id"]))
             have.setdefault(host.id, {}).setdefault(typ, []).append(job["id"])
         self.wait_started(state, started)
+        counts = {t: min(c, 1) if state.singleton else c for t, c in self.counts.items()}
         return {
             "app": self.app,
             "release": {**self.release, "processes": self.procs},
-            "artifact": {"image": self.image},
-            "processes": self.counts,
+            "artifact": self.artifact(state) if state.hosts else {"image": self.image},
+            "processes": counts,
+            "resources": resources,
             "jobs": {h: [j for ids in types.values() for j in ids] for h, types in have.items()},
             "started": [jid for _, jid in started],
         }
