@@ -53,11 +53,11 @@ def request(
     body: Any = None,
     *,
     key: str | None = None,
-    retry_for: float = RETRY_FOR,
+    retry_for: float | None = None,
 ) -> Response:
     """One HTTP request (a JSON body, HTTP Basic auth with password `key` when given) to the
     first instance of `url`'s service that answers, whatever its status. StepError when none
-    answered within `retry_for` seconds."""
+    answered within `retry_for` seconds (default `RETRY_FOR`)."""
     parts = urllib.parse.urlsplit(url)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {"Accept": "application/json", "Host": parts.netloc}
@@ -67,7 +67,7 @@ def request(
         headers["Content-Type"] = "application/json"
     if key is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(f":{key}".encode()).decode()
-    deadline = time.monotonic() + retry_for
+    deadline = time.monotonic() + (RETRY_FOR if retry_for is None else retry_for)
     while True:
         errors = []
         try:

@@ -109,7 +109,7 @@ class AddApp(Action):
         self.from_step = step.get("from_step")
         if not isinstance(self.from_step, str) or not self.from_step:
             raise StepError("from_step must name the run-app step that started the app")
-        self.app = step.get("app") or {}
+        self.app = {} if step.get("app") is None else step["app"]
         if not isinstance(self.app, dict):
             raise StepError('app must be an object ({"strategy", "deploy_timeout"})')
         strategy = self.app.get("strategy")
