@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from flynn_host.bootstrap import actions
+from flynn_host.bootstrap import runapp
 from flynn_host.bootstrap import services as bootstrap_services
-from flynn_host.bootstrap.actions import RunApp
 from flynn_host.bootstrap.genrandom import GenRandom
 from flynn_host.bootstrap.log import Log
 from flynn_host.bootstrap.output import json_logger, text_logger
+from flynn_host.bootstrap.runapp import RunApp
 from flynn_host.bootstrap.runner import State, StepError, run_steps
 from flynn_host.bootstrap.template import TemplateError, json_keys, render
 
@@ -34,7 +34,7 @@ DB_ENV = {
 
 @pytest.fixture(autouse=True)
 def quick_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(actions, "STARTED_AFTER", 0.0)
+    monkeypatch.setattr(runapp, "STARTED_AFTER", 0.0)
 
 
 def provider(method: str, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any]:

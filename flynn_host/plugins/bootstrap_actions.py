@@ -7,7 +7,7 @@ from flynn_host.plugins.hookspecs import hookimpl
 
 @hookimpl
 def flynn_host_bootstrap_actions() -> dict[str, type]:
-    from flynn_host.bootstrap import actions, genrandom, gentlscert, log, wait
+    from flynn_host.bootstrap import actions, genrandom, gentlscert, log, runapp, wait
 
     return {
         "gen-random": genrandom.GenRandom,
@@ -16,6 +16,6 @@ def flynn_host_bootstrap_actions() -> dict[str, type]:
         "wait": wait.Wait,
         "require-env": actions.RequireEnv,
         "resource-check": actions.ResourceCheck,
-        "run-app": actions.RunApp,
+        "run-app": runapp.RunApp,
         "wait-hosts": actions.WaitHosts,
     }
