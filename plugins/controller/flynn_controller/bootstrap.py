@@ -6,7 +6,9 @@ registers the app that `run-app` step started (its jobs run already, outside any
 the controller knows it as it is: `POST /apps` (the run-app step's app id, name and meta, plus
 `strategy` and `deploy_timeout`), `POST /artifacts`, `POST /releases` (the run-app step's
 release id, its env as the jobs run with it and its process types), `PUT /apps/:app/release`
-and `PUT /apps/:app/formations/:release` (the counts run-app started). The **artifact** is
+and `PUT /apps/:app/formations/:release` (the counts run-app started); each resource the
+run-app step provisioned is recorded (`PUT /providers/:name/resources/:id` with the app, after
+`POST /providers` when the provider is not known yet, as Flynn's add-app does). The **artifact** is
 `{"type": "flynn", "uri": <manifest URL>}`: the URL the hosts imported the run-app step's
 image from (`source` of `GET /host/images/<name>`, e.g.
 `file:///var/lib/flynn/images/components/manifest.json`), with meta `flynn.image` (the name
@@ -154,6 +156,7 @@ class AddApp(Action):
                 },
                 ok=(200, 201),
             )
+        resources = [self.record_resource(ctl, app, r) for r in data.get("resources") or []]
         ctl.call("PUT", f"/apps/{app['id']}/release", {"id": release_id}, ok=(200, 201))
         formation = ctl.call(
             "PUT",
@@ -166,6 +169,7 @@ class AddApp(Action):
             "release": {"id": release_id, "artifact": release.get("artifact")},
             "artifact": artifact,
             "formation": formation,
+            "resources": resources,
             "controller_url": ctl.base,
             "controller_key": ctl.key,
         }
@@ -189,6 +193,16 @@ class AddApp(Action):
         if resp.status == 409:  # made meanwhile (a concurrent rerun)
             return dict(ctl.call("GET", f"/apps/{name}"))
         raise StepError(f"controller: POST /apps ({name}): {services.describe(resp)}")
+
+    @staticmethod
+    def record_resource(ctl: Controller, app: dict[str, Any], r: dict[str, Any]) -> Any:
+        """The resource run-app provisioned, in the controller (its provider too)."""
+        ensure_provider(ctl, r["name"], r["url"])
+        # the same id for the same database: a second record replaces the first
+        rid = uuid.uuid5(uuid.NAMESPACE_URL, f"{r['url']}#{r.get('id')}")
+        body = {"external_id": str(r.get("id") or ""), "env": r.get("env") or {},
+                "apps": [app["id"]]}  # fmt: skip
+        return ctl.call("PUT", f"/providers/{r['name']}/resources/{rid}", body, ok=(200, 201))
 
     @staticmethod
     def create_artifact(ctl: Controller, data: dict[str, Any]) -> dict[str, Any]:
@@ -217,20 +231,24 @@ class AddProvider(Action):
             raise StepError("url must be the provider's URL (http://...)")
 
     def run(self, state: State) -> Any:
-        ctl = Controller(state)
-        existing = self.find(ctl)
-        if existing:
-            state.progress(f"provider {self.name} exists already")
-            return existing
-        resp = ctl.call_raw("POST", "/providers", {"name": self.name, "url": self.url})
-        if resp.status in (200, 201) and isinstance(resp.body, dict):
-            return resp.body
-        if resp.status == 409 and (existing := self.find(ctl)):
-            return existing
-        raise StepError(f"controller: POST /providers ({self.name}): {services.describe(resp)}")
+        return ensure_provider(Controller(state), str(self.name), str(self.url))
 
-    def find(self, ctl: Controller) -> dict[str, Any] | None:
+
+def ensure_provider(ctl: Controller, name: str, url: str) -> dict[str, Any]:
+    """Provider `name`: the one the controller has, else a new one at `url`."""
+
+    def find() -> dict[str, Any] | None:
         for p in ctl.call("GET", "/providers") or []:
-            if isinstance(p, dict) and p.get("name") == self.name:
+            if isinstance(p, dict) and p.get("name") == name:
                 return p
         return None
+
+    if existing := find():
+        ctl.state.progress(f"provider {name} exists already")
+        return existing
+    resp = ctl.call_raw("POST", "/providers", {"name": name, "url": url})
+    if resp.status in (200, 201) and isinstance(resp.body, dict):
+        return resp.body
+    if resp.status == 409 and (existing := find()):
+        return existing
+    raise StepError(f"controller: POST /providers ({name}): {services.describe(resp)}")

@@ -26,6 +26,7 @@ class FakeController:
         self.releases: dict[str, dict[str, Any]] = {}
         self.formations: dict[tuple[str, str], dict[str, Any]] = {}
         self.providers: list[dict[str, Any]] = []
+        self.resources: dict[str, dict[str, Any]] = {}
 
     def app(self, ref: str) -> dict[str, Any] | None:
         return next((a for a in self.apps.values() if ref in (a["id"], a["name"])), None)
@@ -65,6 +66,10 @@ class FakeController:
                 return 200, body
             case "GET", ["providers"]:
                 return 200, self.providers
+            case "PUT", ["providers", name, "resources", rid]:
+                assert any(p["name"] == name for p in self.providers)
+                self.resources[rid] = {**body, "id": rid, "provider": name}
+                return 200, self.resources[rid]
             case "POST", ["providers"]:
                 provider = {**body, "id": str(uuid.uuid4())}
                 self.providers.append(provider)
@@ -83,6 +88,14 @@ def run_app_data(name: str = "controller", env: dict[str, str] | None = None) ->
         },
         "artifact": {"image": "components", "id": "img-id", "uri": IMAGE_SOURCE},
         "processes": {"web": 1},
+        "resources": [
+            {
+                "name": "postgres",
+                "url": "http://postgres-api.discoverd/databases",
+                "id": "/databases/u:d",
+                "env": {"PGPASSWORD": "p" * 16},
+            }
+        ],
     }
 
 
@@ -113,12 +126,19 @@ def test_add_app_registers_what_run_app_started() -> None:
         assert port["service"] == {"name": "controller", "create": True}
         assert ctl.formations[(app_id, release_id)]["processes"] == {"web": 1}
         assert out["controller_url"] == svc.url and out["controller_key"] == KEY
+        # the resource run-app provisioned, and its provider, as Flynn's add-app records them
+        (provider,) = ctl.providers
+        assert provider["name"] == "postgres"
+        (resource,) = ctl.resources.values()
+        assert resource["external_id"] == "/databases/u:d" and resource["apps"] == [app_id]
+        assert resource["env"] == {"PGPASSWORD": "p" * 16}
         assert out["app"]["id"] == app_id and out["release"]["id"] == release_id
 
         # a rerun makes nothing new
         calls = len(svc.calls)
         AddApp(step).run(state)
         assert len(ctl.apps) == 1 and len(ctl.artifacts) == 1 and len(ctl.releases) == 1
+        assert len(ctl.providers) == 1 and len(ctl.resources) == 1
         made = [c for c in svc.calls[calls:] if c[0] == "POST"]
         assert made == []
 
