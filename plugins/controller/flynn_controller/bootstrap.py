@@ -13,8 +13,9 @@ run-app step provisioned is recorded (`PUT /providers/:name/resources/:id` with 
 image from (`source` of `GET /host/images/<name>`, e.g.
 `file:///var/lib/flynn/images/components/manifest.json`), with meta `flynn.image` (the name
 jobs use in the hosts' image stores) and `flynn.image_id` (the manifest's sha512_256 id).
-A rerun changes nothing that exists: an app found by name is reused, and when the run-app
-step's release is already known, no artifact or release is made again.
+A rerun changes nothing that exists: an app the controller has with a current release is left
+as it is (a deploy or scale made since must not be undone), an app found by name is reused,
+and when the run-app step's release is already known, no artifact or release is made again.
 
 `add-provider` — `{"name": "postgres", "url": "http://postgres-api.discoverd/databases"}`:
 `POST /providers` unless a provider of that name exists.
@@ -134,6 +135,13 @@ class AddApp(Action):
         ctl = Controller(state)
         name = data["app"]["name"]
         app = self.ensure_app(ctl, data)
+        out = {"app": app, "controller_url": ctl.base, "controller_key": ctl.key}
+        if app.get("release"):
+            # registered before: the controller owns it now (a deploy or a scale since then
+            # must not be undone by a rerun of bootstrap)
+            state.progress(f"app {name} is registered already (release {app['release']})")
+            return {**out, "release": {"id": app["release"]}, "artifact": None,
+                    "formation": None, "resources": []}  # fmt: skip
         release_id = data["release"]["id"]
         found = ctl.call_raw("GET", f"/releases/{release_id}")
         if found.status == 200:
@@ -165,13 +173,11 @@ class AddApp(Action):
             ok=(200, 201),
         )
         return {
-            "app": app,
+            **out,
             "release": {"id": release_id, "artifact": release.get("artifact")},
             "artifact": artifact,
             "formation": formation,
             "resources": resources,
-            "controller_url": ctl.base,
-            "controller_key": ctl.key,
         }
 
     def ensure_app(self, ctl: Controller, data: dict[str, Any]) -> dict[str, Any]:

@@ -139,8 +139,13 @@ def test_add_app_registers_what_run_app_started() -> None:
         AddApp(step).run(state)
         assert len(ctl.apps) == 1 and len(ctl.artifacts) == 1 and len(ctl.releases) == 1
         assert len(ctl.providers) == 1 and len(ctl.resources) == 1
-        made = [c for c in svc.calls[calls:] if c[0] == "POST"]
-        assert made == []
+        assert [c for c in svc.calls[calls:] if c[0] != "GET"] == []
+        # an app registered but without a release yet (an interrupted run) is completed
+        ctl.apps[app_id].pop("release")
+        ctl.formations.clear()
+        AddApp(step).run(state)
+        assert ctl.apps[app_id]["release"] == release_id and len(ctl.releases) == 1
+        assert ctl.formations[(app_id, release_id)]["processes"] == {"web": 1}
 
 
 def test_the_key_is_the_running_controllers() -> None:
