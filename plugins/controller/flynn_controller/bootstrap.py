@@ -185,7 +185,6 @@ class AddApp(Action):
         name = data["app"]["name"]
         found = ctl.call_raw("GET", f"/apps/{name}")
         if found.status == 200 and isinstance(found.body, dict):
-            ctl.state.progress(f"app {name} exists already")
             return found.body
         body = {
             "id": data["app"]["id"],
