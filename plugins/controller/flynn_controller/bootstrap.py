@@ -33,19 +33,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from flynn_controller.types import STRATEGIES
 from flynn_host.bootstrap import Action, State, StepError, services
 
 CONTROLLER_URL = "http://controller.discoverd"
 KEY_STEP = "controller-key"
-STRATEGIES = (
-    "all-at-once",
-    "one-by-one",
-    "one-down-one-up",
-    "in-batches",
-    "sirenia",
-    "postgres",
-    "discoverd-meta",
-)
 
 
 def controller_key(state: State) -> str:
