@@ -206,9 +206,17 @@ def decode_message(msg: SSEMessage) -> Any:
 class _RawStream:
     """One open SSE response: its connection, and a reader with an optional deadline."""
 
-    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+    def __init__(
+        self,
+        conn: http.client.HTTPConnection,
+        resp: http.client.HTTPResponse,
+        sock: socket.socket | None,
+    ) -> None:
         self.conn = conn
         self.resp = resp
+        # http.client drops conn.sock once a response will close the connection, but the
+        # response still reads from it: keep it to set read deadlines on
+        self.sock = sock
         self.parser = SSEParser()
 
     def next_message(self, deadline: float | None) -> SSEMessage | None:
@@ -218,10 +226,10 @@ class _RawStream:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("timed out waiting for an event")
-                if self.conn.sock is not None:
-                    self.conn.sock.settimeout(left)
-            elif self.conn.sock is not None:
-                self.conn.sock.settimeout(None)
+                if self.sock is not None:
+                    self.sock.settimeout(left)
+            elif self.sock is not None:
+                self.sock.settimeout(None)
             try:
                 line = self.resp.readline()
             except TimeoutError:
@@ -234,11 +242,12 @@ class _RawStream:
 
     def close(self) -> None:
         try:
-            if self.conn.sock is not None:
+            if self.sock is not None:
                 # unblock and drop the socket at once rather than read the rest of the body
-                self.conn.sock.shutdown(socket.SHUT_RDWR)
+                self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self.resp.close()
         self.conn.close()
 
 
@@ -378,7 +387,8 @@ class Client:
         headers: dict[str, str] | None,
         timeout: float | None,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
-        """One request, following 307s; returns the connection, response and final URL."""
+        """One request, following 307s; returns the connection, response and final URL.
+        The connection's socket is also kept as `conn.flynn_sock`."""
         url = self.url + path
         for _ in range(MAX_REDIRECTS + 1):
             split = urllib.parse.urlsplit(url)
@@ -386,6 +396,7 @@ class Client:
             conn = self._connection(url, timeout)
             try:
                 conn.request(method, target, body=body, headers=self._headers(headers))
+                conn.flynn_sock = conn.sock  # type: ignore[attr-defined]
                 resp = conn.getresponse()
             except PinMismatch:
                 conn.close()
@@ -413,7 +424,8 @@ class Client:
                 err = json.loads(data)
             except ValueError:
                 err = None
-            if isinstance(err, dict):
+            # (Go would report any JSON body as an error, `: ` for one without a code)
+            if isinstance(err, dict) and "code" in err:
                 raise APIError(
                     str(err.get("code", "")),
                     str(err.get("message", "")),
@@ -486,7 +498,7 @@ class Client:
         except BaseException:
             conn.close()
             raise
-        return _RawStream(conn, resp)
+        return _RawStream(conn, resp, getattr(conn, "flynn_sock", None))
 
     # -- apps --------------------------------------------------------------------------------
 
