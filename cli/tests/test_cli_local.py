@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from cli_home import FLYNN, Home
 from flynn_cli.config import Config
-
-from .conftest import FLYNN, Home
 
 CA_PEM = b"-----BEGIN CERTIFICATE-----\nMIIBcanned\n-----END CERTIFICATE-----\n"
 

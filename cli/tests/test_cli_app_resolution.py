@@ -5,11 +5,10 @@ push remote, `-c`/`$FLYNN_CLUSTER`."""
 from __future__ import annotations
 
 import pytest
+from cli_home import Home
 from flynn_cli.config import Cluster, Config
 from flynn_cli.context import Context
 from flynn_cli.output import CommandError
-
-from .conftest import Home
 
 
 @pytest.fixture
