@@ -415,3 +415,113 @@ def test_cluster_add_with_git_fetches_the_ca(home: Home, controller: ControllerP
     home.ok("cluster", "add", "test", controller.url, controller.key)
     ca = (home.path / ".flynn" / "ca-certs" / "test.pem").read_text()
     assert ca == controller.env["CA_CERT"]
+
+
+# --------------------------------------------------------------------------------------------
+# the client's event stream against the real controller
+
+
+def test_event_streams_replay_after_last_event_id(cli: Home, api: Client):
+    name = create(cli)
+    for value in ("1", "2", "3"):
+        cli.ok("-a", name, "env", "set", f"N={value}")
+    listed = api.list_events(app_id=name, object_types=["app_release"])
+    assert len(listed) == 3 and listed[0]["id"] > listed[-1]["id"]  # newest first
+    oldest = listed[-1]["id"]
+    with api.events(app_id=name, object_types=["app_release"], last_event_id=oldest) as stream:
+        replayed = [stream.next(timeout=10) for _ in range(2)]
+        assert [e["id"] for e in replayed] == [e["id"] for e in reversed(listed[:2])]
+        assert replayed[-1]["data"]["release"]["env"] == {"N": "3"}
+        # and then live events
+        cli.ok("-a", name, "env", "set", "N=4")
+        live = stream.next(timeout=10)
+        assert live["object_type"] == "app_release" and live["id"] > replayed[-1]["id"]
+        assert stream.last_event_id == live["id"]
+    with api.events(app_id=name, object_types=["app_release"], past=True) as stream:
+        assert stream.next(timeout=10)["id"] == oldest
+
+
+def test_status(api: Client):
+    assert api.status()["status"] == "healthy"
+    assert api.ping()
+
+
+def test_process_type_env(cli: Home, api: Client):
+    name = create(cli)
+    cli.ok(
+        "-a", name, "release", "add", "-f", "/dev/stdin", IMAGE, input='{"processes":{"web":{}}}'
+    )
+    cli.ok("-a", name, "env", "set", "SHARED=1")
+    cli.ok("-a", name, "env", "set", "-t", "web", "ONLY_WEB=2")
+    release = api.app_release(name)
+    assert release["env"] == {"SHARED": "1"}
+    assert release["processes"]["web"]["env"] == {"ONLY_WEB": "2"}
+    assert release["artifact"]  # kept from the release it was made from
+    assert cli.ok("-a", name, "env", "-t", "web").stdout == "ONLY_WEB=2\nSHARED=1\n"
+    assert cli.ok("-a", name, "env", "get", "-t", "web", "ONLY_WEB").stdout == "2\n"
+    err = cli.fail("-a", name, "env", "get", "-t", "worker", "X")
+    assert err == f'process type "worker" not found in release {release["id"]}\n'
+
+
+def _self_signed(domain: str) -> tuple[str, str]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def test_tls_routes(cli: Home, api: Client, tmp_path: Path):
+    name = create(cli)
+    domain = f"secure-{name}.test"
+    cert, key = _self_signed(domain)
+    (tmp_path / "cert.pem").write_text(cert)
+    (tmp_path / "key.pem").write_text(key)
+    out = cli.ok(
+        "-a", name, "route", "add", "http",
+        "-c", str(tmp_path / "cert.pem"), "-k", str(tmp_path / "key.pem"), domain,
+    )  # fmt: skip
+    rid = out.stdout.strip()
+    route = api.get_route(name, rid)
+    assert route["tls_cert"].strip() == cert.strip() and route["tls_key"].strip() == key.strip()
+    assert f"https:{domain}" in cli.ok("-a", name, "route").stdout
+    # `info` shows the first HTTP route (newest first), with https for a TLS one
+    assert cli.ok("-a", name, "info").stdout.endswith(f"Web URL:  https://{domain}\n")
+
+    # both from stdin: the PEM blocks are picked by type
+    other = f"other-{name}.test"
+    cert2, key2 = _self_signed(other)
+    out = cli.ok(
+        "-a", name, "route", "add", "http", "-c", "-", "-k", "-", other, input=key2 + cert2
+    )
+    route2 = api.get_route(name, out.stdout.strip())
+    assert route2["tls_cert"].strip() == cert2.strip()
+    assert route2["tls_key"].strip() == key2.strip()
+
+    # as in the 2015 CLI, an update without -c/-k removes TLS
+    cli.ok("-a", name, "route", "update", rid)
+    assert not api.get_route(name, rid).get("tls_cert")
+    err = cli.fail("-a", name, "route", "add", "http", "-c", str(tmp_path / "cert.pem"), "x.test")
+    assert err == "Both the TLS certificate AND private key need to be specified\n"
