@@ -9,8 +9,10 @@ DNS, the host registering itself), and the plugin list. Then three hosts in netw
 namespaces booted with `flynn-host bootstrap` (discoverd and flannel on each), and a job on
 host 1 reaching a job on host 3 over the overlay by `<service>.discoverd`; the PostgreSQL
 appliance bootstrap started (three nodes, discoverd's leader on the primary), a database for
-an app from its provider API and the app's psql. Everything is removed at the end, whatever
-happened.
+an app from its provider API and the app's psql; and the controller bootstrap started, driven
+with the `flynn` CLI as a developer would (an app, its env, meta, limits, a docker release, a
+postgres resource its job connects with, routes, deletion). Everything is removed at the end,
+whatever happened.
 """
 
 from __future__ import annotations
@@ -248,6 +250,7 @@ def cluster_demo() -> None:
         sys.stdout.write(out.stdout + out.stderr)
 
         postgres_demo(c)
+        controller_demo(c)
 
         say("script/cluster down: every namespace, bridge, vxlan device, rule, mount, process")
     left = leftovers(c)
@@ -284,6 +287,78 @@ def postgres_demo(c: Cluster) -> None:
     sys.stdout.write(out)
     status, _ = pg.api_request(c, 1, "DELETE", f"/databases?id={body['id']}")
     print(f"DELETE /databases?id={body['id']}: {status}")
+
+
+def controller_demo(c: Cluster) -> None:
+    """The controller bootstrap started, used with the `flynn` CLI from host 1 (the job
+    network is reached from the hosts' namespaces; the router will publish it later)."""
+    import tempfile
+
+    from flynn_host.dev import postgres as pg
+    from flynn_host.dev.controller import cluster_controller
+
+    url, key, _ = cluster_controller(c)
+    home = tempfile.mkdtemp(prefix="flynn-demo-home-")
+    env = {"HOME": home, "FLYNNRC": f"{home}/.flynnrc"}
+    flynn = str(devhost.ROOT / ".venv" / "bin" / "flynn")
+
+    def run(*args: str, show: str | None = None) -> str:
+        print(f"{DIM}${RESET} {show or 'flynn ' + shlex.join(args)}", flush=True)
+        out = c.exec(1, [flynn, *args], env=env, capture_output=True, text=True, timeout=120,
+                     cwd=home)  # fmt: skip
+        sys.stdout.write(out.stdout + out.stderr)
+        if out.returncode != 0:
+            raise RuntimeError(f"flynn {args[0]} failed (exit {out.returncode})")
+        return out.stdout + out.stderr
+
+    say("the controller: bootstrap started it on PostgreSQL and registered the system apps")
+    run("cluster", "add", "--no-git", "default", url, key,
+        show=f"flynn cluster add --no-git default {url} {key[:8]}...")  # fmt: skip
+    run("apps")
+    run("provider")
+
+    say("an app: create, a docker release with a web process, env, meta, limits")
+    run("create", "hello")
+    run("-a", "hello", "info")
+    release = f"{home}/release.json"
+    with open(release, "w") as f:
+        json.dump({"processes": {"web": {"cmd": ["python3", "-m", "http.server", "8080"]}}}, f)
+    run("-a", "hello", "release", "add", "-f", release,
+        "https://registry.hub.docker.com?name=library/python&tag=3.11")  # fmt: skip
+    run("-a", "hello", "env", "set", "GREETING=hello", "LANG=C.UTF-8")
+    run("-a", "hello", "env")
+    run("-a", "hello", "meta", "set", "owner=demo")
+    run("-a", "hello", "limit", "set", "web", "memory=512MB", "max_fd=2048")
+    run("-a", "hello", "limit")
+    run("-a", "hello", "release")
+
+    say("a PostgreSQL database for it: flynn resource add postgres, then psql from a job")
+    run("-a", "hello", "resource", "add", "postgres")
+    run("-a", "hello", "resource")
+    app_env = {}
+    for line in run("-a", "hello", "env", show="flynn -a hello env").splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            app_env[k] = v
+    script = (
+        "psql -c 'CREATE TABLE visits (at timestamptz DEFAULT now())' "
+        "-c 'INSERT INTO visits DEFAULT VALUES' -c 'SELECT count(*) AS visits FROM visits'"
+    )
+    host = min(2, len(c.hosts))
+    print(f"{DIM}# a job on host {host} with the app's env:{RESET} {script}", flush=True)
+    pg_env = {k: v for k, v in app_env.items() if k.startswith("PG") or k == "DATABASE_URL"}
+    status, out = pg.run_job(c, host, script, pg_env)
+    sys.stdout.write(out)
+
+    say("routes: the default one, an HTTP domain and a TCP port")
+    run("-a", "hello", "route", "add", "http", "hello.example.test")
+    run("-a", "hello", "route", "add", "tcp")
+    run("-a", "hello", "route")
+    run("-a", "hello", "deployment")
+
+    say("flynn delete: routes removed, the database deprovisioned")
+    run("-a", "hello", "delete", "-y")
+    run("apps")
 
 
 if __name__ == "__main__":
