@@ -152,6 +152,25 @@ def _replay_stream(rp: Replay, path: str, last_event_id: str) -> None:
         )
 
 
+@pytest.mark.parametrize("name", list(examples()))
+def test_recorded_responses_validate(name: str) -> None:
+    """The harness itself: Flynn's recorded responses validate against the schemas their
+    examples name, so a failure of ours is ours, not the registry's."""
+    body = examples()[name]["response"].get("body")
+    if name == "events_stream":
+        instances = [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: ")]
+        validator = type_validator("event")
+        assert len(instances) == body.count("\n\n")
+    else:
+        validator = response_validator(name)
+        instances = [json.loads(body)] if body else []
+        if validator is None:
+            assert not instances, f"{name} has a body but no schema"
+            return
+    for instance in instances:
+        assert not schema_errors(validator, instance), schema_errors(validator, instance)
+
+
 @pytest.mark.parametrize("name", REPLAYED)
 def test_recorded_request(replay: Replay, name: str) -> None:
     example = examples()[name]
