@@ -95,11 +95,16 @@ class Api:
 @dataclass
 class FakeProvider:
     """A resource provider on loopback (what the postgres appliance's API is to the real
-    controller): `POST /databases` provisions, `DELETE /databases?id=` deprovisions."""
+    controller): `POST …/databases` provisions, `DELETE …/databases?id=` deprovisions.
+    Provider URLs are unique in the controller: `new_url()` gives another one to the same
+    server."""
 
     url: str
     requests: list[tuple[str, str, bytes]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {"some": "data"})
+
+    def new_url(self) -> str:
+        return self.url.replace("/databases", f"/{uuid.uuid4().hex[:8]}/databases")
 
 
 @contextlib.contextmanager
@@ -120,7 +125,7 @@ def fake_provider() -> Iterator[FakeProvider]:
 
         def do_POST(self) -> None:  # noqa: N802
             provider.requests.append(("POST", self.path, self._body()))
-            if urllib.parse.urlsplit(self.path).path != "/databases":
+            if not urllib.parse.urlsplit(self.path).path.endswith("/databases"):
                 return self._reply(404, None)
             self._reply(200, {"id": f"/databases/{uuid.uuid4()}", "env": provider.env})
 

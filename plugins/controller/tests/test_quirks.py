@@ -4,6 +4,7 @@ one test each, on real controller processes sharing one PostgreSQL database.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from sse_client import SSEStream
 
 from flynn_host.dev.controller import ControllerProcess, PGServer, controller_process
 
-KEEPALIVE = 1  # seconds, given as SSE_KEEPALIVE to the keep-alive test's controller
+KEEPALIVE = 0.5  # seconds, given as SSE_KEEPALIVE to the keep-alive test's controller
 RELEASE = {"env": {"A": "1"}, "processes": {"web": {"cmd": ["start", "web"]}}}
 
 
@@ -29,6 +30,12 @@ def new_release(api: Api, **fields: Any) -> dict[str, Any]:
         "POST", "/releases", {"artifact": artifact["id"], **RELEASE, **fields}
     )
     return release
+
+
+def new_provider(api: Api, provider: FakeProvider) -> dict[str, Any]:
+    body = {"name": f"p-{uuid.uuid4().hex[:8]}", "url": provider.new_url()}
+    created: dict[str, Any] = api.ok("POST", "/providers", body)
+    return created
 
 
 def assert_bare(r: Response, status: int, what: str) -> None:
@@ -74,7 +81,7 @@ def test_success_is_always_200_including_deletes(api: Api, provider: FakeProvide
         f"/apps/{app['id']}/routes",
         {"type": "http", "service": "x-web", "domain": f"{app['name']}.example.test"},
     )
-    p = api.ok("POST", "/providers", {"name": f"p-{uuid.uuid4().hex[:8]}", "url": provider.url})
+    p = new_provider(api, provider)
     res = api.ok("POST", f"/providers/{p['id']}/resources", {"apps": [app["id"]], "config": {}})
     for method, path in [
         ("DELETE", f"/apps/{app['id']}/routes/http/{route['id']}"),
@@ -110,7 +117,7 @@ def test_not_found_is_a_bare_404(api: Api) -> None:
 
 def test_empty_lists_are_empty_arrays(api: Api, provider: FakeProvider) -> None:
     app = new_app(api, meta={"flynn-system-app": "true"})  # a system app gets no default route
-    p = api.ok("POST", "/providers", {"name": f"p-{uuid.uuid4().hex[:8]}", "url": provider.url})
+    p = new_provider(api, provider)
     for path in [
         f"/apps/{app['id']}/resources",
         f"/apps/{app['id']}/formations",
@@ -153,7 +160,12 @@ def test_sse_framing(api: Api) -> None:
         assert s.headers.get("content-type") == "text/event-stream; charset=utf-8", s.headers
         assert s.read_items(timeout=0.5) == [], "an event nobody made"
         made = [new_app(api) for _ in range(3)]
-        events = s.read_items(timeout=5, count=None)  # strict parse: raises on bad framing
+        events = []  # strict parse: read_items raises on bad framing
+        deadline = time.monotonic() + 5
+        while len([e for e in events if e.data["object_type"] == "app"]) < 3:
+            assert time.monotonic() < deadline, f"3 app events expected: {s.raw_body!r}"
+            events += s.read_items(count=1, timeout=deadline - time.monotonic())
+        events += s.read_items(timeout=0.3)
     app_events = [e.data for e in events if e.data.get("object_type") == "app"]
     assert [e["object_id"] for e in app_events] == [a["id"] for a in made]
     assert b"\r" not in s.raw_body
@@ -222,7 +234,7 @@ def test_events_unknown_app_is_a_bare_404(api: Api) -> None:
     for app_id in ["no-such-app", str(uuid.uuid4())]:
         with SSEStream(api.url, f"/events?app_id={app_id}", key=api.key, last_event_id=0) as s:
             s.open()
-            body = s.read_body(timeout=1)
+            body = s.read_body(timeout=0.3)
         assert s.status == 404, (s.status, s.headers)
         assert body == b"" and "json" not in s.headers.get("content-type", ""), (s.headers, body)
 
