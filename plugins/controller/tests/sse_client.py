@@ -167,7 +167,13 @@ class SSEStream:
                 if size_line == b"":  # the CRLF after a chunk's data
                     self._rest = rest
                     continue
-                size = int(size_line.split(b";")[0], 16)
+                try:
+                    size = int(size_line.split(b";")[0], 16)
+                except ValueError:
+                    raise FramingError(
+                        f"bad chunk size {size_line[:80]!r} (a second HTTP response inside the"
+                        f" stream?): {self._rest[:300]!r}"
+                    ) from None
                 if size == 0:
                     self.eof = True
                     self._rest = b""
