@@ -5,7 +5,9 @@ set against bare references measured in the same run on the same PostgreSQL data
   (keep-alive, one connection each) for `--time` seconds against one controller process;
   requests/s and p50/p99 latency. Reference: a bare aiohttp handler in its own process (as the
   controller is) that reads the same release from the same tables with asyncpg and returns the
-  same JSON (no auth, no validation, no event), and for POST inserts an equivalent release row.
+  same JSON (no auth, no validation, no event), and for POST inserts an equivalent release row;
+  a second POST reference also writes the release's event row and its NOTIFY in the same
+  transaction, as the controller must (but without the controller's event lock).
   Controller and reference alternate in `--rounds` blocks, so load drift hits both.
 * **event delivery**: an SSE subscriber on controller process B; `POST /apps` through process
   A, one at a time; latency from sending the POST to the app's event arriving on B (the write,
@@ -70,6 +72,8 @@ SELECT r.release_id, r.artifact_id, r.env, r.meta, r.processes, r.created_at
 INSERT_RELEASE = """
 INSERT INTO releases (release_id, artifact_id, env, meta, processes)
 VALUES ($1, $2, $3, $4, $5) RETURNING created_at"""
+INSERT_EVENT = """
+INSERT INTO events (object_type, object_id, data) VALUES ('release', $1, $2) RETURNING event_id"""
 
 
 def say(text: str) -> None:
@@ -124,14 +128,19 @@ def serve_reference(port: int) -> None:
         body = await request.json()
         rid = uuid.uuid4()
         artifact = uuid.UUID(body["artifact"]) if body.get("artifact") else None
-        created = await request.app["pool"].fetchval(
-            INSERT_RELEASE, rid, artifact, body.get("env"), body.get("meta"), body.get("processes")
-        )
-        return web.json_response(
-            _release_json(
-                rid, artifact, body.get("env"), body.get("meta"), body.get("processes"), created
+        env, meta, procs = body.get("env"), body.get("meta"), body.get("processes")
+        if "event" not in request.query:
+            created = await request.app["pool"].fetchval(
+                INSERT_RELEASE, rid, artifact, env, meta, procs
             )
-        )
+            return web.json_response(_release_json(rid, artifact, env, meta, procs, created))
+        # ?event: also the release's event and its NOTIFY, in one transaction
+        async with request.app["pool"].acquire() as conn, conn.transaction():
+            created = await conn.fetchval(INSERT_RELEASE, rid, artifact, env, meta, procs)
+            out = _release_json(rid, artifact, env, meta, procs, created)
+            event_id = await conn.fetchval(INSERT_EVENT, out["id"], out)
+            await conn.execute("SELECT pg_notify('bench_reference', $1)", str(event_id))
+        return web.json_response(out)
 
     async def ping(request: web.Request) -> web.Response:
         return web.Response(text="OK")
@@ -273,7 +282,7 @@ async def controller_events(a: ControllerProcess, b: ControllerProcess, n: int) 
                         fut.set_result(t)
 
         reader = asyncio.create_task(read())
-        delivery, post = [], []
+        delivery, post, after = [], [], []
         try:
             for _ in range(n):
                 name = f"bench-{uuid.uuid4().hex[:12]}"
@@ -288,11 +297,12 @@ async def controller_events(a: ControllerProcess, b: ControllerProcess, n: int) 
                 t2 = await asyncio.wait_for(fut, 10)
                 delivery.append((t2 - t0) * 1000)
                 post.append((t1 - t0) * 1000)
+                after.append((t2 - t1) * 1000)  # < 0: the event beat the POST's answer
                 await asyncio.sleep(0.01)
         finally:
             reader.cancel()
             stream.close()
-    return {"delivery": quantiles(delivery), "post": quantiles(post)}
+    return {"delivery": quantiles(delivery), "post": quantiles(post), "after": quantiles(after)}
 
 
 async def reference_events(pg: PGServer, n: int) -> dict:
@@ -362,12 +372,16 @@ def run(clients: int, seconds: float, rounds: int, events: int) -> dict[str, Any
             "post_release": ("POST", "/releases", post_body),
         }
         runs: dict[str, dict[str, list]] = {k: {"controller": [], "reference": []} for k in cases}
+        runs["post_release"]["reference_event"] = []
         for i in range(rounds):
             for case, (method, path, body) in cases.items():
-                for side, url in (("controller", a.url), ("reference", ref)):
-                    say(f"round {i + 1}/{rounds}: {method} {path.split('/')[1]} on the {side}")
+                sides = [("controller", a.url, path), ("reference", ref, path)]
+                if case == "post_release":
+                    sides.append(("reference_event", ref, path + "?event"))
+                for side, url, p in sides:
+                    say(f"round {i + 1}/{rounds}: {method} {p} on the {side}")
                     runs[case][side].append(
-                        asyncio.run(load(url, method, path, body, clients, seconds / rounds))
+                        asyncio.run(load(url, method, p, body, clients, seconds / rounds))
                     )
         result: dict[str, Any] = {"clients": clients, "seconds": seconds}
         for case in cases:
@@ -379,12 +393,21 @@ def run(clients: int, seconds: float, rounds: int, events: int) -> dict[str, Any
                 "p50_ratio": c["p50_ms"] / r["p50_ms"],
                 "p99_ratio": c["p99_ms"] / r["p99_ms"],
             }
+        e = summary(runs["post_release"]["reference_event"])
+        c = result["post_release"]["controller"]
+        result["post_release"]["reference_event"] = e
+        result["post_release"]["vs_reference_event"] = {
+            "rps_ratio": c["rps"] / e["rps"],
+            "p50_ratio": c["p50_ms"] / e["p50_ms"],
+            "p99_ratio": c["p99_ms"] / e["p99_ms"],
+        }
         say(f"event delivery: {events} apps through A, on B's stream; then the reference")
         ce = asyncio.run(controller_events(a, b, events))
         re_ = asyncio.run(reference_events(pg, events))
         result["events"] = {
             "controller": ce["delivery"],
             "controller_post": ce["post"],
+            "controller_after_answer": ce["after"],
             "reference": re_["delivery"],
             "p50_ratio": ce["delivery"]["p50_ms"] / re_["delivery"]["p50_ms"],
             "p99_ratio": ce["delivery"]["p99_ms"] / re_["delivery"]["p99_ms"],
@@ -406,10 +429,16 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{label:26}{c['rps']:9.0f}{c['p50_ms']:9.1f}{c['p99_ms']:9.1f}   {f['rps']:9.0f}"
               f"{f['p50_ms']:9.1f}{f['p99_ms']:9.1f}   {x['rps_ratio']:5.2f}×{x['p50_ratio']:6.2f}×"
               f"{x['p99_ratio']:6.2f}×")  # fmt: skip
+    x = r["post_release"]
+    f, v = x["reference_event"], x["vs_reference_event"]
+    print(f"{'  (reference + its event)':26}{'':27}   {f['rps']:9.0f}{f['p50_ms']:9.1f}"
+          f"{f['p99_ms']:9.1f}   {v['rps_ratio']:5.2f}×{v['p50_ratio']:6.2f}×"
+          f"{v['p99_ratio']:6.2f}×")  # fmt: skip
     e = r["events"]
     print(f"event delivery, POST /apps on A → SSE on B ({e['controller']['n']} events): "
           f"p50 {e['controller']['p50_ms']:.1f} ms, p99 {e['controller']['p99_ms']:.1f} ms "
-          f"(the POST alone: p50 {e['controller_post']['p50_ms']:.1f} ms);\n"
+          f"(the POST's answer: p50 {e['controller_post']['p50_ms']:.1f} ms, the event after it: "
+          f"p50 {e['controller_after_answer']['p50_ms']:.1f} ms);\n"
           f"  reference INSERT+NOTIFY → LISTEN: p50 {e['reference']['p50_ms']:.2f} ms, "
           f"p99 {e['reference']['p99_ms']:.2f} ms; "
           f"ratio p50 {e['p50_ratio']:.1f}×, p99 {e['p99_ratio']:.1f}×")  # fmt: skip
