@@ -82,6 +82,18 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         "gen-random",
         "run-app",
         "wait",
+        # the controller (Flynn's steps 8-19), then the closing line
+        "gen-random",
+        "gen-random",
+        "gen-tls-cert",
+        "run-app",
+        "wait",
+        "add-app",
+        "add-app",
+        "add-app",
+        "add-app",
+        "add-provider",
+        "log",
     ]
     discoverd = steps[2]["release"]
     assert discoverd["env"]["DISCOVERD_PEERS"] == "10.0.0.2:1111,10.0.0.1:1111"
@@ -98,6 +110,25 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert single[7]["release"]["env"]["POSTGRES_MODE"] == "available"
     assert steps[8]["url"] == "http://postgres-api.discoverd/ping"
+    by_id = {s["id"]: s for s in steps}
+    controller = by_id["controller"]
+    assert controller["resources"] == [
+        {"name": "postgres", "url": "http://postgres-api.discoverd/databases"}
+    ]
+    assert (
+        controller["release"]["env"]["CA_CERT"]
+        == '{{ (index .StepData "controller-cert").CACert }}'
+    )
+    assert controller["release"]["processes"]["web"]["args"][-2:] == ["component", "controller"]
+    assert by_id["controller-wait"]["status"] == 401
+    added = ("controller-inception", "postgres-app", "flannel-app", "discoverd-app")
+    assert [by_id[i]["from_step"] for i in added] == [
+        "controller",
+        "postgres",
+        "flannel",
+        "discoverd",
+    ]
+    assert "flynn cluster add -p {{" in by_id["log-complete"]["output"]
 
 
 # --- against real daemons ----------------------------------------------------------------------

@@ -247,6 +247,8 @@ def _is_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:  # a parent is a module, not a package
         return False
+    except ValueError:  # imported already, with no `__spec__` (cryptography's `serialization`)
+        return name in sys.modules
 
 
 def imports_of(source: str) -> Iterator[tuple[int, str]]:

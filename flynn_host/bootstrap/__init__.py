@@ -7,7 +7,8 @@ bootstrap_actions`), so later components add their own. The pieces:
 
 - `template` renders the manifest's Go-template subset, `manifest` finds, renders and parses it;
 - `runner` holds the cluster state the actions share, the `Action` base class and the step loop;
-- `actions` implements the built-in Layer 0 actions; `output` prints step events as Flynn does.
+- `actions` and `runapp` implement the built-in Layer 0 actions; `output` prints step events
+  as Flynn does.
 """
 
 from flynn_host.bootstrap.runner import (

@@ -2,8 +2,10 @@
 
 Text (to standard error, like Go's `log` with microsecond times): `15:04:05.000000 ACTION ID`
 when a step starts, `... ACTION ID done` when it finishes, `... ACTION MESSAGE` for progress and
-`... ACTION ID error: MESSAGE` when it fails. `--json`: one `StepInfo` JSON object per line on
-standard output, `{"id", "action", "data"?, "state", "error"?, "ts"}`.
+`... ACTION ID error: MESSAGE` when it fails; a step whose data is a message (`log`) prints
+`... ACTION ID MESSAGE` when done, as Flynn prints a step's data in text form. `--json`: one
+`StepInfo` JSON object per line on standard output,
+`{"id", "action", "data"?, "state", "error"?, "ts"}`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def text_logger(stream: TextIO | None = None) -> Callable[[StepInfo], None]:
             line = f"{info.action} {info.id}"
         elif info.state == "info":
             line = f"{info.action} {info.id}: {info.data}"
+        elif info.state == "done" and isinstance(info.data, dict) and "message" in info.data:
+            line = f"{info.action} {info.id} {info.data['message']}"
         elif info.state == "done":
             line = f"{info.action} {info.id} done"
         else:

@@ -110,9 +110,10 @@ class State:
             return {k: self.redact(v) for k, v in value.items()}
         return value
 
-    def report(self, info: StepInfo) -> None:
-        """Emit `info` with the secrets taken out of its data and error."""
-        if self.secrets:
+    def report(self, info: StepInfo, reveal: bool = False) -> None:
+        """Emit `info` with the secrets taken out of its data and error (unless `reveal`: a
+        step whose data is meant to show one, `log`)."""
+        if self.secrets and not reveal:
             info.data, info.error = self.redact(info.data), self.redact(info.error)
         self.emit(info)
 
@@ -128,7 +129,10 @@ class Action:
     """Base class of a bootstrap action. A plugin's action subclasses it (or just provides the
     same two methods): `__init__(step)` gets the step's JSON object (already template-rendered)
     and should reject bad fields by raising `StepError`; `run(state)` does the work, raises
-    `StepError` on failure and returns the step data (any JSON value, or None)."""
+    `StepError` on failure and returns the step data (any JSON value, or None).
+    `shows_secrets` (only `log`'s) lets the step's data reach the output unredacted."""
+
+    shows_secrets = False
 
     def __init__(self, step: dict[str, Any]) -> None:
         self.step = step
@@ -219,6 +223,7 @@ def run_steps(
             return False
         if data is not None:
             state.step_data[step["id"]] = data
-        state.report(StepInfo(step["id"], step["action"], "done", data=data))
+        reveal = bool(getattr(action, "shows_secrets", False))
+        state.report(StepInfo(step["id"], step["action"], "done", data=data), reveal=reveal)
     state.current = None
     return True

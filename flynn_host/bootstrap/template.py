@@ -4,15 +4,19 @@ Flynn renders `bootstrap-manifest.json` as a Go template before parsing it as JS
 what a Layer 0 manifest needs and refuse everything else by name, rather than guessing:
 
 - `{{ getenv "NAME" }}` (or `{{ getenv \"NAME\" }}` inside a JSON string): the environment
-  variable, or "" when unset;
+  variable, or "" when unset. The escaped form is only ever written inside a JSON string, so
+  its value is JSON-escaped there (a PEM certificate's line breaks become `\n`): Go would
+  insert them raw and make the manifest invalid JSON;
 - `{{ .Singleton }}` (`true`/`false`) and `{{ .SortedHostIPs }}` (a list, for `range`);
 - `{{ range $ip := .SortedHostIPs }}...{{ $ip }}...{{ end }}`, `{{ range $i, $ip := ... }}`
   (`$i` counts from 0) and `{{ range .X }}...{{ . }}...{{ end }}`;
 - `{{ if PIPELINE }}...{{ else }}...{{ end }}` (Go's truth: false, "", 0 and empty lists are
   false);
 - `{{- ` / ` -}}` trim the white space beside the action, as in Go;
-- `{{ (index .StepData "ID").Field }}`: a field of an earlier step's data (`.Data` of a
-  `gen-random` step is its `data`). Step data exists only once that step has run, so the whole
+- `{{ (index .StepData "ID").Field }}`: a field of an earlier step's data, named as Go names
+  the field whose JSON key it is: `.Data` is the key `data`, `.CACert` the key `ca_cert`,
+  `.ControllerURL` the key `controller_url` (the key as written, then with its first letter
+  lower-cased, then in snake case). Step data exists only once that step has run, so the whole
   manifest is rendered first without it (these actions are kept as they are) and each step is
   rendered again just before it runs (`render_step`).
 
@@ -21,6 +25,7 @@ Values are inserted as they are (no JSON escaping), as Go's text/template does.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -119,17 +124,25 @@ def _step_data(m: re.Match[str], line: int, data: Mapping[str, Any]) -> Any:
     if step not in data["StepData"]:
         raise TemplateError(f"line {line}: step {step!r} has no data (has it run yet?)")
     value = data["StepData"][step]
-    # Go's exported field `Data` is the JSON key `data`
-    key = name[0].lower() + name[1:]
-    if not isinstance(value, Mapping) or key not in value:
-        raise TemplateError(f"line {line}: the data of step {step!r} has no field {name}")
-    return value[key]
+    for key in json_keys(name):
+        if isinstance(value, Mapping) and key in value:
+            return value[key]
+    raise TemplateError(f"line {line}: the data of step {step!r} has no field {name}")
+
+
+def json_keys(field_name: str) -> list[str]:
+    """The JSON keys a Go field name may stand for: `Data` -> data, `CACert` -> ca_cert,
+    `ControllerURL` -> controller_url."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", field_name).lower()
+    return list(dict.fromkeys([field_name, field_name[0].lower() + field_name[1:], snake]))
 
 
 def _eval(expr: str, line: int, data: Mapping[str, Any], scope: dict[str, Any]) -> Any:
     m = GETENV_RE.match(expr)
     if m:
-        return os.environ.get(m.group(2), "")
+        value = os.environ.get(m.group(2), "")
+        # `\"NAME\"`: the action sits inside a JSON string, where the value must be escaped
+        return json.dumps(value, ensure_ascii=False)[1:-1] if m.group(1) else value
     m = STEPDATA_RE.match(expr)
     if m:
         return _step_data(m, line, data)

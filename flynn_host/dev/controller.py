@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flynn_host.dev.host import free_port
 
@@ -228,3 +229,17 @@ def controller_process(
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         shutil.rmtree(logdir, ignore_errors=True)
+
+
+# --- the controller a bootstrapped development cluster runs ------------------------------------
+def cluster_controller(c: Any) -> tuple[str, str, str]:
+    """(URL, key, job id) of the controller's `web` job on a cluster booted with
+    `flynn-host bootstrap` (a `flynn_host.dev.cluster.Cluster`). The URL is the job's
+    address, reached from a host's namespace (`Cluster.exec`), not from the root namespace."""
+    for i in range(1, len(c.hosts) + 1):
+        for job in c.client(i).list_jobs(active=True).values():
+            meta = job["job"].get("metadata") or {}
+            if meta.get("flynn-controller.app_name") == "controller" and job.get("internal_ip"):
+                key = job["job"]["config"]["env"]["AUTH_KEY"].split(",")[0]
+                return f"http://{job['internal_ip']}:80", key, job["job"]["id"]
+    raise RuntimeError("no running controller job in the cluster")

@@ -28,6 +28,13 @@ PUBLIC_MODULES: dict[str, str] = {
     "flynn_host.runtime.volumes": (
         "`VolumeManager`, the base class a `volumes` component may extend"
     ),
+    "flynn_host.bootstrap": (
+        "`Action`, `State`, `StepError`: what a plugin's bootstrap action is built from"
+    ),
+    "flynn_host.bootstrap.services": (
+        "calling a cluster service by its discoverd name from a bootstrap action (the "
+        "controller's `add-app`)"
+    ),
     "flynn_host.networking.links": (
         "network namespaces and netlink (`iproute_in`): flannel's VXLAN device lives beside "
         "the host's bridge, in the host's namespace or a test host's, reached the same way"

@@ -7,13 +7,15 @@ from flynn_host.plugins.hookspecs import hookimpl
 
 @hookimpl
 def flynn_host_bootstrap_actions() -> dict[str, type]:
-    from flynn_host.bootstrap import actions, genrandom, wait
+    from flynn_host.bootstrap import actions, genrandom, gentlscert, log, runapp, wait
 
     return {
         "gen-random": genrandom.GenRandom,
+        "gen-tls-cert": gentlscert.GenTLSCert,
+        "log": log.Log,
         "wait": wait.Wait,
         "require-env": actions.RequireEnv,
         "resource-check": actions.ResourceCheck,
-        "run-app": actions.RunApp,
+        "run-app": runapp.RunApp,
         "wait-hosts": actions.WaitHosts,
     }

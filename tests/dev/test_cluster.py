@@ -241,16 +241,19 @@ def test_up_bootstraps_the_layer_0_platform() -> None:
     ids = [f"{c.name}h1", f"{c.name}h2"]
     try:
         c.up(2, bootstrap=True, host_id_prefix=f"{c.name}h")
-        postgres = 0
+        postgres = controller = 0
         for i in (1, 2):
             jobs = c.client(i).list_jobs(active=True)
             meta = [j["job"].get("metadata") or {} for j in jobs.values()]
             apps = sorted(m.get("flynn-controller.app_name", "") for m in meta)
-            # Layer 0 on every host; the PostgreSQL appliance's jobs spread over the hosts
+            # Layer 0 on every host; the PostgreSQL appliance's jobs and the controller's spread
+            # over the hosts
             assert apps.count("discoverd") == apps.count("flannel") == 1, jobs
-            assert set(apps) <= {"discoverd", "flannel", "postgres"}, jobs
+            assert set(apps) <= {"discoverd", "flannel", "postgres", "controller"}, jobs
             postgres += apps.count("postgres")
+            controller += apps.count("controller")
         assert postgres == 5  # 3 nodes and 2 API processes
+        assert controller == 1
     finally:
         c.down()
     assert_gone(c, ids)

@@ -33,12 +33,30 @@ from flynn_controller.events import emit
 from flynn_controller.formations import check_processes, put_formation_row
 from flynn_controller.releases import RELEASE_COLUMNS, set_app_release
 from flynn_controller.render import deployment_json
+from flynn_controller.types import DEPLOYMENT_TRANSITIONS
 
 DEPLOYMENT_COLUMNS = (
     "deployment_id, app_id, old_release_id, new_release_id, strategy, status, processes,"
     " deploy_timeout, created_at, finished_at"
 )
 IN_PROGRESS = "Cannot create deploy, there is already one in progress for this app."
+
+
+async def advance(
+    conn: asyncpg.Connection, row: asyncpg.Record, status: str, error: str | None = None
+) -> asyncpg.Record:
+    """Move a deployment to `status` along DEPLOYMENT_TRANSITIONS, with its event."""
+    if status not in DEPLOYMENT_TRANSITIONS[row["status"]]:
+        raise ValueError(f"deployment {row['deployment_id']}: {row['status']} -> {status}")
+    row = await conn.fetchrow(
+        "UPDATE deployments SET status = $2,"
+        " finished_at = CASE WHEN $2 IN ('complete', 'failed') THEN now() END"
+        f" WHERE deployment_id = $1 RETURNING {DEPLOYMENT_COLUMNS}",
+        row["deployment_id"],
+        status,
+    )
+    await deployment_event(conn, row, status, error)
+    return row
 
 
 async def deployment_event(
@@ -128,13 +146,12 @@ async def run_deployment(
             raise
         async with db.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                "UPDATE deployments SET status = 'failed', finished_at = now()"
-                " WHERE deployment_id = $1 AND finished_at IS NULL"
-                f" RETURNING {DEPLOYMENT_COLUMNS}",
+                f"SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE deployment_id = $1"
+                " AND finished_at IS NULL FOR UPDATE",
                 args["id"],
             )
             if row is not None:
-                await deployment_event(conn, row, "failed", str(exc) or type(exc).__name__)
+                await advance(conn, row, "failed", str(exc) or type(exc).__name__)
 
 
 async def _deploy(db: asyncpg.Pool, deployment_id: str) -> None:
@@ -152,7 +169,7 @@ async def _deploy(db: asyncpg.Pool, deployment_id: str) -> None:
             f"SELECT {RELEASE_COLUMNS} FROM releases WHERE release_id = $1",
             row["new_release_id"],
         )
-        await deployment_event(conn, row, "running")
+        row = await advance(conn, row, "running")
         processes = row["processes"] or {}
         await put_formation_row(conn, app, new, processes)
         await set_app_release(conn, app, new)
@@ -162,12 +179,7 @@ async def _deploy(db: asyncpg.Pool, deployment_id: str) -> None:
                 row["old_release_id"],
             )
             await put_formation_row(conn, app, old, {t: 0 for t in processes})
-        row = await conn.fetchrow(
-            "UPDATE deployments SET status = 'complete', finished_at = now()"
-            f" WHERE deployment_id = $1 RETURNING {DEPLOYMENT_COLUMNS}",
-            row["deployment_id"],
-        )
-        await deployment_event(conn, row, "complete")
+        await advance(conn, row, "complete")
 
 
 @operation(

@@ -221,6 +221,12 @@ class EventHub:
                 return
 
 
+async def newest_id(pool: asyncpg.Pool) -> int:
+    """The id of the newest stored event: a new subscriber's floor, so that events committed
+    before it subscribed (which the hub may not have passed on yet) are not sent as live."""
+    return int(await pool.fetchval("SELECT coalesce(max(event_id), 0) FROM events"))
+
+
 async def past_events(
     pool: asyncpg.Pool, flt: EventFilter, after_id: int, count: int | None = None
 ) -> list[dict[str, Any]]:

@@ -13,7 +13,13 @@ from aiohttp import web
 
 from flynn_controller.api import HUB, Query, find_app, json_response, operation, pool
 from flynn_controller.errors import NotFound
-from flynn_controller.events import EVENT_COLUMNS, EventFilter, event_json, past_events
+from flynn_controller.events import (
+    EVENT_COLUMNS,
+    EventFilter,
+    event_json,
+    newest_id,
+    past_events,
+)
 from flynn_controller.sse import EventStream
 from flynn_controller.types import OBJECT_TYPES
 
@@ -71,9 +77,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     sub = hub.subscribe(flt)
     try:
+        replay = q.bool("past") or last_id > 0
+        sent = last_id if replay else await newest_id(pool(request))
         async with EventStream(request) as stream:
-            sent = last_id
-            if q.bool("past") or last_id > 0:
+            if replay:
                 for event in await past_events(pool(request), flt, last_id, count):
                     await stream.send(event)
                     sent = max(sent, event["id"])

@@ -24,7 +24,7 @@ from flynn_controller.api import (
     uuid_param,
 )
 from flynn_controller.errors import APIError, NotFound, validation_error
-from flynn_controller.events import EventFilter, emit
+from flynn_controller.events import EventFilter, emit, newest_id
 from flynn_controller.releases import ARTIFACT_COLUMNS, RELEASE_COLUMNS, claim_release
 from flynn_controller.render import app_json, artifact_json, formation_json, release_json
 from flynn_controller.sse import EventStream, wants_stream
@@ -258,6 +258,7 @@ async def formations(request: web.Request) -> web.StreamResponse:
     since = _since(request)
     sub = request.app[HUB].subscribe(EventFilter(object_types=frozenset({"scale"})))
     try:
+        floor = await newest_id(db)  # the batch below covers every change up to here
         async with EventStream(request) as stream:
             query = "SELECT app_id, release_id FROM formations"
             args: list[Any] = []
@@ -274,6 +275,8 @@ async def formations(request: web.Request) -> web.StreamResponse:
                 if event is None:
                     await stream.error(sub.error or "stream closed")
                     break
+                if event["id"] <= floor:
+                    continue
                 app_id, _, release_id = event["object_id"].partition(":")
                 e = await expanded(db, app_id, release_id)
                 if e is not None:

@@ -1,5 +1,5 @@
 """controller's hooks: the `controller` platform component (the API server, process `web` of
-the controller app)."""
+the controller app) and its bootstrap actions (`add-app`, `add-provider`)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ def _main(argv: list[str]) -> int:
 @hookimpl
 def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
     return {"controller": _main}
+
+
+@hookimpl
+def flynn_host_bootstrap_actions() -> dict[str, type]:
+    from flynn_controller import bootstrap
+
+    return {"add-app": bootstrap.AddApp, "add-provider": bootstrap.AddProvider}
