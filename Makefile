@@ -62,6 +62,7 @@ bench: dev
 	$(BIN)/python bench/discoverd_failover.py
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/overlay.py
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/postgres_failover.py
+	$(BIN)/python bench/controller.py
 
 lint: venv
 	$(BIN)/ruff check .
