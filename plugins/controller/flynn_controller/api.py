@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from flynn_controller.errors import APIError, NotFound
+from flynn_controller.errors import APIError, NotFound, validation_error
 from flynn_controller.events import EventHub
 from flynn_controller.schemas import validate
 from flynn_controller.types import is_uuid
@@ -97,11 +97,35 @@ async def read_json(request: web.Request, schema: str | None = None) -> Any:
         body = json.loads(raw) if raw.strip() else None
     except (ValueError, UnicodeDecodeError):
         raise APIError("syntax_error", "The provided JSON input is invalid") from None
+    nul = _nul_field(body, "")
+    if nul is not None:
+        raise validation_error(nul, "must not contain NUL characters")
     if schema is not None:
         if body is None:
             raise APIError("syntax_error", "The provided JSON input is invalid")
         validate(schema, body)
     return body
+
+
+def _nul_field(value: Any, path: str) -> str | None:
+    """The dotted path of the first string (or key) holding U+0000, which PostgreSQL's text
+    and jsonb cannot store; None when there is none."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{path}.{k}" if path else str(k)
+            if "\x00" in k:
+                return here
+            found = _nul_field(v, here)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_field(v, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
 
 
 def json_response(obj: Any) -> web.Response:

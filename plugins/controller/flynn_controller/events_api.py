@@ -12,7 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from flynn_controller.api import HUB, Query, find_app, json_response, operation, pool
-from flynn_controller.errors import NotFound
+from flynn_controller.errors import APIError, NotFound
 from flynn_controller.events import (
     EVENT_COLUMNS,
     EventFilter,
@@ -38,8 +38,8 @@ async def _filter(request: web.Request) -> EventFilter:
         t for t in request.query.get("object_types", "").split(",") if t and t not in OBJECT_TYPES
     ]
     if unknown and not types:
-        # only unknown types asked for: nothing can ever match
-        types = frozenset({"\x00none"})
+        # only unknown types asked for: nothing can ever match (no object type has a space)
+        types = frozenset({"no such type"})
     return EventFilter(app_id, types, request.query.get("object_id") or None)
 
 
@@ -74,6 +74,10 @@ async def events(request: web.Request) -> web.StreamResponse:
         last_id = int(request.headers.get("Last-Event-Id") or 0)
     except ValueError:
         last_id = 0
+    if not 0 <= last_id < 2**63:
+        raise APIError(
+            "validation_error", "Last-Event-Id must be an event id", {"field": "Last-Event-Id"}
+        )
     hub = request.app[HUB]
     sub = hub.subscribe(flt)
     try:

@@ -60,6 +60,9 @@ def is_transient(exc: BaseException) -> bool:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # U+0000 cannot be stored or compared by PostgreSQL: nothing a URL names can hold one
+    if "\x00" in request.path or any("\x00" in k or "\x00" in v for k, v in request.query.items()):
+        return bare(404)
     try:
         return await handler(request)
     except NotFound:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from typing import Any
 
 from aiohttp import web
 
 CONTENT_TYPE = "text/event-stream; charset=utf-8"
+
+log = logging.getLogger("flynn_controller.sse")
 
 
 def keepalive_interval() -> float:
@@ -58,11 +61,21 @@ class EventStream:
         self._keepalive = asyncio.create_task(self._keep_alive())
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
         if self._keepalive is not None:
             self._keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keepalive
+        if exc is None or not isinstance(exc, Exception):
+            return False  # done, or cancelled: let it go on
+        # the headers are out: a failure can only end the stream, as an `event: error`
+        if not isinstance(exc, ConnectionError):
+            log.warning("event stream ended by %r", exc)
+            with contextlib.suppress(Exception):
+                await self.error("Something went wrong")
+        return True
 
     async def _write(self, data: bytes) -> None:
         async with self._lock:

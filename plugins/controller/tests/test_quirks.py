@@ -345,20 +345,14 @@ def test_duplicate_app_name_is_object_exists(api: Api) -> None:
 
 
 # --- found by the fuzz: kept as plain reproductions -------------------------------------------
-# Marked xfail(strict) while the server has the bug: the suite stays green, and a fix makes
-# them pass unexpectedly, which fails until the mark is removed.
-
-SERVER_BUG = "server bug, reported on the contract branch"
 
 
-@pytest.mark.xfail(strict=True, reason=f"{SERVER_BUG}: events_api._filter's '\\x00none' sentinel")
 def test_unknown_object_types_match_nothing(api: Api) -> None:
     new_app(api)
     r = api("GET", "/events?object_types=no-such-type", headers={"Accept": "application/json"})
     assert r.status == 200 and r.json() == [], str(r)
 
 
-@pytest.mark.xfail(strict=True, reason=f"{SERVER_BUG}: U+0000 reaches PostgreSQL")
 def test_nul_characters_are_a_client_error(api: Api) -> None:
     """PostgreSQL cannot store U+0000 in text or jsonb: a request carrying one is the client's
     error (400 validation_error, or a bare 404 for a lookup), never a 500."""
@@ -374,7 +368,6 @@ def test_nul_characters_are_a_client_error(api: Api) -> None:
     assert_bare(r, 404, "GET /events?app_id=%00")
 
 
-@pytest.mark.xfail(strict=True, reason=f"{SERVER_BUG}: a 500 response written into the stream")
 def test_a_stream_that_fails_after_its_headers_ends_with_an_sse_error(api: Api) -> None:
     """Once the 200 and its headers are out, a failure can only end the stream with
     `event: error` (which the CLI surfaces, then resumes); a second HTTP response inside the
