@@ -50,19 +50,15 @@ async def emit(
 ) -> int | None:
     """Write an event inside the caller's transaction; returns its id, or None when an event
     with the same `unique_id` exists already (Flynn's one event per job and state)."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", db.EVENT_LOCK)
     event_id: int | None = await conn.fetchval(
-        "INSERT INTO events (app_id, object_type, object_id, unique_id, data)"
-        " VALUES ($1, $2, $3, $4, $5)"
-        " ON CONFLICT (unique_id) DO NOTHING RETURNING event_id",
+        "SELECT flynn_emit_event($1, $2, $3, $4, $5, $6)",  # migrations/0002_emit_function.sql
+        db.EVENT_LOCK,
         app_id,
         object_type,
         object_id,
         unique_id,
         data,
     )
-    if event_id is not None:
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(event_id))
     return event_id
 
 

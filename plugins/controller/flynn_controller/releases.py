@@ -26,7 +26,7 @@ from flynn_controller.api import (
 from flynn_controller.errors import NotFound, object_exists, validation_error
 from flynn_controller.events import emit
 from flynn_controller.render import artifact_json, release_json
-from flynn_controller.types import new_id, with_default_resources
+from flynn_controller.types import is_uuid, new_id, with_default_resources
 
 ARTIFACT_COLUMNS = "artifact_id, type, uri, meta, created_at"
 RELEASE_COLUMNS = "release_id, artifact_id, env, meta, processes, created_at"
@@ -119,10 +119,6 @@ async def create_release(request: web.Request) -> web.Response:
     body = await read_json(request, "release")
     artifact = body.get("artifact")
     async with pool(request).acquire() as conn, conn.transaction():
-        if artifact and not await conn.fetchval(
-            "SELECT 1 FROM artifacts WHERE artifact_id = $1", uuid_param(artifact)
-        ):
-            raise validation_error("artifact", f"could not find artifact with ID {artifact}")
         release_id = uuid_param(body["id"]) if body.get("id") else new_id()
         try:
             row = await conn.fetchrow(
@@ -136,6 +132,10 @@ async def create_release(request: web.Request) -> web.Response:
             )
         except asyncpg.UniqueViolationError:
             raise object_exists(f"release {release_id} already exists") from None
+        except asyncpg.ForeignKeyViolationError:
+            raise validation_error(
+                "artifact", f"could not find artifact with ID {artifact}"
+            ) from None
         out = release_json(row)
         await emit(conn, "release", out["id"], out)
     return json_response(out)
@@ -186,10 +186,22 @@ async def list_app_releases(request: web.Request) -> web.Response:
     response="release",
 )
 async def get_app_release(request: web.Request) -> web.Response:
-    app = await find_app(pool(request), request.match_info["app"])
-    if app["release_id"] is None:
+    # one query: a missing app and an app without a release are both a bare 404
+    ref = request.match_info["app"]
+    cols = ", ".join(f"r.{c}" for c in RELEASE_COLUMNS.split(", "))
+    where = "a.name = $1"
+    args: list[Any] = [ref]
+    if is_uuid(ref):
+        where = "(a.app_id = $2::uuid OR a.name = $1)"
+        args.append(uuid_param(ref))
+    row = await pool(request).fetchrow(
+        f"SELECT {cols} FROM apps a JOIN releases r ON r.release_id = a.release_id"
+        f" WHERE a.deleted_at IS NULL AND {where}",
+        *args,
+    )
+    if row is None:
         raise NotFound()
-    return json_response(release_json(await find_release(pool(request), str(app["release_id"]))))
+    return json_response(release_json(row))
 
 
 async def set_app_release(

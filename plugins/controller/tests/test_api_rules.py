@@ -229,7 +229,7 @@ def test_two_processes_racing_to_migrate_one_database(pg: PGServer) -> None:
             t.join(60)
         assert len(started) == 2
         rows = pg.psql("SELECT id, count(*) FROM schema_migrations GROUP BY id", "race")
-        assert rows.strip().splitlines() == ["1|1"]
+        assert sorted(rows.strip().splitlines()) == ["1|1", "2|1"]
         a, b = API(started[0]), API(started[1])
         made = new_app(a, "raced")
         assert b.ok("GET", "/apps/raced")["id"] == made["id"]
