@@ -150,3 +150,84 @@ def test_a_rerun_changes_nothing_and_prints_the_closing_lines(cluster: Cluster) 
     # the key shows nowhere else
     assert out.stderr.count(key) == 2
     assert get(cluster, f"{base}/apps", printed_key)[0] == 200
+
+
+def test_the_flynn_cli_against_the_controller_bootstrap_started(
+    cluster: Cluster, tmp_path: Any
+) -> None:
+    """The `flynn` commands of this issue from a host of the cluster, each checked by its
+    output and by the API's state after it; the postgres resource's env reaches a job's psql."""
+    from flynn_host.dev import postgres as pg
+    from flynn_host.dev.controller import cluster_controller
+
+    url, key, _ = cluster_controller(cluster)
+    env = {"HOME": str(tmp_path), "FLYNNRC": str(tmp_path / ".flynnrc")}
+    flynn = os.path.join(os.path.dirname(sys.executable), "flynn")
+
+    def run(*args: str) -> str:
+        out = cluster.exec(1, [flynn, *args], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=str(tmp_path))  # fmt: skip
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        return out.stdout + out.stderr
+
+    def api(path: str) -> Any:
+        status, body = get(cluster, url + path, key)
+        assert status == 200, (path, status, body)
+        return body
+
+    out = run("cluster", "add", "--no-git", "default", url, key)
+    assert 'Cluster "default" added and set as default.' in out
+    assert run("create", "clitest").strip() == "Created clitest"
+    app = api("/apps/clitest")
+    assert [r["domain"] for r in api("/apps/clitest/routes")] == [f"clitest.{cluster.domain}"]
+    assert "clitest" in run("apps") and "=== clitest" in run("-a", "clitest", "info")
+
+    release_file = tmp_path / "release.json"
+    release_file.write_text(json.dumps({"processes": {"web": {"cmd": ["serve"]}}}))
+    uri = "https://registry.hub.docker.com?name=library/busybox&tag=latest"
+    out = run("-a", "clitest", "release", "add", "-f", str(release_file), uri)
+    release_id = re.search(r"Created release (\S+)\.", out).group(1)  # type: ignore[union-attr]
+    assert api("/apps/clitest/release")["id"] == release_id
+    artifact = api(f"/artifacts/{api('/apps/clitest/release')['artifact']}")
+    assert (artifact["type"], artifact["uri"]) == ("docker", uri)
+
+    run("-a", "clitest", "env", "set", "GREETING=hi", "OTHER=x")
+    assert api("/apps/clitest/release")["env"] == {"GREETING": "hi", "OTHER": "x"}
+    assert run("-a", "clitest", "env", "get", "GREETING").strip() == "hi"
+    run("-a", "clitest", "env", "unset", "OTHER")
+    assert api("/apps/clitest/release")["env"] == {"GREETING": "hi"}
+    run("-a", "clitest", "meta", "set", "owner=tests")
+    assert api(f"/apps/{app['id']}")["meta"] == {"owner": "tests"}
+    run("-a", "clitest", "limit", "set", "web", "memory=256MB")
+    resources = api("/apps/clitest/release")["processes"]["web"]["resources"]
+    assert resources["memory"]["limit"] == 256 * 1024 * 1024
+    assert "memory=256MB" in run("-a", "clitest", "limit")
+
+    assert "http://postgres-api.discoverd/databases" in run("provider")
+    out = run("-a", "clitest", "resource", "add", "postgres")
+    resource_id = re.search(r"Created resource (\S+) and release", out).group(1)  # type: ignore[union-attr]
+    release_env = api("/apps/clitest/release")["env"]
+    assert release_env["GREETING"] == "hi" and release_env["PGHOST"] == "leader.postgres.discoverd"
+    assert [r["id"] for r in api("/apps/clitest/resources")] == [resource_id]
+    db_env = {k: v for k, v in release_env.items() if k.startswith("PG")}
+    status, psql = pg.run_job(cluster, 1, "psql -Atc 'SELECT current_user'", db_env)
+    assert status == 0 and psql.strip().splitlines()[-1] == release_env["PGUSER"], psql
+    out = run("-a", "clitest", "resource", "remove", "postgres", resource_id)
+    assert f"Deleted resource {resource_id}" in out
+    assert api("/apps/clitest/resources") == []
+    assert "PGHOST" not in api("/apps/clitest/release")["env"]
+
+    http_id = run("-a", "clitest", "route", "add", "http", "clitest.example.test").strip()
+    out = run("-a", "clitest", "route", "add", "tcp")
+    tcp_id, port = re.search(r"(tcp/\S+) listening on port (\d+)", out).groups()  # type: ignore[union-attr]
+    listing = run("-a", "clitest", "route")
+    assert "http:clitest.example.test" in listing and f"tcp:{port}" in listing
+    assert f"updated {http_id}" in run("-a", "clitest", "route", "update", http_id, "--sticky")
+    assert api(f"/apps/clitest/routes/{http_id}")["sticky"] is True
+    assert "removed" in run("-a", "clitest", "route", "remove", tcp_id)
+    assert get(cluster, f"{url}/apps/clitest/routes/{tcp_id}", key)[0] == 404
+    assert "complete" in run("-a", "clitest", "deployment")
+
+    out = run("-a", "clitest", "delete", "-y")
+    assert "Deleted clitest (removed 2 routes, deprovisioned 0 resources)" in out
+    assert get(cluster, f"{url}/apps/clitest", key)[0] == 404
