@@ -15,40 +15,12 @@ from typing import Any
 
 from aiohttp import web
 
-STATUS = {
-    "not_found": 404,
-    "object_not_found": 404,
-    "object_exists": 409,
-    "conflict": 409,
-    "precondition_failed": 412,
-    "syntax_error": 400,
-    "validation_error": 400,
-    "unauthorized": 401,
-    "service_unavailable": 503,
-    "unknown_error": 500,
-}
+from flynn_host.errors import FlynnError
 
 
-class APIError(Exception):
-    """An error answered as Flynn's error JSON."""
-
-    def __init__(self, code: str, message: str, detail: Any = None, retry: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.detail = detail
-        self.retry = retry
-
-    @property
-    def status(self) -> int:
-        return STATUS.get(self.code, 500)
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.detail is not None:
-            body["detail"] = self.detail
-        body["retry"] = self.retry
-        return body
+class APIError(FlynnError):
+    """An error answered as Flynn's error JSON (the host API's `FlynnError`: the same codes,
+    statuses and body)."""
 
     def response(self) -> web.Response:
         return web.Response(
