@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,6 +294,47 @@ def test_component_job_runs_from_the_frozen_bundle(frozen: FrozenDaemon) -> None
     assert status["detail"]["hostname"] == job_id.split("-", 1)[1]
     frozen.client.stop_job(job_id)
     assert frozen.wait_job(job_id)["status"] == "done"
+
+
+@needs_root
+def test_the_controller_runs_from_the_frozen_bundle(bundle: Path) -> None:
+    """`flynn-host component controller` from the bundle alone: it applies its migrations
+    (package data), validates with its JSON schemas (jsonschema's own data files) and serves."""
+    from flynn_host.dev.controller import pg_server
+
+    with pg_server() as pg:
+        port = devhost.free_port()
+        env = host_env(**pg.env(), PORT=str(port), LISTEN_IP="127.0.0.1", AUTH_KEY="frozen-key")
+        proc = subprocess.Popen(without_venv([str(bundle), "component", "controller"]),
+                                env=env, cwd="/", stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": "Basic OmZyb3plbi1rZXk="}  # ":frozen-key"
+
+        def call(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+            data = json.dumps(body).encode() if body is not None else None
+            req = urllib.request.Request(url + path, data=data, method=method, headers=auth)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status, json.loads(resp.read() or b"null")
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read() or b"null")
+
+        try:
+            devhost.wait_for(
+                lambda: call("GET", "/.well-known/status")[0] == 200,
+                60,
+                "the frozen controller",
+                ignoring=(OSError,),
+            )
+            assert call("POST", "/apps", {"name": "frozen"})[1]["name"] == "frozen"
+            status, err = call("POST", "/apps", {"name": "Not Valid"})
+            assert (status, err["detail"]) == (400, {"field": "name"})
+            assert "/apps" in call("GET", "/openapi.json")[1]["paths"]
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=30)[0].decode(errors="replace")
+        assert "Traceback" not in out, out[-3000:]
 
 
 @needs_root

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -74,7 +74,6 @@ def operation(
 POOL = web.AppKey("pool", asyncpg.Pool)
 HUB = web.AppKey("hub", EventHub)
 CONFIG = web.AppKey("config", Config)
-BACKGROUND = web.AppKey("background", list)
 
 
 def pool(request: web.Request) -> asyncpg.Pool:
@@ -182,7 +181,6 @@ class Query:
     """Query-string helpers that answer bad values with a validation error."""
 
     request: web.Request
-    names: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> str | None:
         return self.request.query.get(name)
