@@ -294,11 +294,16 @@ def controller_demo(c: Cluster) -> None:
     network is reached from the hosts' namespaces; the router will publish it later)."""
     import tempfile
 
-    from flynn_host.dev import postgres as pg
     from flynn_host.dev.controller import cluster_controller
 
     url, key, _ = cluster_controller(c)
-    home = tempfile.mkdtemp(prefix="flynn-demo-home-")
+    with tempfile.TemporaryDirectory(prefix="flynn-demo-home-") as home:
+        _flynn_cli_demo(c, url, key, home)
+
+
+def _flynn_cli_demo(c: Cluster, url: str, key: str, home: str) -> None:
+    from flynn_host.dev import postgres as pg
+
     env = {"HOME": home, "FLYNNRC": f"{home}/.flynnrc"}
     flynn = str(devhost.ROOT / ".venv" / "bin" / "flynn")
 
