@@ -109,3 +109,21 @@ def route_json(row: asyncpg.Record) -> dict[str, Any]:
     else:
         _put(out, "port", row["port"])
     return out
+
+
+def job_json(row: asyncpg.Record) -> dict[str, Any]:
+    """Job: the host metadata without the controller's own `flynn-controller.*` keys."""
+    out: dict[str, Any] = {"id": row["job_id"], "app": str(row["app_id"])}
+    if row["release_id"] is not None:
+        out["release"] = str(row["release_id"])
+    _put(out, "type", row["process_type"])
+    out["state"] = row["state"]
+    _put(out, "cmd", row["cmd"])
+    meta = {k: v for k, v in (row["meta"] or {}).items() if not k.startswith("flynn-controller.")}
+    _put(out, "meta", meta)
+    if row["exit_status"] is not None:
+        out["exit_status"] = row["exit_status"]
+    _put(out, "host_error", row["host_error"])
+    out["created_at"] = fmt_time(row["created_at"])
+    out["updated_at"] = fmt_time(row["updated_at"])
+    return out

@@ -20,6 +20,7 @@ from flynn_controller.errors import validation_error
 from flynn_controller.types import (
     APP_NAME_MAX,
     ARTIFACT_TYPES,
+    JOB_STATES,
     RESOURCE_TYPES,
     STRATEGIES,
 )
@@ -215,6 +216,24 @@ ROUTE = {
     },
 }
 
+JOB = {
+    "type": "object",
+    "required": ["state"],
+    "properties": {
+        "id": {"type": "string", "maxLength": 200},
+        "app": {"type": "string"},
+        "release": {**UUID, "nullable": True},
+        "type": {"type": "string", "maxLength": 100},
+        "state": {"type": "string", "enum": list(JOB_STATES)},
+        "cmd": STRINGS,
+        "meta": STRING_MAP,
+        "exit_status": {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
+        "host_error": {"type": "string", "maxLength": 65536},
+        "created_at": TIME,
+        "updated_at": TIME,
+    },
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "app": APP,
     "release": RELEASE,
@@ -227,6 +246,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "resource_req": RESOURCE_REQ,
     "resource": RESOURCE,
     "route": ROUTE,
+    "job": JOB,
 }
 
 

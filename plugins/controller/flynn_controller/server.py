@@ -30,6 +30,7 @@ from flynn_controller import (  # noqa: F401
     deployments,
     events_api,
     formations,
+    jobs,
     releases,
     resources,
     routes,

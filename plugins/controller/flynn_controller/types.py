@@ -54,9 +54,19 @@ DEPLOYMENT_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "failed": (),
 }
 
-# Job states in the order a job may pass through them (the 2015 database enum); an update may
-# only move forward. `stopping` is a state clients see but the database never stores.
-JOB_STATES = ("starting", "up", "down", "crashed", "failed")
+# Job states and the order a job passes through them: a report may only move a job forward
+# (the 2015 database's enum check). The three ends share a rank: a job ends once.
+JOB_STATE_RANK = {
+    "pending": 0,
+    "blocked": 0,
+    "starting": 1,
+    "up": 2,
+    "stopping": 3,
+    "down": 4,
+    "crashed": 4,
+    "failed": 4,
+}
+JOB_STATES = tuple(JOB_STATE_RANK)
 
 # --- releases ------------------------------------------------------------------------------
 GIB = 1024**3

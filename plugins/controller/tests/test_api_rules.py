@@ -229,7 +229,9 @@ def test_two_processes_racing_to_migrate_one_database(pg: PGServer) -> None:
             t.join(60)
         assert len(started) == 2
         rows = pg.psql("SELECT id, count(*) FROM schema_migrations GROUP BY id", "race")
-        assert sorted(rows.strip().splitlines()) == ["1|1", "2|1"]
+        from flynn_controller.db import migrations
+
+        assert sorted(rows.strip().splitlines()) == sorted(f"{n}|1" for n, _, _ in migrations())
         a, b = API(started[0]), API(started[1])
         made = new_app(a, "raced")
         assert b.ok("GET", "/apps/raced")["id"] == made["id"]
@@ -489,3 +491,37 @@ def test_database_outage_gives_retry_errors_then_service_resumes(pg: PGServer) -
             assert "during" not in seen
         names = [a["name"] for a in api.ok("GET", "/apps")]
         assert "during" not in names and {"before", "after"} <= set(names)
+
+
+# --- jobs as the scheduler reports them ---------------------------------------------------------
+def test_job_reports_move_forward_with_one_event_per_state(api: API) -> None:
+    app = new_app(api, "jobbed")
+    release = deployable_release(api)
+    job_id = "hostA-7d3ab6e2-1e4b-4c8f-9d61-0a9f4e0c2b11"
+    path = f"/apps/jobbed/jobs/{job_id}"
+    meta = {"flynn-controller.app": app["id"], "user-key": "v"}
+    body = {"release": release["id"], "type": "web", "state": "starting", "meta": meta}
+    job = api.ok("PUT", path, body)
+    assert (job["id"], job["type"], job["state"], job["meta"]) == (
+        job_id,
+        "web",
+        "starting",
+        {"user-key": "v"},
+    )
+    api.ok("PUT", path, {"state": "up"})
+    api.ok("PUT", path, {"state": "up"})  # a repeated report: no second event
+    status, err = api.call("PUT", path, {"state": "starting"})
+    assert (status, err["detail"]) == (400, {"field": "state"})
+    done = api.ok("PUT", path, {"state": "down", "exit_status": 0})
+    assert (done["state"], done["exit_status"], done["release"]) == ("down", 0, release["id"])
+    events = api.events(f"app_id=jobbed&object_types=job&object_id={job_id}")
+    assert [e["data"]["state"] for e in reversed(events)] == ["starting", "up", "down"]
+    assert api.ok("GET", path)["state"] == "down"
+    assert [j["id"] for j in api.ok("GET", "/apps/jobbed/jobs")] == [job_id]
+    # ids carry their host; another app cannot take a job over; an unknown id is a bare 404
+    status, err = api.call("PUT", "/apps/jobbed/jobs/nohost", {"state": "up"})
+    assert (status, err["detail"]) == (400, {"field": "id"})
+    new_app(api, "thief")
+    status, err = api.call("PUT", f"/apps/thief/jobs/{job_id}", {"state": "down"})
+    assert (status, err["detail"]) == (400, {"field": "id"})
+    assert api.call("GET", "/apps/jobbed/jobs/hostA-unknown")[0] == 404
