@@ -3,18 +3,22 @@ one `job` event per job and state), `GET /apps/:app/jobs[/:id]` reads them back.
 
 A job's state only moves forward (`types.JOB_STATE_RANK`): a report that would take it back
 (an `up` arriving after its `down`) is refused with a validation error on `state`, as the 2015
-database's enum check did. A job id carries its host: the part before the first `-`.
-Running and stopping jobs on hosts comes with the scheduler.
+database's enum check did. A job id carries its host, the part before the first `-`:
+`DELETE /apps/:app/jobs/:id` stops the job there (`hosts.py`). Running jobs comes with the
+scheduler.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
+from flynn_controller import hosts
 from flynn_controller.api import (
+    empty_response,
     find_app,
     json_response,
     operation,
@@ -22,7 +26,7 @@ from flynn_controller.api import (
     read_json,
     uuid_param,
 )
-from flynn_controller.errors import NotFound, validation_error
+from flynn_controller.errors import APIError, NotFound, validation_error
 from flynn_controller.events import emit
 from flynn_controller.render import job_json
 from flynn_controller.types import JOB_STATE_RANK
@@ -113,3 +117,31 @@ async def get_job(request: web.Request) -> web.Response:
     if row is None:
         raise NotFound()
     return json_response(job_json(row))
+
+
+@operation("DELETE", "/apps/{app}/jobs/{id}", "Stop a job of the app on its host")
+async def delete_job(request: web.Request) -> web.Response:
+    """Stop the job on its host; the scheduler reports the job's end. A job that is not the
+    app's (by the host's record of it) or whose host is gone is a bare 404."""
+    app = await find_app(pool(request), request.match_info["app"])
+    job_id = request.match_info["id"]
+    host_id, sep, rest = job_id.partition("-")
+    if not sep or not host_id or not rest:
+        raise NotFound()
+    try:
+        status, job = await hosts.host_request(host_id, "GET", f"/host/jobs/{job_id}")
+        if status == 404:
+            raise NotFound()
+        if status != 200 or not isinstance(job, dict):
+            raise APIError("unknown_error", f"host {host_id} answered {status}", retry=True)
+        meta = (job.get("job") or {}).get("metadata") or {}
+        if meta.get("flynn-controller.app") != str(app["app_id"]):
+            raise NotFound()
+        status, _ = await hosts.host_request(host_id, "DELETE", f"/host/jobs/{job_id}")
+    except hosts.HostUnknown:
+        raise NotFound() from None
+    except (hosts.HostsUnreachable, aiohttp.ClientError, TimeoutError) as exc:
+        raise APIError("unknown_error", f"host {host_id}: {exc}", retry=True) from None
+    if status not in (200, 404):
+        raise APIError("unknown_error", f"host {host_id} answered {status}", retry=True)
+    return empty_response()

@@ -9,6 +9,7 @@ The controller's job address (100.100.0.0/16) is reached from the host's namespa
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -231,3 +232,60 @@ def test_the_flynn_cli_against_the_controller_bootstrap_started(
     out = run("-a", "clitest", "delete", "-y")
     assert "Deleted clitest (removed 2 routes, deprovisioned 0 resources)" in out
     assert get(cluster, f"{url}/apps/clitest", key)[0] == 404
+
+
+def test_deleting_a_job_stops_it_on_its_host(cluster: Cluster) -> None:
+    """`DELETE /apps/:app/jobs/:id` finds the host from the job id (discoverd's `flynn-host`
+    instances) and stops the job there with the host key; a job of another app, or on a host
+    that does not exist, is a bare 404 and keeps running."""
+    import time
+    import uuid
+
+    from flynn_host.dev.controller import cluster_controller
+    from flynn_host.dev.host import busybox_job
+
+    url, key, _ = cluster_controller(cluster)
+    script = (
+        "import base64, json, sys, urllib.request, urllib.error\n"
+        "method, url, key, body = sys.argv[1:5]\n"
+        "req = urllib.request.Request(url, method=method, data=body.encode() or None)\n"
+        "req.add_header('Authorization', 'Basic ' + base64.b64encode((':' + key).encode())"
+        ".decode())\n"
+        "try:\n"
+        "    with urllib.request.urlopen(req, timeout=30) as r:\n"
+        "        print(r.status, r.read().decode())\n"
+        "except urllib.error.HTTPError as e: print(e.code, e.read().decode())\n"
+    )
+
+    def call(method: str, path: str, body: Any = None) -> tuple[int, str]:
+        out = cluster.exec(1, [sys.executable, "-c", script, method, url + path, key,
+                               json.dumps(body) if body is not None else ""],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        status, _, text = out.stdout.partition(" ")
+        return int(status), text.strip()
+
+    status, text = call("POST", "/apps", {"name": "jobowner"})
+    assert status == 200, text
+    app_id = json.loads(text)["id"]
+    host = cluster.client(1)
+    host_id = cluster.host(1).id
+    mine = f"{host_id}-{uuid.uuid4()}"
+    theirs = f"{host_id}-{uuid.uuid4()}"
+    for job_id, owner in ((mine, app_id), (theirs, str(uuid.uuid4()))):
+        job = busybox_job(job_id, ["sleep", "600"])
+        job["metadata"] = {"flynn-controller.app": owner}
+        host.add_job(job)
+    try:
+        assert call("DELETE", f"/apps/jobowner/jobs/{theirs}") == (404, "")
+        assert call("DELETE", f"/apps/jobowner/jobs/nosuchhost-{uuid.uuid4()}") == (404, "")
+        assert call("DELETE", f"/apps/jobowner/jobs/{mine}") == (200, "")
+        deadline = time.monotonic() + 30
+        while host.get_job(mine)["status"] not in ("done", "crashed", "failed"):
+            assert time.monotonic() < deadline, host.get_job(mine)
+            time.sleep(0.2)
+        assert host.get_job(theirs)["status"] in ("starting", "running")
+    finally:
+        for job_id in (mine, theirs):
+            with contextlib.suppress(Exception):
+                host.stop_job(job_id)
