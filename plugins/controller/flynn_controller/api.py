@@ -164,6 +164,16 @@ async def find_app(
     return row
 
 
+async def fetch_one(
+    conn: asyncpg.Connection | asyncpg.Pool, query: str, *args: Any
+) -> asyncpg.Record:
+    """The one row `query` finds, or a bare 404."""
+    row = await conn.fetchrow(query, *args)
+    if row is None:
+        raise NotFound()
+    return row
+
+
 def _dashed(ref: str) -> str:
     hexes = ref.replace("-", "")
     return f"{hexes[:8]}-{hexes[8:12]}-{hexes[12:16]}-{hexes[16:20]}-{hexes[20:]}"

@@ -21,6 +21,7 @@ from aiohttp import web
 from flynn_controller import tasks
 from flynn_controller.api import (
     APP_COLUMNS,
+    fetch_one,
     find_app,
     json_response,
     operation,
@@ -28,7 +29,7 @@ from flynn_controller.api import (
     read_json,
     uuid_param,
 )
-from flynn_controller.errors import NotFound, validation_error
+from flynn_controller.errors import validation_error
 from flynn_controller.events import emit
 from flynn_controller.formations import check_processes, put_formation_row
 from flynn_controller.releases import RELEASE_COLUMNS, set_app_release
@@ -196,10 +197,9 @@ async def list_deployments(request: web.Request) -> web.Response:
 
 @operation("GET", "/deployments/{id}", "Get a deployment", response="deployment")
 async def get_deployment(request: web.Request) -> web.Response:
-    row = await pool(request).fetchrow(
+    row = await fetch_one(
+        pool(request),
         f"SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE deployment_id = $1",
         uuid_param(request.match_info["id"]),
     )
-    if row is None:
-        raise NotFound()
     return json_response(deployment_json(row))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from flynn_controller.api import HUB, Query, find_app, json_response, operation, pool
+from flynn_controller.api import HUB, Query, fetch_one, find_app, json_response, operation, pool
 from flynn_controller.errors import APIError, NotFound
 from flynn_controller.events import (
     EVENT_COLUMNS,
@@ -31,13 +31,9 @@ async def _filter(request: web.Request) -> EventFilter:
     if request.query.get("app_id"):
         app = await find_app(pool(request), request.query["app_id"])
         app_id = str(app["app_id"])
-    types = frozenset(
-        t for t in request.query.get("object_types", "").split(",") if t and t in OBJECT_TYPES
-    )
-    unknown = [
-        t for t in request.query.get("object_types", "").split(",") if t and t not in OBJECT_TYPES
-    ]
-    if unknown and not types:
+    asked = {t for t in request.query.get("object_types", "").split(",") if t}
+    types = frozenset(asked & set(OBJECT_TYPES))
+    if asked and not types:
         # only unknown types asked for: nothing can ever match (no object type has a space)
         types = frozenset({"no such type"})
     return EventFilter(app_id, types, request.query.get("object_id") or None)
@@ -110,9 +106,7 @@ async def get_event(request: web.Request) -> web.Response:
         raise NotFound() from None
     if not 0 < event_id < 2**63:
         raise NotFound()
-    row = await pool(request).fetchrow(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1", event_id
+    row = await fetch_one(
+        pool(request), f"SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1", event_id
     )
-    if row is None:
-        raise NotFound()
     return json_response(event_json(row))

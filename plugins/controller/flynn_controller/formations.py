@@ -16,6 +16,7 @@ from flynn_controller.api import (
     APP_COLUMNS,
     HUB,
     empty_response,
+    fetch_one,
     find_app,
     json_response,
     operation,
@@ -25,7 +26,12 @@ from flynn_controller.api import (
 )
 from flynn_controller.errors import APIError, NotFound, validation_error
 from flynn_controller.events import EventFilter, emit, newest_id
-from flynn_controller.releases import ARTIFACT_COLUMNS, RELEASE_COLUMNS, claim_release
+from flynn_controller.releases import (
+    ARTIFACT_COLUMNS,
+    RELEASE_COLUMNS,
+    claim_release,
+    find_release,
+)
 from flynn_controller.render import app_json, artifact_json, formation_json, release_json
 from flynn_controller.sse import EventStream, wants_stream
 from flynn_controller.types import fmt_time
@@ -91,16 +97,6 @@ def check_processes(release: asyncpg.Record, processes: dict[str, int] | None) -
         )
 
 
-async def _release(conn: asyncpg.Connection | asyncpg.Pool, ref: str) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        f"SELECT {RELEASE_COLUMNS} FROM releases WHERE release_id = $1 AND deleted_at IS NULL",
-        uuid_param(ref),
-    )
-    if row is None:
-        raise NotFound()
-    return row
-
-
 @operation(
     "PUT",
     "/apps/{app}/formations/{release}",
@@ -112,7 +108,7 @@ async def put_formation(request: web.Request) -> web.Response:
     body = await read_json(request, "formation")
     async with pool(request).acquire() as conn, conn.transaction():
         app = await find_app(conn, request.match_info["app"], lock=True)
-        release = await _release(conn, request.match_info["release"])
+        release = await find_release(conn, request.match_info["release"])
         processes = body.get("processes")
         check_processes(release, processes)
         row = await put_formation_row(conn, app, release, processes, body.get("tags"))
@@ -165,14 +161,13 @@ async def get_formation(request: web.Request) -> web.Response:
     db = pool(request)
     app = await find_app(db, request.match_info["app"])
     release_id = uuid_param(request.match_info["release"])
-    row = await db.fetchrow(
+    row = await fetch_one(
+        db,
         f"SELECT {FORMATION_COLUMNS} FROM formations WHERE app_id = $1 AND release_id = $2"
         " AND deleted_at IS NULL",
         app["app_id"],
         release_id,
     )
-    if row is None:
-        raise NotFound()
     if request.query.get("expand") == "true":
         return json_response(await expanded(db, app["app_id"], row["release_id"]))
     return json_response(formation_json(row))

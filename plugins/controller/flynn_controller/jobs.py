@@ -19,6 +19,7 @@ from aiohttp import web
 from flynn_controller import hosts
 from flynn_controller.api import (
     empty_response,
+    fetch_one,
     find_app,
     json_response,
     operation,
@@ -109,13 +110,12 @@ async def list_jobs(request: web.Request) -> web.Response:
 @operation("GET", "/apps/{app}/jobs/{id}", "Get a job", response="job")
 async def get_job(request: web.Request) -> web.Response:
     app = await find_app(pool(request), request.match_info["app"])
-    row = await pool(request).fetchrow(
+    row = await fetch_one(
+        pool(request),
         f"SELECT {JOB_COLUMNS} FROM jobs WHERE app_id = $1 AND job_id = $2",
         app["app_id"],
         request.match_info["id"],
     )
-    if row is None:
-        raise NotFound()
     return json_response(job_json(row))
 
 

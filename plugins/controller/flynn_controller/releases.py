@@ -16,6 +16,7 @@ import asyncpg
 from aiohttp import web
 
 from flynn_controller.api import (
+    fetch_one,
     find_app,
     json_response,
     operation,
@@ -23,7 +24,7 @@ from flynn_controller.api import (
     read_json,
     uuid_param,
 )
-from flynn_controller.errors import NotFound, object_exists, validation_error
+from flynn_controller.errors import object_exists, validation_error
 from flynn_controller.events import emit
 from flynn_controller.render import artifact_json, release_json
 from flynn_controller.types import is_uuid, new_id, with_default_resources
@@ -88,12 +89,11 @@ async def list_artifacts(request: web.Request) -> web.Response:
 
 @operation("GET", "/artifacts/{id}", "Get an artifact", response="artifact")
 async def get_artifact(request: web.Request) -> web.Response:
-    row = await pool(request).fetchrow(
+    row = await fetch_one(
+        pool(request),
         f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE artifact_id = $1",
         uuid_param(request.match_info["id"]),
     )
-    if row is None:
-        raise NotFound()
     return json_response(artifact_json(row))
 
 
@@ -150,12 +150,11 @@ async def list_releases(request: web.Request) -> web.Response:
 
 
 async def find_release(conn: asyncpg.Connection | asyncpg.Pool, ref: str) -> asyncpg.Record:
-    row = await conn.fetchrow(
+    row = await fetch_one(
+        conn,
         f"SELECT {RELEASE_COLUMNS} FROM releases WHERE release_id = $1 AND deleted_at IS NULL",
         uuid_param(ref),
     )
-    if row is None:
-        raise NotFound()
     return row
 
 
@@ -194,13 +193,12 @@ async def get_app_release(request: web.Request) -> web.Response:
     if is_uuid(ref):
         where = "(a.app_id = $2::uuid OR a.name = $1)"
         args.append(uuid_param(ref))
-    row = await pool(request).fetchrow(
+    row = await fetch_one(
+        pool(request),
         f"SELECT {cols} FROM apps a JOIN releases r ON r.release_id = a.release_id"
         f" WHERE a.deleted_at IS NULL AND {where}",
         *args,
     )
-    if row is None:
-        raise NotFound()
     return json_response(release_json(row))
 
 

@@ -18,6 +18,7 @@ import asyncpg
 from aiohttp import web
 
 from flynn_controller.api import (
+    fetch_one,
     find_app,
     json_response,
     operation,
@@ -235,14 +236,13 @@ async def _find_resource(
     conn: asyncpg.Connection | asyncpg.Pool, request: web.Request
 ) -> tuple[asyncpg.Record, asyncpg.Record]:
     provider = await find_provider(conn, request.match_info["provider"])
-    row = await conn.fetchrow(
+    row = await fetch_one(
+        conn,
         f"SELECT {RESOURCE_COLUMNS} FROM resources WHERE resource_id = $1 AND provider_id = $2"
         " AND deleted_at IS NULL",
         uuid_param(request.match_info["id"]),
         provider["provider_id"],
     )
-    if row is None:
-        raise NotFound()
     return provider, row
 
 

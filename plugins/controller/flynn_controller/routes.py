@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from flynn_controller.api import (
     empty_response,
+    fetch_one,
     find_app,
     json_response,
     operation,
@@ -229,15 +230,14 @@ async def _find_route(
     typ = request.match_info["type"]
     if typ not in ("http", "tcp"):
         raise NotFound()
-    row = await conn.fetchrow(
+    row = await fetch_one(
+        conn,
         f"SELECT {ROUTE_COLUMNS} FROM routes WHERE route_id = $1 AND type = $2"
         f" AND app_id = $3 AND deleted_at IS NULL{' FOR UPDATE' if lock else ''}",
         uuid_param(request.match_info["id"]),
         typ,
         app["app_id"],
     )
-    if row is None:
-        raise NotFound()
     return app, row
 
 

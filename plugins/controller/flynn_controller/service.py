@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 
 import asyncpg
 from aiohttp import web
@@ -68,36 +67,6 @@ async def wait_for_database() -> asyncpg.Pool:
             await asyncio.sleep(DB_RETRY)
 
 
-@contextlib.asynccontextmanager
-async def registered(addr: str) -> AsyncIterator[None]:
-    """Instance `addr` of service `controller` in discoverd while inside (retried in the
-    background until discoverd answers); deregistered on leaving."""
-    from flynn_discoverd.client import Client
-
-    client = Client()
-
-    async def register() -> None:
-        while True:
-            try:
-                await client.add_service_and_register(SERVICE, addr)
-            except Exception as exc:  # noqa: BLE001 - discoverd not reachable yet
-                log.warning("registering in discoverd failed, retrying: %s", exc)
-                await asyncio.sleep(REGISTER_RETRY)
-            else:
-                log.info("registered in discoverd service %s as %s", SERVICE, addr)
-                return
-
-    task = asyncio.create_task(register())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.close(), 2)
-
-
 async def run(config: Config, env: dict[str, str]) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,7 +86,10 @@ async def run(config: Config, env: dict[str, str]) -> int:
             print(f"controller: cannot serve on {listen}:{port}: {exc}", file=sys.stderr)
             return 1
         if env.get("DISCOVERD") not in (None, "", "none") and env.get("EXTERNAL_IP"):
-            await stack.enter_async_context(registered(f"{env['EXTERNAL_IP']}:{port}"))
+            from flynn_discoverd.client import registered_while_inside
+
+            addr = f"{env['EXTERNAL_IP']}:{port}"
+            await stack.enter_async_context(registered_while_inside(SERVICE, addr, REGISTER_RETRY))
         print(f"controller: serving on {listen}:{port}", flush=True)
         await stop.wait()
         log.info("stopping")

@@ -548,3 +548,36 @@ async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
 def _normalise_url(url: str) -> str:
     url = url.strip().rstrip("/")
     return url if "://" in url else f"http://{url}"
+
+
+@contextlib.asynccontextmanager
+async def registered_while_inside(
+    service: str, addr: str, retry: float = 2.0, leave_timeout: float = 2.0
+) -> AsyncIterator[None]:
+    """While inside: `addr` is an instance of `service` (found through $DISCOVERD), registered
+    in the background and retried every `retry` seconds until discoverd answers, so the caller
+    serves meanwhile. Leaving deregisters it (waiting at most `leave_timeout`: discoverd may be
+    gone already)."""
+    client = Client()
+
+    async def register() -> None:
+        while True:
+            try:
+                await client.add_service_and_register(service, addr)
+            except Exception as exc:  # noqa: BLE001 - discoverd not up yet: keep trying
+                log.warning("registering %s in discoverd failed, retrying: %s", service, exc)
+                await asyncio.sleep(retry)
+            else:
+                log.info("registered in discoverd service %s as %s", service, addr)
+                return
+
+    task = asyncio.create_task(register())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        # closing the client deregisters its instance
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), leave_timeout)

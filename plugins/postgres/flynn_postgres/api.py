@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,39 +210,6 @@ def make_app(settings: ApiSettings) -> web.Application:
 # --- running ----------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def registered(settings: ApiSettings) -> AsyncIterator[None]:
-    """While inside: this API is an instance of `settings.service_name` in discoverd (found
-    through $DISCOVERD), registered in the background and retried until discoverd answers, so
-    the API serves meanwhile. Leaving deregisters it."""
-    from flynn_discoverd.client import Client
-
-    addr = f"{settings.external_ip}:{settings.port}"
-    client = Client()
-
-    async def register() -> None:
-        while True:
-            try:
-                await client.add_service_and_register(settings.service_name, addr)
-            except Exception as exc:  # discoverd not up yet: keep trying
-                log.warning("registering in discoverd failed, retrying: %s", exc)
-                await asyncio.sleep(REGISTER_RETRY)
-            else:
-                log.info("registered in discoverd service %s as %s", settings.service_name, addr)
-                return
-
-    task = asyncio.create_task(register())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        # closing the client deregisters its instance
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.close(), LEAVE_TIMEOUT)
-
-
 async def run(settings: ApiSettings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -261,7 +227,12 @@ async def run(settings: ApiSettings) -> int:
                   file=sys.stderr, flush=True)  # fmt: skip
             return 1
         if settings.external_ip and os.environ.get("DISCOVERD"):
-            await stack.enter_async_context(registered(settings))
+            from flynn_discoverd.client import registered_while_inside
+
+            addr = f"{settings.external_ip}:{settings.port}"
+            await stack.enter_async_context(
+                registered_while_inside(settings.service_name, addr, REGISTER_RETRY, LEAVE_TIMEOUT)
+            )
         print(f"postgres-api: serving on {settings.listen}:{settings.port}, "
               f"managing {settings.pg.where}", flush=True)  # fmt: skip
         await stop.wait()
