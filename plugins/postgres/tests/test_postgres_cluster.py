@@ -358,6 +358,10 @@ class Writer(threading.Thread):
             try:
                 psql(leader.port, f"INSERT INTO acks VALUES ({next_id})", timeout=10)
             except (AssertionError, subprocess.TimeoutExpired):
+                # the outcome is in doubt (it may have committed before the
+                # connection dropped): never reuse the id, or a retry of a
+                # committed row fails on its key forever
+                next_id += 1
                 time.sleep(0.05)
                 continue
             self.acked.append((next_id, time.monotonic()))
