@@ -239,7 +239,12 @@ def cluster_controller(c: Any) -> tuple[str, str, str]:
     for i in range(1, len(c.hosts) + 1):
         for job in c.client(i).list_jobs(active=True).values():
             meta = job["job"].get("metadata") or {}
-            if meta.get("flynn-controller.app_name") == "controller" and job.get("internal_ip"):
+            if (
+                meta.get("flynn-controller.app_name") == "controller"
+                and meta.get("flynn-controller.type") == "web"
+                and job.get("status") == "running"
+                and job.get("internal_ip")
+            ):
                 key = job["job"]["config"]["env"]["AUTH_KEY"].split(",")[0]
                 return f"http://{job['internal_ip']}:80", key, job["job"]["id"]
     raise RuntimeError("no running controller job in the cluster")

@@ -249,3 +249,52 @@ def ensure_provider(ctl: Controller, name: str, url: str) -> dict[str, Any]:
     if resp.status == 409 and (existing := find()):
         return existing
     raise StepError(f"controller: POST /providers ({name}): {services.describe(resp)}")
+
+
+class StartScheduler(Action):
+    """`scheduler` — `{"from_step": "controller", "processes": {"web": 2, "scheduler": 1}}`:
+    the hand-over from bootstrap to the scheduler. It sets the controller's formation to
+    `processes` (in singleton mode every count above 1 becomes 1) and starts the `scheduler`
+    process type itself, as `run-app` would (one job per host, it is omni). From then on the
+    scheduler owns every job of every app the controller knows, the system apps' included: it
+    adopts the jobs bootstrap started and starts what the formations still miss. Run it after
+    every `add-app` step: a job of an app the controller does not know yet is left alone, but
+    its formation would otherwise be missing. A rerun changes nothing that runs."""
+
+    def __init__(self, step: dict[str, Any]) -> None:
+        super().__init__(step)
+        self.from_step = step.get("from_step") or "controller"
+        processes = step.get("processes") or {}
+        if not isinstance(processes, dict) or "scheduler" not in processes:
+            raise StepError('processes must give the controller\'s counts, "scheduler" among them')
+        self.processes = {str(k): int(v) for k, v in processes.items()}
+
+    def run(self, state: State) -> Any:
+        from flynn_host.bootstrap.runapp import RunApp
+
+        data = state.step_data.get(str(self.from_step))
+        if not isinstance(data, dict) or not isinstance(data.get("app"), dict):
+            raise StepError(f"step {self.from_step!r} has no run-app data (has it run yet?)")
+        release = data["release"]
+        procs = release.get("processes") or {}
+        for typ in self.processes:
+            if typ not in procs:
+                raise StepError(f"process type {typ!r} is not in the {self.from_step} release")
+        counts = {t: min(c, 1) if state.singleton else c for t, c in self.processes.items()}
+        ctl = Controller(state)
+        app_id, release_id = data["app"]["id"], release["id"]
+        current = ctl.call_raw("GET", f"/apps/{app_id}/formations/{release_id}")
+        have = (current.body or {}).get("processes") if current.status == 200 else None
+        if have != counts:
+            state.progress(f"scaling {data['app']['name']}: " + ", ".join(
+                f"{t}={n}" for t, n in sorted(counts.items())))  # fmt: skip
+            body = {"app": app_id, "release": release_id, "processes": counts}
+            ctl.call("PUT", f"/apps/{app_id}/formations/{release_id}", body)
+        state.progress("starting the scheduler")
+        step = {"id": self.id, "action": "run-app", "app": data["app"],
+                "release": {k: v for k, v in release.items() if k != "processes"}
+                | {"processes": procs},
+                "artifact": {"image": (data.get("artifact") or {}).get("image")},
+                "processes": {"scheduler": counts["scheduler"]}}  # fmt: skip
+        started = RunApp(step).run(state)
+        return {"processes": counts, "started": started.get("started", [])}

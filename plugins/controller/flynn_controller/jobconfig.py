@@ -106,12 +106,13 @@ def build_job(
         }
     )
 
-    # args: the process type's, else the image entrypoint's; an explicit entrypoint and cmd
-    # (a one-off run) replace them
+    # args: the process type's `args`, else its `entrypoint` + `cmd`, else the image
+    # entrypoint's; an explicit entrypoint and cmd (a one-off run) replace them
     args: list[str] = list(proc.get("args") or [])
+    if not args and (proc.get("entrypoint") or proc.get("cmd")):
+        args = list(proc.get("entrypoint") or []) + list(proc.get("cmd") or [])
     if not args:
-        ep = list(proc.get("entrypoint") or entry.get("args") or [])
-        args = ep + list(proc.get("cmd") or [])
+        args = list(entry.get("args") or [])
     if entrypoint or cmd:
         args = list(entrypoint or []) + list(cmd or [])
     config: dict[str, Any] = {k: proc[k] for k in CONFIG_FIELDS if k in proc}

@@ -1,5 +1,6 @@
-"""controller's hooks: the `controller` platform component (the API server, process `web` of
-the controller app) and its bootstrap actions (`add-app`, `add-provider`)."""
+"""controller's hooks: the platform components `controller` (the API server, process `web` of
+the controller app) and `controller-scheduler` (process `scheduler`), and the bootstrap actions
+`add-app`, `add-provider` and `scheduler`."""
 
 from __future__ import annotations
 
@@ -14,13 +15,23 @@ def _main(argv: list[str]) -> int:
     return main(argv)
 
 
+def _scheduler(argv: list[str]) -> int:
+    from flynn_controller.scheduler_service import main
+
+    return main(argv)
+
+
 @hookimpl
 def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
-    return {"controller": _main}
+    return {"controller": _main, "controller-scheduler": _scheduler}
 
 
 @hookimpl
 def flynn_host_bootstrap_actions() -> dict[str, type]:
     from flynn_controller import bootstrap
 
-    return {"add-app": bootstrap.AddApp, "add-provider": bootstrap.AddProvider}
+    return {
+        "add-app": bootstrap.AddApp,
+        "add-provider": bootstrap.AddProvider,
+        "scheduler": bootstrap.StartScheduler,
+    }
