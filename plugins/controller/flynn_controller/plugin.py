@@ -1,5 +1,6 @@
-"""controller's hooks: the `controller` platform component (the API server, process `web` of
-the controller app) and its bootstrap actions (`add-app`, `add-provider`)."""
+"""controller's hooks: the platform components `controller` (the API server, process `web` of
+the controller app) and `controller-worker` (the task worker: deployments, app deletions,
+process `worker`), and the bootstrap actions (`add-app`, `add-provider`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,15 @@ def _main(argv: list[str]) -> int:
     return main(argv)
 
 
+def _worker_main(argv: list[str]) -> int:
+    from flynn_controller.worker import main
+
+    return main(argv)
+
+
 @hookimpl
 def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
-    return {"controller": _main}
+    return {"controller": _main, "controller-worker": _worker_main}
 
 
 @hookimpl
