@@ -476,31 +476,28 @@ async def all_at_once(d: Deployer) -> None:
 
 
 async def one_by_one(d: Deployer, batch: int = 1, down_first: bool = False) -> None:
+    """Per type, in steps of `batch`: start new jobs, then stop as many old (or, with
+    `down_first`, the other way round). Each round first waits for the formations as they
+    stand, so a resumed deployment finishes the step its lost worker was in, then takes
+    the next step from the counts: never more than count + batch jobs (count - batch
+    with `down_first`)."""
     assert d.old is not None
     for typ in sorted(d.processes):
         target = d.processes[typ]
         while True:
             new = (await d.counts(d.new)).get(typ, 0)
             old = (await d.counts(d.old)).get(typ, 0)
+            await d.wait_up(d.new, {typ: new})
+            await d.wait_down(d.old, {typ: old})
             if new >= target and old == 0:
                 break
-            if down_first and old > 0:
-                old = await _stop_old(d, typ, old, batch)
-            if new < target:
-                n = new + min(batch, target - new)
-                await d.scale(d.new, {typ: n})
-                await d.wait_up(d.new, {typ: n})
-            if not down_first and old > 0:
-                await _stop_old(d, typ, old, batch)
+            surplus = new + old - target
+            if old > 0 and (surplus > 0 or (down_first and surplus == 0)):
+                fewer = min(batch, old, surplus) if surplus > 0 else min(batch, old)
+                await d.scale(d.old, {typ: old - fewer})
+            else:
+                await d.scale(d.new, {typ: new + min(batch, target - new)})
     await d.finish()
-
-
-async def _stop_old(d: Deployer, typ: str, old: int, batch: int) -> int:
-    assert d.old is not None
-    n = old - min(batch, old)
-    await d.scale(d.old, {typ: n})
-    await d.wait_down(d.old, {typ: n})
-    return n
 
 
 async def one_down_one_up(d: Deployer) -> None:

@@ -324,32 +324,62 @@ def worker_process(pg: PGServer, database: str) -> Iterator[tuple[subprocess.Pop
         shutil.rmtree(logdir, ignore_errors=True)
 
 
-def test_a_worker_killed_mid_deploy_is_taken_over(pg: PGServer) -> None:
-    """Web processes that run no tasks, and `worker` processes: the deployment's worker is
-    killed after its first step; another worker resumes from the formations and completes."""
-    pg.psql("CREATE DATABASE workers")
+@pytest.mark.parametrize("how", ["killed", "stopped", "lost-too-often"])
+def test_a_worker_lost_mid_deploy(pg: PGServer, how: str) -> None:
+    """Web processes that run no tasks, and `worker` processes. The deployment's worker is
+    lost after the first new job is up: killed (the attempt counts) or stopped with SIGTERM
+    (it hands the task back uncounted); another worker resumes from the formations and
+    completes. After MAX_ATTEMPTS lost workers, the next one rolls back and fails cleanly."""
+    database = "workers_" + how.replace("-", "_")
+    pg.psql(f"CREATE DATABASE {database}")
     with (
-        controller_process(pg, database="workers", env={"RUN_TASKS": "false"}) as web,
+        controller_process(pg, database=database, env={"RUN_TASKS": "false"}) as web,
         scheduler_standin(web.url, web.key, interval=0.3) as standin,
     ):
         api = Api(web)
         app, old = running_app(api, "handover", {"web": 3}, strategy="one-by-one")
         new = new_release(api)
-        with worker_process(pg, "workers") as (first, first_log):
+        with worker_process(pg, database) as (first, first_log):
             d = api.ok("POST", "/apps/handover/deploy", {"id": new["id"]})
             wait_for("the first new job", lambda: up_jobs(api, "handover", new["id"]), timeout=15)
-            first.kill()
+            if how == "stopped":
+                first.terminate()
+            else:
+                first.kill()
             first.wait()
             assert "resuming" not in first_log.read_text()
         assert api.ok("GET", f"/deployments/{d['id']}")["status"] == "running"
-        with worker_process(pg, "workers") as (_, second_log):
+        attempts = f"SELECT attempts FROM tasks WHERE args->>'id' = '{d['id']}'"
+        assert pg.psql(attempts, database).strip() == ("0" if how == "stopped" else "1")
+        if how == "lost-too-often":
+            pg.psql(f"UPDATE tasks SET attempts = 3 WHERE args->>'id' = '{d['id']}'", database)
+        with worker_process(pg, database) as (_, second_log):
             wait_for(
                 "the deployment to end",
                 lambda: api.ok("GET", f"/deployments/{d['id']}").get("finished_at"),
                 timeout=30,
             )
             log = second_log.read_text()
-        assert api.ok("GET", f"/deployments/{d['id']}")["status"] == "complete", log
+        status = api.ok("GET", f"/deployments/{d['id']}")["status"]
+        if how == "lost-too-often":
+            assert status == "failed", log
+            assert (formation(api, "handover", new), formation(api, "handover", old)) == (
+                {"web": 0},
+                {"web": 3},
+            )
+            assert api.ok("GET", "/apps/handover/release")["id"] == old["id"]
+            wait_for("the old jobs", lambda: up_jobs(api, "handover", old["id"]) == {"web": 3})
+            wait_for("the new jobs to stop", lambda: up_jobs(api, "handover", new["id"]) == {})
+            listed = api.ok(
+                "GET",
+                f"/events?object_id={d['id']}&object_types=deployment",
+                headers={"Accept": "application/json"},
+            )
+            assert listed[0]["data"]["error"] == (
+                "deployment interrupted: the worker running it was lost 3 times"
+            )
+            return
+        assert status == "complete", log
         assert re.search(rf"deployment {d['id']}: resuming", log), log
         assert (formation(api, "handover", new), formation(api, "handover", old)) == (
             {"web": 3},
@@ -361,3 +391,16 @@ def test_a_worker_killed_mid_deploy_is_taken_over(pg: PGServer) -> None:
         assert min(over_time[start:]) >= 3 and max(over_time) <= 4, over_time
         assert up_jobs(api, "handover", new["id"]) == {"web": 3}
         assert not standin.errors, standin.errors
+
+
+# --- counting -----------------------------------------------------------------------------------
+def test_omni_counts_and_batch_sizes_follow_the_hosts() -> None:
+    from flynn_controller.deployer import Deployer
+
+    release = {"release_id": "r", "processes": {"web": {}, "agent": {"omni": True}}}
+    d = Deployer(None, None, {}, None, release, {}, hosts=3)
+    assert (d.expected(release, "agent", 2), d.expected(release, "web", 2)) == (6, 2)
+    assert d.batch_size() == 3  # no meta: one per host
+    for meta, size in (("2", 2), ("0", 3), ("many", 3), ("", 3)):
+        d.meta = {"flynn-deploy-batch-size": meta}
+        assert d.batch_size() == size
