@@ -21,6 +21,7 @@ from flynn_controller.client import Client, NotFound
 
 from flynn_host.dev.controller import ControllerProcess, controller_process, pg_server
 from flynn_host.dev.host import missing_programs
+from flynn_host.dev.scheduler_standin import scheduler_standin
 
 pytestmark = pytest.mark.skipif(
     bool(missing_programs("/usr/lib/postgresql/15/bin/postgres")), reason="needs PostgreSQL 15"
@@ -168,14 +169,18 @@ def test_env_set_get_unset(cli: Home, api: Client):
     assert err == f'process "web" in release {rid} not found\n'
 
 
-def test_env_set_over_a_running_formation_waits_for_the_deployment(cli: Home, api: Client):
+def test_env_set_over_a_running_formation_waits_for_the_deployment(
+    cli: Home, api: Client, controller: ControllerProcess
+):
     name = create(cli)
     cli.ok(
         "-a", name, "release", "add", "-f", "/dev/stdin", IMAGE, input='{"processes":{"web":{}}}'
     )
     first = api.app_release(name)
     api.put_formation({"app": name, "release": first["id"], "processes": {"web": 2}})
-    out = cli.ok("-a", name, "env", "set", "A=1")
+    # the deployer waits for the new jobs: a stand-in for the scheduler reports them
+    with scheduler_standin(controller.url, controller.key):
+        out = cli.ok("-a", name, "env", "set", "A=1")
     rid = re.fullmatch(rf"Created release ({UUID})\.\n", out.stderr).group(1)  # type: ignore[union-attr]
     # the deployment was not finished when created: the CLI waited for its `complete` event
     (deployment,) = [d for d in api.deployment_list(name) if d["new_release"] == rid]

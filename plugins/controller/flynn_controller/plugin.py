@@ -1,5 +1,6 @@
 """controller's hooks: the platform components `controller` (the API server, process `web` of
-the controller app) and `controller-scheduler` (process `scheduler`), and the bootstrap actions
+the controller app), `controller-scheduler` (process `scheduler`) and `controller-worker` (the
+task worker: deployments, app deletions; process `worker`), and the bootstrap actions
 `add-app`, `add-provider` and `scheduler`."""
 
 from __future__ import annotations
@@ -21,9 +22,19 @@ def _scheduler(argv: list[str]) -> int:
     return main(argv)
 
 
+def _worker_main(argv: list[str]) -> int:
+    from flynn_controller.worker import main
+
+    return main(argv)
+
+
 @hookimpl
 def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
-    return {"controller": _main, "controller-scheduler": _scheduler}
+    return {
+        "controller": _main,
+        "controller-scheduler": _scheduler,
+        "controller-worker": _worker_main,
+    }
 
 
 @hookimpl

@@ -8,8 +8,8 @@ behind two middlewares —
   or `?key=` on event streams; a bare 401 otherwise. Only `/ping` is open. Keys are compared
   in constant time, and every key is compared, so timing says nothing about which matched.
 
-Each process also runs the event hub (LISTEN/NOTIFY fan-out) and a task worker; both start and
-stop with the application.
+Each process also runs the event hub (LISTEN/NOTIFY fan-out) and, unless `run_tasks` is off,
+a task worker; both start and stop with the application.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
-def make_app(pool: asyncpg.Pool, config: Config) -> web.Application:
+def make_app(pool: asyncpg.Pool, config: Config, run_tasks: bool = True) -> web.Application:
     app = web.Application(middlewares=[errors, authenticate], client_max_size=1 << 20)
     app[POOL] = pool
     app[CONFIG] = config
@@ -126,11 +126,14 @@ def make_app(pool: asyncpg.Pool, config: Config) -> web.Application:
         hub = EventHub(pool)
         await hub.start()
         app[HUB] = hub
-        worker = tasks.Worker(pool, app)
-        app[tasks.WORKER] = worker
-        worker.start()
+        worker = None
+        if run_tasks:
+            worker = tasks.Worker(pool, app)
+            app[tasks.WORKER] = worker
+            worker.start()
         yield
-        await worker.close()
+        if worker is not None:
+            await worker.close()
         await hub.close()
 
     app.cleanup_ctx.append(background)

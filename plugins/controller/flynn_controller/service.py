@@ -5,7 +5,9 @@ It reads its settings from the environment Flynn gave the controller (`PORT`, `A
 postgres resource, or `DATABASE_URL`), waits for the database, applies the migrations it lacks
 (under an advisory lock: several processes may start together), serves, and registers itself
 in discoverd service `controller` when it runs in a cluster (`DISCOVERD` and `EXTERNAL_IP`
-set). SIGTERM leaves discoverd first, then stops serving.
+set). It also runs a task worker (deployments, app deletions) unless `RUN_TASKS=false`, when
+only the `worker` processes (`worker.py`) do. SIGTERM leaves discoverd first, then stops
+serving.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ async def run(config: Config, env: dict[str, str]) -> int:
     port = int(env.get("PORT") or 3000)
     listen = env.get("LISTEN_IP") or "0.0.0.0"
     pool = await wait_for_database()
-    runner = web.AppRunner(make_app(pool, config), shutdown_timeout=3.0)
+    run_tasks = (env.get("RUN_TASKS") or "true").lower() not in ("false", "0", "no")
+    runner = web.AppRunner(make_app(pool, config, run_tasks), shutdown_timeout=3.0)
     await runner.setup()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(pool.close)

@@ -31,6 +31,7 @@ from flynn_host.dev.controller import (
     pg_server,
 )
 from flynn_host.dev.host import free_port, missing_programs
+from flynn_host.dev.scheduler_standin import scheduler_standin
 
 pytestmark = pytest.mark.skipif(
     bool(missing_programs("/usr/lib/postgresql/15/bin/postgres")), reason="needs PostgreSQL 15"
@@ -382,14 +383,15 @@ def test_deploying_over_a_running_formation_moves_it(api: API) -> None:
     )
     second = deployable_release(api, ("web", "worker"))
     query = "app_id=deployed&object_types=deployment&past=true"
-    with sse(api, "/events?" + query) as stream:
+    # the deployer waits for the new jobs: a stand-in for the scheduler reports them
+    with scheduler_standin(api.ctl.url, api.ctl.key), sse(api, "/events?" + query) as stream:
         d = api.ok("POST", "/apps/deployed/deploy", {"id": second["id"]})
         assert d["status"] == "pending" and "finished_at" not in d
         assert d["processes"] == {"web": 2, "worker": 1}
         statuses = []
         while not statuses or statuses[-1] not in ("complete", "failed"):
             event = stream.next()
-            if event["object_id"] == d["id"]:
+            if event["object_id"] == d["id"] and "job_type" not in event["data"]:
                 statuses.append(event["data"]["status"])
     assert statuses == ["pending", "running", "complete"]
     assert api.ok("GET", "/apps/deployed/release")["id"] == second["id"]
