@@ -1,4 +1,4 @@
-"""`flynn ps`, `kill` and `scale` end to end: the installed `flynn` command
+"""`flynn ps`, `kill`, `scale` and `release rollback` end to end: the installed `flynn` command
 against a real controller process on a real PostgreSQL (one of each for the module).
 
 There is no scheduler here. Where one would start and stop jobs, `SchedulerStandIn` — a
@@ -397,3 +397,42 @@ def test_go_formats() -> None:
     assert go_map({"worker": {"down": 2}, "web": {"up": 3}}) == (
         "map[web:map[up:3] worker:map[down:2]]"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# release rollback
+
+
+def test_release_rollback(cli: Home, api: Client) -> None:
+    name, first = new_app(api, ("web",))
+    second = new_release(api, name, ("web",))
+    # jobs run: the deployment is not finished at once, the CLI waits for it
+    api.put_formation({"app": name, "release": second, "processes": {"web": 1}})
+
+    out = cli.ok("-a", name, "release", "rollback")
+    assert (out.stdout, out.stderr) == ("", f"Rolled back to release {first}.\n")
+    assert api.app_release(name)["id"] == first
+    (deployment,) = [d for d in api.deployment_list(name) if d["new_release"] == first]
+    assert deployment["status"] == "complete" and deployment["old_release"] == second
+    assert api.get_formation(name, first)["processes"] == {"web": 1}
+
+    # the first release has none before it; the second can be named
+    err = cli.fail("-a", name, "release", "rollback")
+    assert err == f"no release before the current one ({first}) to roll back to\n"
+    out = cli.ok("-a", name, "release", "rollback", second)
+    assert out.stderr == f"Rolled back to release {second}.\n"
+    assert api.app_release(name)["id"] == second
+
+    err = cli.fail("-a", name, "release", "rollback", second)
+    assert err == f"release {second} is already the current release of {name}\n"
+    _, foreign = new_app(api, ("web",))
+    for unknown in (foreign, str(uuid.uuid4()), "not-a-uuid"):
+        err = cli.fail("-a", name, "release", "rollback", unknown)
+        assert err == f"release {unknown} is not a release of app {name}\n"
+    assert api.app_release(name)["id"] == second
+
+    bare = f"app-{uuid.uuid4().hex[:8]}"
+    api.create_app({"name": bare, "meta": None})
+    err = cli.fail("-a", bare, "release", "rollback")
+    assert err == f"app {bare} has no current release to roll back from\n"
+    assert "flynn release rollback [<id>]" in cli.ok("help", "release").stdout
