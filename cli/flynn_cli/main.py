@@ -16,7 +16,7 @@ from typing import Any
 import docopt
 from flynn_controller.client import ControllerError
 
-from flynn_cli import apps, cluster, env, gitremote, limit, release, resource, route
+from flynn_cli import apps, cluster, env, gitremote, limit, release, resource, route, scale
 from flynn_cli.context import Context
 from flynn_cli.output import CommandError
 
@@ -69,7 +69,7 @@ Show flynn version string.
 """
 
 # commands of the 2015 CLI that come with later issues (the scheduler, logs, attach)
-NOT_YET = ("ps", "kill", "scale", "run", "log", "pg", "export", "import")
+NOT_YET = ("run", "log", "pg", "export", "import")
 
 
 @dataclass
@@ -100,13 +100,16 @@ COMMANDS: dict[str, Command] = {
     "env": Command(env.ENV_USAGE, env.run_env),
     "git-credentials": Command(gitremote.GIT_CREDENTIALS_USAGE, _run_git_credentials, hidden=True),
     "info": Command(apps.INFO_USAGE, apps.run_info),
+    "kill": Command(scale.KILL_USAGE, scale.run_kill),
     "limit": Command(limit.LIMIT_USAGE, limit.run_limit),
     "meta": Command(env.META_USAGE, env.run_meta),
     "provider": Command(resource.PROVIDER_USAGE, resource.run_provider),
+    "ps": Command(scale.PS_USAGE, scale.run_ps),
     "release": Command(release.RELEASE_USAGE, release.run_release),
     "remote": Command(apps.REMOTE_USAGE, apps.run_remote),
     "resource": Command(resource.RESOURCE_USAGE, resource.run_resource),
     "route": Command(route.ROUTE_USAGE, route.run_route),
+    "scale": Command(scale.SCALE_USAGE, scale.run_scale),
     "version": Command(VERSION_USAGE, _run_version),
 }
 

@@ -1,13 +1,28 @@
-"""`flynn release` (list, show, add) and `flynn deployment`: an app's releases, adding one
-from an image URI, and its deployments."""
+"""`flynn release` (list, show, add, rollback) and `flynn deployment`: an app's releases,
+adding one from an image URI, deploying an earlier one again, and its deployments.
+
+`rollback` is not in the 2015 CLI (Heroku users expect it): it deploys the release before the
+current one (by `created_at`), or the one named, through the same deploy and wait as
+`flynn env set`."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
+from flynn_controller.client import NotFound
+
 from flynn_cli.context import Context
-from flynn_cli.output import CommandError, TabWriter, go_time_string, human_time, log, sorted_items
+from flynn_cli.output import (
+    CommandError,
+    TabWriter,
+    go_time_string,
+    human_time,
+    log,
+    parse_time,
+    sorted_items,
+)
 
 Args = dict[str, Any]
 
@@ -15,6 +30,7 @@ RELEASE_USAGE = """
 usage: flynn release [-q|--quiet]
        flynn release add [-t <type>] [-f <file>] <uri>
        flynn release show [--json] [<id>]
+       flynn release rollback [<id>]
 
 Manage app releases.
 
@@ -39,6 +55,11 @@ Commands:
 	show	show information about a release
 
 		Omit the ID to show information about the current release.
+
+	rollback	deploy an earlier release again
+
+		Deploys the release created before the current one, or the release
+		with the given ID, and waits for the deployment to finish.
 
 Examples:
 
@@ -69,6 +90,9 @@ Examples:
 	Process Types:  echo
 	Created At:     2015-05-06 21:58:12.751741 +0000 UTC
 	ENV[MY_VAR]:    Hello World, this will be available in all process types.
+
+	$ flynn release rollback
+	Rolled back to release 5058ae7964f74c399a240bdd6e7d1bcb.
 """
 
 DEPLOYMENT_USAGE = """
@@ -108,6 +132,8 @@ def run_release(args: Args, ctx: Context) -> None:
         if args["-t"] not in ARTIFACT_TYPES:
             raise CommandError(f"Release type {args['-t']} not supported.")
         run_release_add(args, ctx)
+    elif args["rollback"]:
+        run_release_rollback(args, ctx)
     else:
         run_release_list(args, ctx)
 
@@ -167,6 +193,37 @@ def run_release_add(args: Args, ctx: Context) -> None:
     created = client.create_release(release_body(release))
     client.deploy_app_release(app, created["id"])
     log(f"Created release {created['id']}.")
+
+
+def run_release_rollback(args: Args, ctx: Context) -> None:
+    app = ctx.app()
+    client = ctx.client
+    try:
+        current_id = client.app_release(app).get("id")
+    except NotFound:
+        current_id = None
+    # newest first; the server's order, made sure of (a release without a time goes last)
+    releases = sorted(
+        client.app_release_list(app),
+        key=lambda r: parse_time(r.get("created_at")) or dt.datetime.min.replace(tzinfo=dt.UTC),
+        reverse=True,
+    )
+    ids = [r.get("id") for r in releases]
+    target = args["<id>"]
+    if target:
+        if target not in ids:
+            raise CommandError(f"release {target} is not a release of app {app}")
+        if target == current_id:
+            raise CommandError(f"release {target} is already the current release of {app}")
+    else:
+        if current_id is None:
+            raise CommandError(f"app {app} has no current release to roll back from")
+        later = ids.index(current_id) + 1 if current_id in ids else len(ids)
+        if later >= len(ids):
+            raise CommandError(f"no release before the current one ({current_id}) to roll back to")
+        target = ids[later]
+    client.deploy_app_release(app, target)
+    log(f"Rolled back to release {target}.")
 
 
 def run_deployment(args: Args, ctx: Context) -> None:
