@@ -234,8 +234,11 @@ def _set_size(fd: int, lines: int, columns: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
 
 
-def test_a_terminal_gets_a_tty_with_its_size(env: Env) -> None:
-    argv, full_env = env.argv("-a", "runner", "run", "sh"), env.full_env()
+@contextlib.contextmanager
+def _on_a_pty(env: Env, *args: str) -> Iterator[tuple[int, int]]:
+    """`flynn args...` on a new pty of 30 lines × 100 columns: (its pid, the pty's master).
+    The caller reaps it (`os.waitpid`); otherwise it is killed."""
+    argv, full_env = env.argv(*args), env.full_env()
     pid, master = pty.fork()
     if pid == 0:  # the child: flynn on the pty's slave
         try:
@@ -244,6 +247,21 @@ def test_a_terminal_gets_a_tty_with_its_size(env: Env) -> None:
         finally:
             os._exit(127)
     try:
+        yield pid, master
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        os.close(master)
+
+
+def _exit_status(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_terminal_gets_a_tty_with_its_size(env: Env) -> None:
+    with _on_a_pty(env, "-a", "runner", "run", "sh") as (pid, master):
         _read_until(master, b"# ")
         os.write(master, b"echo $TERM-$COLUMNS-$LINES; tty\r")
         out = _read_until(master, b"/dev/pts/")
@@ -257,16 +275,7 @@ def test_a_terminal_gets_a_tty_with_its_size(env: Env) -> None:
         os.write(master, size)
         assert b"40 120" in _read_until(master, b"40 120")
         os.write(master, b"exit 5\r")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 5
-        pid = 0
-    finally:
-        if pid:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(master)
-    # the terminal was restored: nothing to check from here, the pty is gone with its child
+        assert _exit_status(pid) == 5
 
 
 def _counts(env: Env, app: str) -> str:
@@ -282,6 +291,12 @@ def test_pg_psql_dump_and_restore_into_another_app(env: Env) -> None:
     env.ok("-a", "runner", "resource", "add", "postgres")
     out = env.ok("-a", "runner", "pg", "psql", "--", "-tAc", "select 1")
     assert out.strip() == "1"
+    with _on_a_pty(env, "-a", "runner", "pg", "psql") as (pid, master):
+        _read_until(master, b"=> ")
+        os.write(master, b"select 6 * 7 as answer;\r")
+        assert b"42" in _read_until(master, b"(1 row)")
+        os.write(master, b"\\q\r")
+        assert _exit_status(pid) == 0
     env.ok("-a", "runner", "pg", "psql", "--", "-c",
            "create table t (i int, s text); insert into t select g, md5(g::text)"
            " from generate_series(1, 5000) g")  # fmt: skip
