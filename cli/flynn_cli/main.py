@@ -16,9 +16,9 @@ from typing import Any
 import docopt
 from flynn_controller.client import ControllerError
 
-from flynn_cli import apps, cluster, env, gitremote, limit, release, resource, route, scale
+from flynn_cli import apps, cluster, env, gitremote, limit, pg, release, resource, route, run, scale
 from flynn_cli.context import Context
-from flynn_cli.output import CommandError
+from flynn_cli.output import CommandError, Exit
 
 try:
     from flynn_host import __version__
@@ -69,7 +69,7 @@ Show flynn version string.
 """
 
 # commands of the 2015 CLI that come with later issues (the scheduler, logs, attach)
-NOT_YET = ("run", "log", "pg", "export", "import")
+NOT_YET = ("log", "export", "import")
 
 
 @dataclass
@@ -103,12 +103,14 @@ COMMANDS: dict[str, Command] = {
     "kill": Command(scale.KILL_USAGE, scale.run_kill),
     "limit": Command(limit.LIMIT_USAGE, limit.run_limit),
     "meta": Command(env.META_USAGE, env.run_meta),
+    "pg": Command(pg.PG_USAGE, pg.run_pg),
     "provider": Command(resource.PROVIDER_USAGE, resource.run_provider),
     "ps": Command(scale.PS_USAGE, scale.run_ps),
     "release": Command(release.RELEASE_USAGE, release.run_release),
     "remote": Command(apps.REMOTE_USAGE, apps.run_remote),
     "resource": Command(resource.RESOURCE_USAGE, resource.run_resource),
     "route": Command(route.ROUTE_USAGE, route.run_route),
+    "run": Command(run.RUN_USAGE, run.run_run),
     "scale": Command(scale.SCALE_USAGE, scale.run_scale),
     "version": Command(VERSION_USAGE, _run_version),
 }
@@ -156,6 +158,8 @@ def _main(argv: list[str]) -> int:
     try:
         ctx = Context(top["-a"] or "", top["-c"] or "")
         command.run(dict(args), ctx)
+    except Exit as e:
+        return e.status
     except (CommandError, ControllerError) as e:
         return _fail(str(e))
     except OSError as e:

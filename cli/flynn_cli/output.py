@@ -16,6 +16,14 @@ class CommandError(Exception):
     """A command failed; the message is printed on stderr and flynn exits 1."""
 
 
+class Exit(Exception):
+    """End flynn with `status` and nothing printed (a job's own exit status, `flynn run`)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 def log(msg: str) -> None:
     """A progress or success message (Go: `log.Printf`), on stderr."""
     print(msg, file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ JSON objects are plain dicts shaped like the Go types (`App`, `Release`, `Deploy
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -645,6 +646,44 @@ class Client:
     def delete_job(self, app: str, job_id: str) -> None:
         self.delete(f"/apps/{_q(app)}/jobs/{_q(job_id)}")
 
+    async def run_job_attached(
+        self, app: str, new_job: dict[str, Any]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """POST /apps/:app/jobs with `Upgrade: flynn-attach/0` on a connection of its own:
+        once the controller answers 101, the connection carries the job's attach frames
+        (§4 of the 2015 contract); the streams are returned for the caller to speak them.
+        TLS as every request (a pin replaces verification); not retried. A refusal raises
+        the error its answer stands for (`APIError`, `NotFound`, `UnexpectedStatus`)."""
+        split = urllib.parse.urlsplit(self.url)
+        path = f"{split.path.rstrip('/')}/apps/{_q(app)}/jobs"
+        url = self.url + f"/apps/{_q(app)}/jobs"
+        tls: ssl.SSLContext | None = None
+        if split.scheme == "https":
+            tls = ssl.create_default_context(cafile=self.ca_file)
+            if self.pin is not None:
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+        port = split.port or (443 if tls else 80)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    split.hostname, port, ssl=tls, server_hostname=split.hostname if tls else None
+                ),
+                self.timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            raise ControllerError(f"POST {url}: {_describe(e)}") from None
+        try:
+            if tls is not None and self.pin is not None:
+                der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True) or b""
+                if not hmac.compare_digest(hashlib.sha256(der).digest(), self.pin):
+                    raise PinMismatch()
+            await _upgrade(reader, writer, split.netloc, path, self._headers(None), new_job, url)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
     # -- providers and resources -------------------------------------------------------------
 
     def create_provider(self, provider: dict[str, Any]) -> dict[str, Any]:
@@ -757,6 +796,69 @@ class Client:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+async def _upgrade(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    netloc: str,
+    path: str,
+    headers: dict[str, str],
+    new_job: dict[str, Any],
+    url: str,
+) -> None:
+    """Send the attach request and read the answer's head; an error unless it is the 101."""
+    body = json.dumps(new_job).encode()
+    head = {
+        "Host": netloc,
+        **headers,
+        "Upgrade": "flynn-attach/0",
+        "Connection": "Upgrade",
+        "Content-Length": str(len(body)),
+    }
+    request = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
+    writer.write(request.encode() + b"\r\n" + body)
+    try:
+        await writer.drain()
+        raw = await reader.readuntil(b"\r\n\r\n")
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+        raise ControllerError(f"POST {url}: {_describe(e)}") from None
+    status_line, *lines = raw.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ControllerError(f"POST {url}: bad HTTP response {status_line!r}")
+    status = int(parts[1])
+    if status == 101:
+        return
+    fields = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name.strip().lower()] = value.strip()
+    data = b""
+    try:
+        if fields.get("content-length", "").isdigit():
+            data = await reader.readexactly(min(int(fields["content-length"]), 1 << 20))
+        elif status != 404:
+            data = await reader.read(1 << 20)
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    if "application/json" in fields.get("content-type", ""):
+        try:
+            err = json.loads(data)
+        except ValueError:
+            err = None
+        if isinstance(err, dict) and "code" in err:
+            raise APIError(
+                str(err.get("code", "")),
+                str(err.get("message", "")),
+                err.get("detail"),
+                bool(err.get("retry", False)),
+                status,
+            )
+    if status == 404:
+        raise NotFound()
+    raise UnexpectedStatus("POST", url, status)
 
 
 def _q(segment: str) -> str:

@@ -234,6 +234,26 @@ JOB = {
     },
 }
 
+TERMINAL_SIZE = {"type": "integer", "minimum": 0, "maximum": 65535}  # 16 bits in a resize frame
+
+NEW_JOB = {
+    "type": "object",
+    "required": ["release"],
+    "properties": {
+        "release": {"type": "string", "maxLength": 100},
+        "release_env": {"type": "boolean"},
+        "cmd": STRINGS,
+        "entrypoint": STRINGS,
+        "env": STRING_MAP,
+        "meta": STRING_MAP,
+        "tty": {"type": "boolean"},
+        "tty_columns": TERMINAL_SIZE,
+        "tty_lines": TERMINAL_SIZE,
+        "disable_log": {"type": "boolean"},
+        "resources": PROCESS_TYPE["properties"]["resources"],  # type: ignore[index]
+    },
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "app": APP,
     "release": RELEASE,
@@ -247,6 +267,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "resource": RESOURCE,
     "route": ROUTE,
     "job": JOB,
+    "new_job": NEW_JOB,
 }
 
 

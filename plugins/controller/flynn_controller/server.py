@@ -34,6 +34,7 @@ from flynn_controller import (  # noqa: F401
     releases,
     resources,
     routes,
+    runjobs,
     status,
     tasks,
 )
