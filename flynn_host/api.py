@@ -194,7 +194,20 @@ async def put_job(request: web.Request) -> web.Response:
 
 
 async def delete_job(request: web.Request) -> web.Response:
-    request.app[HOST].jobs.stop(request.match_info["id"])
+    host = request.app[HOST]
+    job = host.jobs.get(request.match_info["id"])
+    # out of discoverd before the signal: no client is sent to a job that is stopping
+    await host.services.deregister(job.job.id)
+    host.jobs.stop(job.job.id)
+    return json_response({})
+
+
+async def discoverd_deregister(request: web.Request) -> web.Response:
+    """Flynn's `PUT /host/jobs/:id/discoverd-deregister`: the job's instances leave
+    discoverd; the job goes on running (the scheduler stops it once routers drained it)."""
+    host = request.app[HOST]
+    job = host.jobs.get(request.match_info["id"])
+    await host.services.deregister(job.job.id)
     return json_response({})
 
 
@@ -572,6 +585,7 @@ def make_app(host: Host) -> web.Application:
     r.add_put("/host/jobs/{id}", put_job)
     r.add_delete("/host/jobs/{id}", delete_job)
     r.add_put("/host/jobs/{id}/signal/{signal}", signal_job)
+    r.add_put("/host/jobs/{id}/discoverd-deregister", discoverd_deregister)
     r.add_get("/host/status", host_status)
     r.add_post("/host/discoverd", host_discoverd)
     r.add_post("/host/network", host_network)

@@ -27,6 +27,7 @@ from flynn_host.api import STREAMS, make_app
 from flynn_host.backend import ContainerBackend
 from flynn_host.config import HostConfig
 from flynn_host.jobs import JobManager
+from flynn_host.jobservices import JobServices
 from flynn_host.networking.jobnet import JobNetwork
 from flynn_host.plugins.manager import choose_components
 from flynn_host.registration import DiscoverdRegistration
@@ -109,8 +110,14 @@ class Host:
         )
         self.keep_jobs = False
         self.discoverd = DiscoverdRegistration(config)
+        self.services = JobServices(self._discoverd_urls, config.external_ip)
+
+    def _discoverd_urls(self) -> list[str] | None:
+        info = self.discoverd.info
+        return self.discoverd.urls() if info and info.get("url") else None
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        self.services.on_event(event)
         self.pm.hook.flynn_host_job_event(host=self, event=event)
 
     def _on_log(self, job_id: str, entry: dict[str, Any]) -> None:
@@ -188,6 +195,8 @@ class Host:
             # before the API takes jobs (they get $DISCOVERD from it); left before jobs stop,
             # so the host is marked as going away while discoverd (maybe a job here) still runs
             await stack.enter_async_context(self.discoverd)
+            # the jobs' instances leave discoverd before the host does
+            stack.push_async_callback(self.services.close)
             site = web.TCPSite(runner, self.config.listen_ip or None, self.config.http_port,
                                reuse_address=True)  # fmt: skip
             await site.start()

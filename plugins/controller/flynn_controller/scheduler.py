@@ -50,6 +50,8 @@ RECTIFY_INTERVAL = 10.0  # a rectify at least this often, whatever happens
 START_RETRY_CAP = 30.0
 RESET_RESTARTS_AFTER = 300.0  # a job up this long starts its type's restart count again
 REPORT_RETRY = 1.0
+DRAIN_TIMEOUT = 10.0  # seconds a stopping job waits for the routers to drain it
+ROUTES_TTL = 5.0  # seconds an app's routes are taken as known
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
 STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_read=90)
 
@@ -158,6 +160,7 @@ class Controller:
         self._url = url
         self.auth = aiohttp.BasicAuth("", key)
         self.session: aiohttp.ClientSession | None = None
+        self._routes: dict[str, tuple[float, list[dict[str, Any]]]] = {}
 
     async def __aenter__(self) -> Controller:
         self.session = aiohttp.ClientSession(auth=self.auth, timeout=HTTP_TIMEOUT)
@@ -198,6 +201,19 @@ class Controller:
             if r.status != 200:
                 # refused for good (an app deleted meanwhile, a state gone back): not retried
                 log.info("controller refused job %s %s: %s", job.id, body, await r.text())
+
+    async def routes(self, app_id: str) -> list[dict[str, Any]]:
+        """The app's routes (known for ROUTES_TTL seconds)."""
+        cached = self._routes.get(app_id)
+        if cached is not None and time.monotonic() - cached[0] < ROUTES_TTL:
+            return cached[1]
+        assert self.session is not None
+        base = await self._url()
+        async with self.session.get(f"{base}/apps/{app_id}/routes") as resp:
+            routes = await resp.json(content_type=None) if resp.status == 200 else None
+        out = [r for r in routes or [] if isinstance(r, dict)]
+        self._routes[app_id] = (time.monotonic(), out)
+        return out
 
 
 async def sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -697,6 +713,13 @@ class Scheduler:
             asyncio.create_task(self._stop_job(job, host))
 
     async def _stop_job(self, job: Job, host: Host) -> None:
+        with contextlib.suppress(Exception):
+            if await self._drained_routes(job):
+                # out of discoverd first, then until the routers finished its requests
+                await hostapi.host_request(host.id, "PUT",
+                                           f"/host/jobs/{job.id}/discoverd-deregister",
+                                           url=host.url)  # fmt: skip
+                await self._wait_drained(job)
         for attempt in range(1, 6):
             try:
                 status, _ = await hostapi.host_request(host.id, "DELETE", f"/host/jobs/{job.id}",
@@ -710,6 +733,43 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - retried; a lost host ends it anyway
                 log.info("stopping job %s: %s", job.id, exc)
             await asyncio.sleep(min(0.5 * attempt, 5))
+
+    async def _drained_routes(self, job: Job) -> bool:
+        """Whether a route of the job's app with `drain_backends` leads to its service."""
+        f = self.formations.get(job.key)
+        if f is None:
+            return False
+        proc = (f.release.get("processes") or {}).get(job.type) or {}
+        services = set()
+        for port in proc.get("ports") or []:
+            svc = port.get("service")
+            services.add(svc.get("name") if isinstance(svc, dict) else svc)
+        if not services - {None, ""}:
+            return False
+        routes = await self.controller.routes(job.app_id)
+        return any(r.get("drain_backends") and r.get("service") in services for r in routes)
+
+    async def _wait_drained(self, job: Job) -> None:
+        """Until every router says the job's backend drained (`backend-drained` on its
+        `router-api` event stream), at most DRAIN_TIMEOUT; no router, no wait."""
+        routers = await self.discoverd.instances("router-api") if self.discoverd else []
+
+        async def drained(addr: str) -> None:
+            async with self.session.get(f"http://{addr}/events",
+                                        headers={"Accept": "text/event-stream"},
+                                        timeout=STREAM_TIMEOUT) as resp:  # fmt: skip
+                async for event in sse_data(resp):
+                    if event.get("event") == "backend-drained" and job.id in (
+                        event.get("job_id"),
+                        (event.get("backend") or {}).get("job_id"),
+                    ):
+                        return
+
+        if routers:
+            waits = [asyncio.create_task(drained(r.addr)) for r in routers]
+            await asyncio.wait(waits, timeout=DRAIN_TIMEOUT)
+            for w in waits:
+                w.cancel()
 
     async def _delete_volumes(self, app_id: str) -> None:
         if any(k[0] == app_id for k in self.formations):
