@@ -93,6 +93,9 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         "add-app",
         "add-app",
         "add-provider",
+        # the hand-over to the scheduler, and its wait
+        "scheduler",
+        "wait",
         "log",
     ]
     discoverd = steps[2]["release"]
@@ -129,6 +132,10 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         "discoverd",
     ]
     assert "flynn cluster add -p {{" in by_id["log-complete"]["output"]
+    # the scheduler takes over after every app was handed to the controller
+    assert by_id["scheduler"]["processes"] == {"web": 2, "scheduler": 1, "worker": 2}
+    assert set(by_id["scheduler"]["processes"]) <= set(controller["release"]["processes"])
+    assert controller["release"]["processes"]["scheduler"]["omni"] is True
 
 
 # --- against real daemons ----------------------------------------------------------------------

@@ -162,10 +162,17 @@ class Cluster:
 
     # --- up --------------------------------------------------------------------------------
 
-    def up(self, n: int = 3, bootstrap: bool = True, host_id_prefix: str = "host") -> None:
+    def up(
+        self,
+        n: int = 3,
+        bootstrap: bool = True,
+        host_id_prefix: str = "host",
+        without_steps: tuple[str, ...] = (),
+    ) -> None:
         """Create the bridge, `n` host namespaces and daemons, wait until each answers, and
-        (with `bootstrap`) run `flynn-host init` and `flynn-host bootstrap`. On any failure
-        everything made is removed before the error is raised."""
+        (with `bootstrap`) run `flynn-host init` and `flynn-host bootstrap` (the packaged
+        manifest, less the steps `without_steps` names). On any failure everything made is
+        removed before the error is raised."""
         if not 1 <= n <= MAX_HOSTS:
             raise ClusterError(f"-n must be between 1 and {MAX_HOSTS}")
         if self.exists():
@@ -222,13 +229,24 @@ class Cluster:
                         self.say(f"{h.id}: flynn-host image import --name={name} {manifest}")
                         self._run_checked(h, ["image", "import", str(manifest), f"--name={name}"])
                 self.say(f"bootstrapping {n} host(s), CLUSTER_DOMAIN={self.domain}")
+                manifest = [self._manifest(without_steps)] if without_steps else []
                 self._run_checked(self.hosts[0], ["bootstrap", "--min-hosts", str(n),
-                                                  "--peer-ips", ",".join(self.ips())],
+                                                  "--peer-ips", ",".join(self.ips()), *manifest],
                                   env={"CLUSTER_DOMAIN": self.domain}, capture=False)  # fmt: skip
         except BaseException:
             self.say("up failed; removing what was made")
             self.down()
             raise
+
+    def _manifest(self, without_steps: tuple[str, ...]) -> str:
+        """The packaged bootstrap manifest less some steps, written in the cluster's directory."""
+        from flynn_host.bootstrap.manifest import read_manifest
+
+        text, _ = read_manifest(None)
+        steps = [s for s in json.loads(text) if s.get("id") not in without_steps]
+        path = self.dir / "bootstrap-manifest.json"
+        write_atomic(path, json.dumps(steps, indent=2) + "\n", fsync=False)
+        return str(path)
 
     def _check_subnet_free(self) -> None:
         for addr in net.addresses_in(self.network)[:1]:

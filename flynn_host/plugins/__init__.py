@@ -35,6 +35,14 @@ PUBLIC_MODULES: dict[str, str] = {
         "calling a cluster service by its discoverd name from a bootstrap action (the "
         "controller's `add-app`)"
     ),
+    "flynn_host.bootstrap.runapp": (
+        "`RunApp`: the controller's `scheduler` step starts the scheduler's jobs as `run-app` "
+        "starts any app's"
+    ),
+    "flynn_host.runtime.attach": (
+        "Flynn's attach frames and the host's attach handshake: the controller proxies an "
+        "attached one-off job to its host"
+    ),
     "flynn_host.networking.links": (
         "network namespaces and netlink (`iproute_in`): flannel's VXLAN device lives beside "
         "the host's bridge, in the host's namespace or a test host's, reached the same way"

@@ -45,12 +45,14 @@ def new_cluster() -> Cluster:
 
 
 @contextlib.contextmanager
-def booted_cluster(n: int) -> Iterator[Cluster]:
+def booted_cluster(n: int, scheduler: bool = True) -> Iterator[Cluster]:
     """A new cluster of `n` hosts booted with `flynn-host bootstrap`; removed afterwards, and
-    nothing of it may be left."""
+    nothing of it may be left. Without `scheduler` the hand-over step is left out: nothing
+    replaces a job that stops (for tests that act as the scheduler themselves)."""
     c = new_cluster()
     try:
-        c.up(n, bootstrap=True, host_id_prefix=f"{c.name}h")
+        skip = () if scheduler else ("scheduler", "scheduler-wait")
+        c.up(n, bootstrap=True, host_id_prefix=f"{c.name}h", without_steps=skip)
         yield c
     finally:
         c.down()

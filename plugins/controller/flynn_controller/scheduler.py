@@ -1,5 +1,5 @@
 """The scheduler: makes the hosts run what the controller's formations ask for, and keeps it
-running (Flynn's `controller/scheduler`, facts §7.4).
+running (Flynn's `controller/scheduler`; docs/controller.md, "The scheduler").
 
 It follows three sources and keeps what it learns in memory (`GET /debug/state` shows it):
 the controller's formations (`GET /formations` stream), the hosts (discoverd service

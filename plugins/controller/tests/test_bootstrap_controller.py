@@ -48,10 +48,12 @@ def cluster() -> Iterator[Cluster]:
 
 
 def controller_job(c: Cluster) -> dict[str, Any]:
+    """The controller's (only, on one host) `web` job."""
     jobs = c.client(1).list_jobs(active=True)
     (job,) = [
         j for j in jobs.values()
         if j["job"]["metadata"].get("flynn-controller.app_name") == "controller"
+        and j["job"]["metadata"].get("flynn-controller.type") == "web"
     ]  # fmt: skip
     return job
 

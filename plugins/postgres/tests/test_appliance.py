@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespace
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    with booted_cluster(1) as c:
+    with booted_cluster(1, scheduler=False) as c:
         yield c
 
 

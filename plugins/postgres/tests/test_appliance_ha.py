@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespace
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    with booted_cluster(3) as c:
+    with booted_cluster(3, scheduler=False) as c:
         yield c
 
 

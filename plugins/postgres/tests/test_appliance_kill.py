@@ -35,7 +35,7 @@ ROUNDS = 5
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    with booted_cluster(3) as c:
+    with booted_cluster(3, scheduler=False) as c:
         yield c
 
 
