@@ -103,7 +103,9 @@ def test_the_controller_knows_what_bootstrap_started(cluster: Cluster) -> None:
         assert artifact["uri"].endswith(f"/{image}/manifest.json"), artifact
         status, formation = get(cluster, f"{base}/apps/{name}/formations/{app['release']}", key)
         assert status == 200, formation
-        expected = {"postgres": {"postgres": 1, "web": 1}, "controller": {"web": 1},
+        # the controller's after the scheduler step (one of each in a singleton)
+        expected = {"postgres": {"postgres": 1, "web": 1},
+                    "controller": {"web": 1, "worker": 1, "scheduler": 1},
                     "flannel": {"app": 1}, "discoverd": {"app": 1}}[name]  # fmt: skip
         assert formation["processes"] == expected, name
     # the controller's release is the env it runs with, its database included
