@@ -11,6 +11,7 @@ left, by the same names.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from flynn_host.config import HostConfig
@@ -85,7 +86,8 @@ def cgroups_of(rel: str) -> list[Path]:
     for h in CGROUP_ROOT.iterdir():
         d = h / rel
         if d.exists():
-            found += [p for p in d.rglob("*") if p.is_dir()] + [d]
+            # os.walk skips what vanishes while it walks (a job's cgroup removed meanwhile)
+            found += [Path(top) / sub for top, subs, _ in os.walk(d) for sub in subs] + [d]
     return found
 
 
