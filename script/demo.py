@@ -10,9 +10,10 @@ namespaces booted with `flynn-host bootstrap` (discoverd and flannel on each), a
 host 1 reaching a job on host 3 over the overlay by `<service>.discoverd`; the PostgreSQL
 appliance bootstrap started (three nodes, discoverd's leader on the primary), a database for
 an app from its provider API and the app's psql; and the controller bootstrap started, driven
-with the `flynn` CLI as a developer would (an app, its env, meta, limits, a docker release, a
-postgres resource its job connects with, routes, deletion). Everything is removed at the end,
-whatever happened.
+with the `flynn` CLI as a developer would (an app from the busybox image scaled to three jobs
+spread over the hosts by the scheduler, `ps`, a job killed and replaced, a deploy by `env
+set`, a one-off `run`, a postgres resource used with `pg psql`, routes, deletion). Everything
+is removed at the end, whatever happened.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from typing import Any
 
 from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
 
@@ -302,8 +304,6 @@ def controller_demo(c: Cluster) -> None:
 
 
 def _flynn_cli_demo(c: Cluster, url: str, key: str, home: str) -> None:
-    from flynn_host.dev import postgres as pg
-
     env = {"HOME": home, "FLYNNRC": f"{home}/.flynnrc"}
     flynn = str(devhost.ROOT / ".venv" / "bin" / "flynn")
 
@@ -322,38 +322,57 @@ def _flynn_cli_demo(c: Cluster, url: str, key: str, home: str) -> None:
     run("apps")
     run("provider")
 
-    say("an app: create, a docker release with a web process, env, meta, limits")
+    say("an app: create, a release of the busybox image with a web process, env, meta, limits")
     run("create", "hello")
     run("-a", "hello", "info")
     release = f"{home}/release.json"
+    web = 'echo "$GREETING from $FLYNN_JOB_ID" > /tmp/index.html; exec httpd -f -p 8080 -h /tmp'
     with open(release, "w") as f:
-        json.dump({"processes": {"web": {"cmd": ["python3", "-m", "http.server", "8080"]}}}, f)
-    run("-a", "hello", "release", "add", "-f", release,
-        "https://registry.hub.docker.com?name=library/python&tag=3.11")  # fmt: skip
-    run("-a", "hello", "env", "set", "GREETING=hello", "LANG=C.UTF-8")
-    run("-a", "hello", "env")
+        json.dump({"env": {"GREETING": "Hello"},
+                   "processes": {"web": {"cmd": ["sh", "-c", web], "ports": [
+                       {"port": 8080, "proto": "tcp",
+                        "service": {"name": "hello-web", "create": True}}]}}}, f)  # fmt: skip
+    run("-a", "hello", "release", "add", "-t", "flynn", "-f", release,
+        "file:///var/lib/flynn/images/busybox/manifest.json")  # fmt: skip
     run("-a", "hello", "meta", "set", "owner=demo")
-    run("-a", "hello", "limit", "set", "web", "memory=512MB", "max_fd=2048")
+    run("-a", "hello", "limit", "set", "web", "memory=64MB", "max_fd=2048")
     run("-a", "hello", "limit")
+
+    say("the scheduler runs it: flynn scale web=3 waits for the 3 jobs, spread over the hosts")
+    run("-a", "hello", "scale", "web=3")
+    ps = run("-a", "hello", "ps")
+    # a job is an instance of hello-web once its port answers
+    _wait(lambda: len(_web_answers(c, "hello-web")) == 3, "3 instances of hello-web")
+    print(f"{DIM}# each job, found through discoverd (service hello-web):{RESET}", flush=True)
+    for addr, text in _web_answers(c, "hello-web"):
+        print(f"  {addr}  {text}", flush=True)
+    killed = ps.splitlines()[1].split()[0]
+    run("-a", "hello", "kill", killed)
+    _wait(
+        lambda: (
+            len(a := _web_answers(c, "hello-web")) == 3 and not any(killed in text for _, text in a)
+        ),
+        "a replacement for the killed job",
+    )
+    run("-a", "hello", "ps")
+
+    say("a deploy: flynn env set makes a release, the deployer replaces the jobs")
+    run("-a", "hello", "env", "set", "GREETING=Bonjour", "LANG=C.UTF-8")
+    run("-a", "hello", "ps")
+    _wait(lambda: all("Bonjour" in t for _, t in _web_answers(c, "hello-web")), "new jobs")
+    for addr, text in _web_answers(c, "hello-web"):
+        print(f"  {addr}  {text}", flush=True)
+    run("-a", "hello", "deployment")
+    run("-a", "hello", "run", "--", "sh", "-c", "echo one-off job on $(hostname): $GREETING")
     run("-a", "hello", "release")
 
-    say("a PostgreSQL database for it: flynn resource add postgres, then psql from a job")
+    say("a PostgreSQL database for it: flynn resource add postgres, then flynn pg psql")
     run("-a", "hello", "resource", "add", "postgres")
     run("-a", "hello", "resource")
-    app_env = {}
-    for line in run("-a", "hello", "env", show="flynn -a hello env").splitlines():
-        k, sep, v = line.partition("=")
-        if sep:
-            app_env[k] = v
-    script = (
-        "psql -c 'CREATE TABLE visits (at timestamptz DEFAULT now())' "
-        "-c 'INSERT INTO visits DEFAULT VALUES' -c 'SELECT count(*) AS visits FROM visits'"
-    )
-    host = min(2, len(c.hosts))
-    print(f"{DIM}# a job on host {host} with the app's env:{RESET} {script}", flush=True)
-    pg_env = {k: v for k, v in app_env.items() if k.startswith("PG") or k == "DATABASE_URL"}
-    status, out = pg.run_job(c, host, script, pg_env)
-    sys.stdout.write(out)
+    run("-a", "hello", "pg", "psql", "--",
+        "-c", "CREATE TABLE visits (at timestamptz DEFAULT now())",
+        "-c", "INSERT INTO visits DEFAULT VALUES",
+        "-c", "SELECT count(*) AS visits FROM visits")  # fmt: skip
 
     say("routes: the default one, an HTTP domain and a TCP port")
     run("-a", "hello", "route", "add", "http", "hello.example.test")
@@ -361,9 +380,31 @@ def _flynn_cli_demo(c: Cluster, url: str, key: str, home: str) -> None:
     run("-a", "hello", "route")
     run("-a", "hello", "deployment")
 
-    say("flynn delete: routes removed, the database deprovisioned")
+    say("flynn scale web=0, flynn delete: jobs stopped, routes removed, database deprovisioned")
+    run("-a", "hello", "scale", "web=0")
     run("-a", "hello", "delete", "-y")
     run("apps")
+
+
+def _web_answers(c: Cluster, service: str) -> list[tuple[str, str]]:
+    """(address, answer) of each instance of `service` in discoverd, asked from host 1."""
+    script = (
+        "import json, sys, urllib.request\n"
+        f"url = 'http://{c.host(1).ip}:1111/services/{service}/instances'\n"
+        "for i in json.load(urllib.request.urlopen(url, timeout=5)):\n"
+        "    text = urllib.request.urlopen('http://' + i['addr'], timeout=5).read().decode()\n"
+        "    print(i['addr'], text.strip())\n"
+    )
+    out = c.exec(1, [sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    return [(a, t) for a, _, t in (line.partition(" ") for line in out.stdout.splitlines())]
+
+
+def _wait(check: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -229,9 +229,9 @@ class Cluster:
                         self.say(f"{h.id}: flynn-host image import --name={name} {manifest}")
                         self._run_checked(h, ["image", "import", str(manifest), f"--name={name}"])
                 self.say(f"bootstrapping {n} host(s), CLUSTER_DOMAIN={self.domain}")
-                manifest = [self._manifest(without_steps)] if without_steps else []
+                extra = [self._manifest(without_steps)] if without_steps else []
                 self._run_checked(self.hosts[0], ["bootstrap", "--min-hosts", str(n),
-                                                  "--peer-ips", ",".join(self.ips()), *manifest],
+                                                  "--peer-ips", ",".join(self.ips()), *extra],
                                   env={"CLUSTER_DOMAIN": self.domain}, capture=False)  # fmt: skip
         except BaseException:
             self.say("up failed; removing what was made")
