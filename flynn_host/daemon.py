@@ -110,7 +110,14 @@ class Host:
         )
         self.keep_jobs = False
         self.discoverd = DiscoverdRegistration(config)
-        self.services = JobServices(self._discoverd_urls, config.external_ip)
+        self.services = JobServices(self._discoverd_urls, config.external_ip,
+                                    self._services_registered)  # fmt: skip
+
+    def _services_registered(self, job_id: str) -> None:
+        job = self.jobs.jobs.get(job_id)
+        if job is not None:
+            job.services_registered = True
+            self.jobs.publish("registered", job_id)
 
     def _discoverd_urls(self) -> list[str] | None:
         info = self.discoverd.info

@@ -13,6 +13,9 @@ holds nothing, so a slow or stalled download delays only its own job. Then the j
 `--max-job-concurrency` start slots for the local work (mounts, bundle, runc); `PUT` answers 429
 while every slot is taken or queued for. A `DELETE` cancels a job still fetching or queued; one
 already in its local work is undone as soon as that ends. Either way it ends `failed`.
+
+Size: one state machine and the bookkeeping its transitions share (start slots,
+cancellations, stoppers, events); split, each part would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -180,6 +183,12 @@ class JobManager:
         return [j for j in jobs if not (active_only and j.ended)]
 
     # --- events -------------------------------------------------------------------------------
+    def publish(self, name: str, job_id: str) -> None:
+        """An event about a job from outside the job's life cycle (its services registered)."""
+        job = self.jobs.get(job_id)
+        if job is not None and not job.ended:
+            self._publish(name, job)
+
     def _publish(self, name: str, job: ActiveJob) -> None:
         event = {"event": name, "job_id": job.job.id, "job": job.to_json()}
         for job_filter, queue in list(self._subscribers):

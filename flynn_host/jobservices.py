@@ -27,7 +27,8 @@ from flynn_host.types import SYSTEM_PARTITION
 
 log = logging.getLogger(__name__)
 
-CHECK_INTERVAL = 1.0  # seconds between checks until the first passes, and the default after
+CHECK_INTERVAL = 1.0  # default seconds between checks of a registered instance
+FIRST_CHECKS = 0.1  # seconds between checks until the instance is registered
 CHECK_TIMEOUT = 2.0
 CHECK_THRESHOLD = 3  # failed checks in a row that take a registered instance out
 LEAVE_TIMEOUT = 2.0
@@ -62,9 +63,17 @@ class JobServices:
     """The registrations of this host's jobs. `urls()` gives discoverd's URLs (None until the
     host knows where discoverd answers)."""
 
-    def __init__(self, urls: Callable[[], list[str] | None], host_ip: str) -> None:
+    def __init__(
+        self,
+        urls: Callable[[], list[str] | None],
+        host_ip: str,
+        on_registered: Callable[[str], None] = lambda job_id: None,
+    ) -> None:
         self.urls = urls
         self.host_ip = host_ip
+        # called once a job's services are all registered (the first time)
+        self.on_registered = on_registered
+        self._waiting: dict[str, set[str]] = {}
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._client: Any = None
         self._client_urls: list[str] | None = None
@@ -78,8 +87,11 @@ class JobServices:
                 env = ((job.get("job") or {}).get("config") or {}).get("env") or {}
                 meta = {k: str(env[k]) for k in ("FLYNN_APP_ID", "FLYNN_RELEASE_ID",
                         "FLYNN_PROCESS_TYPE") if k in env} | {"FLYNN_JOB_ID": job_id}  # fmt: skip
+                self._waiting[job_id] = {f"{name} {addr}" for name, addr, _ in services}
                 self._tasks[job_id] = [
-                    asyncio.get_running_loop().create_task(self._register(name, addr, check, meta))
+                    asyncio.get_running_loop().create_task(
+                        self._register(job_id, name, addr, check, meta)
+                    )
                     for name, addr, check in services
                 ]
         elif job.get("status") not in (RUNNING, "starting") and job_id in self._tasks:
@@ -89,6 +101,7 @@ class JobServices:
         """Take the job's instances out of discoverd now (the job goes on running); True when
         it had any."""
         tasks = self._tasks.pop(job_id, [])
+        self._waiting.pop(job_id, None)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -102,6 +115,15 @@ class JobServices:
             with contextlib.suppress(Exception):
                 await self._client.close()
 
+    def _registered(self, job_id: str, service: str) -> None:
+        waiting = self._waiting.get(job_id)
+        if waiting is None:
+            return
+        waiting.discard(service)
+        if not waiting:
+            del self._waiting[job_id]
+            self.on_registered(job_id)
+
     def _discoverd(self) -> Any:
         from flynn_discoverd.client import Client  # discoverd's client, as any component uses
 
@@ -112,7 +134,7 @@ class JobServices:
             self._client, self._client_urls = Client(urls), urls
         return self._client
 
-    async def _register(self, name: str, addr: str, check: dict[str, Any],
+    async def _register(self, job_id: str, name: str, addr: str, check: dict[str, Any],
                         meta: dict[str, str]) -> None:  # fmt: skip
         interval = float(check.get("interval") or CHECK_INTERVAL)
         threshold = int(check.get("threshold") or CHECK_THRESHOLD)
@@ -130,6 +152,7 @@ class JobServices:
                                 name, addr, meta=meta
                             )
                             log.info("job service %s: registered %s", name, addr)
+                            self._registered(job_id, f"{name} {addr}")
                         except Exception as exc:  # noqa: BLE001 - discoverd away: next round
                             log.warning("job service %s: registering %s: %s", name, addr, exc)
                 elif heartbeater is not None and failures >= threshold:
@@ -137,7 +160,8 @@ class JobServices:
                                 failures)  # fmt: skip
                     await _leave(heartbeater)
                     heartbeater = None
-                await asyncio.sleep(interval)
+                # until the first check passes the job is waited for: check it often
+                await asyncio.sleep(interval if heartbeater is not None else FIRST_CHECKS)
         finally:
             if heartbeater is not None:
                 await _leave(heartbeater)

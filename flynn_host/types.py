@@ -374,6 +374,15 @@ class Job:
             profiles=list(profiles),
         )
 
+    def registers_services(self) -> bool:
+        """Whether the host registers the job's port services in discoverd
+        (`flynn_host.jobservices`): tcp ports naming a service, outside partition `system`."""
+        return self.partition != SYSTEM_PARTITION and any(
+            isinstance(p, dict) and p.get("service") and p.get("port")
+            and (p.get("proto") or "tcp") == "tcp"
+            for p in self.config.get("ports") or []
+        )  # fmt: skip
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -429,6 +438,8 @@ class ActiveJob:
     error: str | None = None
     # not part of Flynn's JSON: monotonic creation order, so listings are stable
     seq: float = field(default_factory=time.time)
+    # whether every port service of the job is registered in discoverd (jobservices.py)
+    services_registered: bool = False
 
     def set_state(self, new: str) -> None:
         if new not in TRANSITIONS[self.status]:
@@ -456,6 +467,11 @@ class ActiveJob:
             "ended_at": self.ended_at,
             "exit_status": self.exit_status,
             "error": self.error,
+            # not Flynn's: null for a job with no service the host registers, else whether
+            # its services are in discoverd (a scheduler reports such a job up only then)
+            "discoverd_registered": self.services_registered
+            if self.job.registers_services()
+            else None,
         }
 
     @classmethod
@@ -473,6 +489,7 @@ class ActiveJob:
             exit_status=raw.get("exit_status"),
             error=raw.get("error"),
             seq=raw.get("seq", 0.0),
+            services_registered=bool(raw.get("discoverd_registered")),
         )
 
 

@@ -11,6 +11,9 @@ removable) from outside (`cluster_hosts`). Every path a host writes is under
 `<base>/<name>/host<i>/`; what was made is written to `<base>/<name>/cluster.json` so another
 process can stop, exec into or remove the cluster. `down` works from that file *and* from the
 names alone, so a half-made cluster is removed too. See docs/cluster.md.
+
+Size: the cluster's whole life (up, bootstrap, a host stopped and started, down) in one
+class; the hosts' and the network's details are in `cluster_hosts` and `cluster_network`.
 """
 
 from __future__ import annotations

@@ -19,9 +19,14 @@ are taken as stopped and replaced elsewhere. A host that comes back has its jobs
 so what the formations no longer want is stopped.
 
 Each job's state is reported to the controller (`PUT /apps/:app/jobs/:id`): the host's
-`starting` → `starting`, `running` → `up`, `done`/`crashed`/`failed` → `down`.
+`starting` → `starting`, `running` → `up` (for a job whose port services the host registers
+in discoverd, once they are registered), `done`/`crashed`/`failed` → `down`.
 
 Only the leader of discoverd service `controller-scheduler` runs this; see `scheduler_service`.
+Its data is in `scheduler_state`, its controller client in `scheduler_io`.
+
+Size: one event loop's worth of decisions (follow, rectify, place, start, stop, report) on one
+shared picture; split further, each part would mutate the others' state.
 """
 
 from __future__ import annotations
@@ -32,14 +37,24 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from flynn_controller import hosts as hostapi
 from flynn_controller.jobconfig import build_job
+from flynn_controller.scheduler_io import HTTP_TIMEOUT, STREAM_TIMEOUT, Controller, sse_data
+from flynn_controller.scheduler_state import (
+    ACTIVE,
+    ENDED,
+    HOST_STATE,
+    Formation,
+    FormationKey,
+    Host,
+    Job,
+    Restarts,
+    restart_delay,
+)
 
 log = logging.getLogger("flynn_controller.scheduler")
 
@@ -51,189 +66,6 @@ START_RETRY_CAP = 30.0
 RESET_RESTARTS_AFTER = 300.0  # a job up this long starts its type's restart count again
 REPORT_RETRY = 1.0
 DRAIN_TIMEOUT = 10.0  # seconds a stopping job waits for the routers to drain it
-ROUTES_TTL = 5.0  # seconds an app's routes are taken as known
-HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
-STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_read=90)
-
-ACTIVE = ("pending", "starting", "running")
-HOST_STATE = {"starting": "starting", "running": "up", "done": "down", "crashed": "down",
-              "failed": "down"}  # fmt: skip
-ENDED = ("done", "crashed", "failed")
-
-
-def restart_delay(restarts: int) -> float:
-    """Flynn's backoff before restarting a job that stopped unexpectedly: the first five
-    restarts at once, the next ten after 10 s, then every 30 s."""
-    if restarts < 5:
-        return 0.0
-    if restarts < 15:
-        return 10.0
-    return 30.0
-
-
-FormationKey = tuple[str, str]  # (app id, release id)
-
-
-@dataclass
-class Formation:
-    app: dict[str, Any]
-    release: dict[str, Any]
-    artifact: dict[str, Any] | None
-    processes: dict[str, int]
-    tags: dict[str, dict[str, str]] = field(default_factory=dict)
-
-    @property
-    def key(self) -> FormationKey:
-        return (str(self.app["id"]), str(self.release["id"]))
-
-    def omni(self, typ: str) -> bool:
-        return bool(((self.release.get("processes") or {}).get(typ) or {}).get("omni"))
-
-    def volumes(self, typ: str) -> list[dict[str, Any]]:
-        return list(((self.release.get("processes") or {}).get(typ) or {}).get("volumes") or [])
-
-
-@dataclass
-class Host:
-    id: str
-    url: str
-    tags: dict[str, str] = field(default_factory=dict)
-    shutdown: bool = False
-    healthy: bool = True
-    checks: int = 0
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    volumes: list[dict[str, Any]] = field(default_factory=list)
-
-    def matches(self, tags: dict[str, str]) -> bool:
-        return all(self.tags.get(k) == v for k, v in tags.items())
-
-
-@dataclass
-class Job:
-    id: str
-    host_id: str
-    app_id: str
-    app_name: str
-    release_id: str
-    type: str  # "" for a one-off job
-    state: str = "pending"  # pending, blocked, starting, running, stopping, done/crashed/failed
-    started_at: float = 0.0  # monotonic, when the host said running
-    wanted: bool = True  # False once the scheduler decided to stop it
-    volume_ids: list[str] = field(default_factory=list)
-    exit_status: int | None = None
-    error: str | None = None
-    reported: str = ""
-
-    @property
-    def key(self) -> FormationKey:
-        return (self.app_id, self.release_id)
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE and self.wanted
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "host_id": self.host_id,
-            "app": self.app_id,
-            "app_name": self.app_name,
-            "release": self.release_id,
-            "type": self.type,
-            "state": self.state,
-            "wanted": self.wanted,
-            "up_for": round(time.monotonic() - self.started_at, 1) if self.started_at else None,
-        }
-
-
-@dataclass
-class Restarts:
-    count: int = 0  # unexpected stops (Flynn's restart backoff)
-    failures: int = 0  # starts that failed in a row (placement retried with a delay)
-    not_before: float = 0.0  # monotonic time before which no replacement starts
-
-
-class Controller:
-    """The controller's API as the scheduler uses it (base URL found by `url()`)."""
-
-    def __init__(self, url: Callable[[], Any], key: str) -> None:
-        self._url = url
-        self.auth = aiohttp.BasicAuth("", key)
-        self.session: aiohttp.ClientSession | None = None
-        self._routes: dict[str, tuple[float, list[dict[str, Any]]]] = {}
-
-    async def __aenter__(self) -> Controller:
-        self.session = aiohttp.ClientSession(auth=self.auth, timeout=HTTP_TIMEOUT)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-    async def formations(self) -> AsyncIterator[dict[str, Any]]:
-        """The `GET /formations` stream: every formation, `{}`, then each change."""
-        assert self.session is not None
-        base = await self._url()
-        async with self.session.get(
-            base + "/formations",
-            headers={"Accept": "text/event-stream"},
-            timeout=STREAM_TIMEOUT,
-        ) as resp:
-            if resp.status != 200:
-                raise ConnectionError(f"controller: GET /formations: {resp.status}")
-            async for data in sse_data(resp):
-                yield data
-
-    async def put_job(self, job: Job) -> None:
-        assert self.session is not None
-        body: dict[str, Any] = {"state": HOST_STATE.get(job.state, job.state),
-                                "release": job.release_id}  # fmt: skip
-        if job.type:
-            body["type"] = job.type
-        if job.exit_status is not None:
-            body["exit_status"] = job.exit_status
-        if job.error:
-            body["host_error"] = job.error
-        base = await self._url()
-        async with self.session.put(f"{base}/apps/{job.app_id}/jobs/{job.id}", json=body) as r:
-            if r.status >= 500:
-                raise ConnectionError(f"controller: PUT job {job.id}: {r.status}")
-            if r.status != 200:
-                # refused for good (an app deleted meanwhile, a state gone back): not retried
-                log.info("controller refused job %s %s: %s", job.id, body, await r.text())
-
-    async def routes(self, app_id: str) -> list[dict[str, Any]]:
-        """The app's routes (known for ROUTES_TTL seconds)."""
-        cached = self._routes.get(app_id)
-        if cached is not None and time.monotonic() - cached[0] < ROUTES_TTL:
-            return cached[1]
-        assert self.session is not None
-        base = await self._url()
-        async with self.session.get(f"{base}/apps/{app_id}/routes") as resp:
-            routes = await resp.json(content_type=None) if resp.status == 200 else None
-        out = [r for r in routes or [] if isinstance(r, dict)]
-        self._routes[app_id] = (time.monotonic(), out)
-        return out
-
-
-async def sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """The JSON `data` of each event of an SSE response; an `error` event raises."""
-    import json
-
-    event, data = "", []
-    async for raw in resp.content:
-        line = raw.decode().rstrip("\r\n")
-        if line.startswith("data:"):
-            data.append(line[5:].lstrip(" "))
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif not line:
-            if data:
-                payload = json.loads("\n".join(data))
-                if event == "error":
-                    raise ConnectionError(f"stream error: {payload}")
-                yield payload
-            event, data = "", []
 
 
 class Scheduler:
@@ -485,10 +317,11 @@ class Scheduler:
             if job.state not in ENDED:
                 self._job_ended(job, status, raw.get("exit_status"), raw.get("error"))
             return
-        if job.state != status:
-            if status == "running":
+        registered = raw.get("discoverd_registered") is not False
+        if job.state != status or job.registered != registered:
+            if status == "running" and job.state != status:
                 job.started_at = time.monotonic()
-            job.state = status
+            job.state, job.registered = status, registered
             self._report(job)
             self.poke()
 
@@ -515,6 +348,8 @@ class Scheduler:
     # --- reports --------------------------------------------------------------------------
     def _report(self, job: Job) -> None:
         state = HOST_STATE.get(job.state)
+        if state == "up" and not job.registered:
+            state = "starting"
         if state and state != job.reported:
             job.reported = state
             self.reports.put_nowait(Job(**{**job.__dict__, "volume_ids": list(job.volume_ids)}))
