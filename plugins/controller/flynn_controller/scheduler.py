@@ -366,9 +366,14 @@ class Scheduler:
         host.checks = 0
 
     async def _check_host(self, host: Host) -> None:
+        # one check per HOST_CHECK_INTERVAL, each given no longer than that: a host whose
+        # address went with it (connects hang until a timeout) is given up after
+        # MAX_HOST_CHECKS intervals, not MAX_HOST_CHECKS connect timeouts
+        timeout = aiohttp.ClientTimeout(total=HOST_CHECK_INTERVAL)
         while not host.healthy and self.hosts.get(host.id) is host:
+            started = time.monotonic()
             try:
-                async with self.session.get(host.url + "/host/status") as resp:
+                async with self.session.get(host.url + "/host/status", timeout=timeout) as resp:
                     ok = resp.status == 200
             except (aiohttp.ClientError, OSError, TimeoutError):
                 ok = False
@@ -379,7 +384,7 @@ class Scheduler:
                 if host.checks >= MAX_HOST_CHECKS:
                     self._unfollow(host, f"{host.checks} failed checks")
                     return
-            await asyncio.sleep(HOST_CHECK_INTERVAL)
+            await asyncio.sleep(max(0.0, HOST_CHECK_INTERVAL - (time.monotonic() - started)))
 
     def _unfollow(self, host: Host, why: str) -> None:
         log.warning("host %s given up (%s): its jobs are taken as stopped", host.id, why)
