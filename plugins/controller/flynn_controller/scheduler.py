@@ -537,6 +537,10 @@ class Scheduler:
                 by_type.setdefault((job.key, job.type), []).append(job)
         for f in self.formations.values():
             for typ, count in f.processes.items():
+                if count == 0:
+                    # nothing of the type wanted: its restart history ends, and a later
+                    # scale-up starts afresh (as Flynn's new jobs carry no restarts)
+                    self.restarts.pop((f.key, typ), None)
                 jobs = by_type.pop((f.key, typ), [])
                 if f.omni(typ):
                     self._rectify_omni(f, typ, count, jobs, now)
