@@ -48,6 +48,7 @@ HOST_CHECK_INTERVAL = 1.0
 JOB_SYNC = 30.0  # seconds between full listings of each host's jobs
 RECTIFY_INTERVAL = 10.0  # a rectify at least this often, whatever happens
 START_RETRY_CAP = 30.0
+HOST_BUSY_RETRY = 0.1  # seconds before a job a busy host refused (429) is put again
 RESET_RESTARTS_AFTER = 300.0  # a job up this long starts its type's restart count again
 REPORT_RETRY = 1.0
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
@@ -647,8 +648,14 @@ class Scheduler:
             volumes = await self._volumes(f, job, host)
             spec = build_job(job_id=job.id, app=f.app, release=f.release, process_type=job.type,
                              image=image, volumes=volumes)  # fmt: skip
-            status, body = await hostapi.host_request(host.id, "PUT", f"/host/jobs/{job.id}",
-                                                      spec, url=host.url)  # fmt: skip
+            while True:
+                status, body = await hostapi.host_request(host.id, "PUT", f"/host/jobs/{job.id}",
+                                                          spec, url=host.url)  # fmt: skip
+                # a host already starting all it can at once answers 429 "retry shortly": the
+                # job waits its turn there, not a failed start's growing delay for its type
+                if status != 429 or not job.wanted or self.hosts.get(host.id) is not host:
+                    break
+                await asyncio.sleep(HOST_BUSY_RETRY)
             if status != 200:
                 message = body.get("message") if isinstance(body, dict) else body
                 raise hostapi.ImageError(f"host {host.id} refused job {job.id}: {message}")
