@@ -112,6 +112,7 @@ class Env:
     url: str
     key: str
     home: Path
+    controller_job: str = ""
 
     @property
     def discoverd(self) -> str:
@@ -197,8 +198,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     from flynn_host.dev.controller import cluster_controller
 
     with booted_cluster(3) as c:
-        url, key, _ = cluster_controller(c)
-        e = Env(c, url, key, tmp_path_factory.mktemp("home"))
+        url, key, job_id = cluster_controller(c)
+        e = Env(c, url, key, tmp_path_factory.mktemp("home"), job_id)
         e.ok("cluster", "add", "--no-git", "default", url, key)
         e.new_app("sched", {"web": web_process(), "store": STORE})
         yield e
@@ -495,6 +496,23 @@ def victim_host(env: Env) -> int:
     return next(h.index for h in env.cluster.hosts[1:] if h.id != pg_host)
 
 
+def use_a_controller_off(env: Env, host_id: str) -> None:
+    """Point the CLI and the API calls at a controller web job that is not on `host_id`
+    (about to be lost)."""
+    if host_of(env.controller_job) != host_id:
+        return
+    for h in env.cluster.hosts:
+        for job in env.cluster.client(h.index).list_jobs(active=True).values():
+            meta = job["job"].get("metadata") or {}
+            if (h.id != host_id and job["status"] == "running" and job.get("internal_ip")
+                    and meta.get("flynn-controller.app_name") == "controller"
+                    and meta.get("flynn-controller.type") == "web"):  # fmt: skip
+                env.url, env.controller_job = f"http://{job['internal_ip']}:80", job["job"]["id"]
+                env.ok("cluster", "add", "-f", "--no-git", "default", env.url, env.key)
+                return
+    raise AssertionError(f"no controller web job off {host_id}")
+
+
 def wait_replaced(env: Env, app: str, lost: str, n: int) -> tuple[float, float]:
     """Wait until the scheduler has given the host `lost` up (it leaves the leader's state),
     then until `flynn ps` shows `n` jobs, none on it: (detected, replaced) monotonic times."""
@@ -554,6 +572,7 @@ def test_a_lost_host_s_jobs_run_elsewhere_and_it_comes_back_without_duplicates(
         env.ok("-a", "lossy", "scale", "web=4")  # the fewest are on the victim: one goes there
         before = {j for j, _, _ in env.ps("lossy")}
     n = len(before)
+    use_a_controller_off(env, h.id)
     killed = time.monotonic()
     env.cluster.stop_host(i, kill=True, remove_namespace=True)
     detected, replaced = wait_replaced(env, "lossy", h.id, n)
