@@ -396,7 +396,9 @@ class Scheduler:
                 task.cancel()
         for job in list(self.jobs.values()):
             if job.host_id == host.id:
-                self._job_ended(job, "done" if not job.wanted else "failed", error="host lost")
+                # lost with its host, not crashed: replaced at once, whatever the number
+                self._job_ended(job, "done" if not job.wanted else "failed", error="host lost",
+                                backoff=False)  # fmt: skip
         self.poke()
 
     # --- a host's jobs --------------------------------------------------------------------
@@ -483,14 +485,20 @@ class Scheduler:
             self.poke()
 
     def _job_ended(
-        self, job: Job, status: str, exit_status: int | None = None, error: str | None = None
+        self,
+        job: Job,
+        status: str,
+        exit_status: int | None = None,
+        error: str | None = None,
+        backoff: bool = True,
     ) -> None:
         ran = time.monotonic() - job.started_at if job.started_at else 0.0
         job.state, job.exit_status, job.error = status, exit_status, error
         self.jobs.pop(job.id, None)
         self._report(job)
         f = self.formations.get(job.key)
-        if job.wanted and job.type and f is not None and f.processes.get(job.type, 0) > 0:
+        if (backoff and job.wanted and job.type and f is not None
+                and f.processes.get(job.type, 0) > 0):  # fmt: skip
             # it stopped on its own while still wanted: its replacement waits its turn
             r = self.restarts.setdefault((job.key, job.type), Restarts())
             if ran >= RESET_RESTARTS_AFTER:
