@@ -63,6 +63,7 @@ HOST_CHECK_INTERVAL = 1.0
 JOB_SYNC = 30.0  # seconds between full listings of each host's jobs
 RECTIFY_INTERVAL = 10.0  # a rectify at least this often, whatever happens
 START_RETRY_CAP = 30.0
+HOST_BUSY_RETRY = 0.1  # seconds before a job a busy host refused (429) is put again
 RESET_RESTARTS_AFTER = 300.0  # a job up this long starts its type's restart count again
 REPORT_RETRY = 1.0
 DRAIN_TIMEOUT = 10.0  # seconds a stopping job waits for the routers to drain it
@@ -214,9 +215,14 @@ class Scheduler:
         host.checks = 0
 
     async def _check_host(self, host: Host) -> None:
+        # one check per HOST_CHECK_INTERVAL, each given no longer than that: a host whose
+        # address went with it (connects hang until a timeout) is given up after
+        # MAX_HOST_CHECKS intervals, not MAX_HOST_CHECKS connect timeouts
+        timeout = aiohttp.ClientTimeout(total=HOST_CHECK_INTERVAL)
         while not host.healthy and self.hosts.get(host.id) is host:
+            started = time.monotonic()
             try:
-                async with self.session.get(host.url + "/host/status") as resp:
+                async with self.session.get(host.url + "/host/status", timeout=timeout) as resp:
                     ok = resp.status == 200
             except (aiohttp.ClientError, OSError, TimeoutError):
                 ok = False
@@ -227,7 +233,7 @@ class Scheduler:
                 if host.checks >= MAX_HOST_CHECKS:
                     self._unfollow(host, f"{host.checks} failed checks")
                     return
-            await asyncio.sleep(HOST_CHECK_INTERVAL)
+            await asyncio.sleep(max(0.0, HOST_CHECK_INTERVAL - (time.monotonic() - started)))
 
     def _unfollow(self, host: Host, why: str) -> None:
         log.warning("host %s given up (%s): its jobs are taken as stopped", host.id, why)
@@ -238,7 +244,9 @@ class Scheduler:
                 task.cancel()
         for job in list(self.jobs.values()):
             if job.host_id == host.id:
-                self._job_ended(job, "done" if not job.wanted else "failed", error="host lost")
+                # lost with its host, not crashed: replaced at once, whatever the number
+                self._job_ended(job, "done" if not job.wanted else "failed", error="host lost",
+                                backoff=False)  # fmt: skip
         self.poke()
 
     # --- a host's jobs --------------------------------------------------------------------
@@ -326,14 +334,20 @@ class Scheduler:
             self.poke()
 
     def _job_ended(
-        self, job: Job, status: str, exit_status: int | None = None, error: str | None = None
+        self,
+        job: Job,
+        status: str,
+        exit_status: int | None = None,
+        error: str | None = None,
+        backoff: bool = True,
     ) -> None:
         ran = time.monotonic() - job.started_at if job.started_at else 0.0
         job.state, job.exit_status, job.error = status, exit_status, error
         self.jobs.pop(job.id, None)
         self._report(job)
         f = self.formations.get(job.key)
-        if job.wanted and job.type and f is not None and f.processes.get(job.type, 0) > 0:
+        if (backoff and job.wanted and job.type and f is not None
+                and f.processes.get(job.type, 0) > 0):  # fmt: skip
             # it stopped on its own while still wanted: its replacement waits its turn
             r = self.restarts.setdefault((job.key, job.type), Restarts())
             if ran >= RESET_RESTARTS_AFTER:
@@ -383,6 +397,10 @@ class Scheduler:
                 by_type.setdefault((job.key, job.type), []).append(job)
         for f in self.formations.values():
             for typ, count in f.processes.items():
+                if count == 0:
+                    # nothing of the type wanted: its restart history ends, and a later
+                    # scale-up starts afresh (as Flynn's new jobs carry no restarts)
+                    self.restarts.pop((f.key, typ), None)
                 jobs = by_type.pop((f.key, typ), [])
                 if f.omni(typ):
                     self._rectify_omni(f, typ, count, jobs, now)
@@ -489,8 +507,14 @@ class Scheduler:
             volumes = await self._volumes(f, job, host)
             spec = build_job(job_id=job.id, app=f.app, release=f.release, process_type=job.type,
                              image=image, volumes=volumes)  # fmt: skip
-            status, body = await hostapi.host_request(host.id, "PUT", f"/host/jobs/{job.id}",
-                                                      spec, url=host.url)  # fmt: skip
+            while True:
+                status, body = await hostapi.host_request(host.id, "PUT", f"/host/jobs/{job.id}",
+                                                          spec, url=host.url)  # fmt: skip
+                # a host already starting all it can at once answers 429 "retry shortly": the
+                # job waits its turn there, not a failed start's growing delay for its type
+                if status != 429 or not job.wanted or self.hosts.get(host.id) is not host:
+                    break
+                await asyncio.sleep(HOST_BUSY_RETRY)
             if status != 200:
                 message = body.get("message") if isinstance(body, dict) else body
                 raise hostapi.ImageError(f"host {host.id} refused job {job.id}: {message}")
