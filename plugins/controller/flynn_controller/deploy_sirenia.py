@@ -181,7 +181,7 @@ def next_step(
     target: int,
 ) -> Step:
     """The next step toward `target` nodes of release `into` and none of the other one.
-    `jobs`: the type's running jobs of both releases; `counts`: both formations' counts of
+    `jobs`: the type's running jobs (any release); `counts`: both formations' counts of
     the type, by release."""
     # a member whose job is down has stopped: Patroni keeps its key until its lease lapses
     # (10 s), which is no reason to wait
@@ -265,12 +265,15 @@ class SireniaRun:
         }
 
     async def jobs(self) -> list[Job]:
-        out = []
-        for release in (self.into, self.out):
-            for row in await self.d.jobs(release, self.typ, ALIVE_STATES):
-                out.append(Job(row["job_id"], row["host_id"], str(release["release_id"]),
-                               row["state"]))  # fmt: skip
-        return out
+        """The type's running jobs, of any release of the app."""
+        rows = await self.d.pool.fetch(
+            "SELECT job_id, host_id, release_id, state FROM jobs WHERE app_id = $1"
+            " AND process_type = $2 AND state = ANY($3) ORDER BY created_at",
+            self.d.row["app_id"],
+            self.typ,
+            list(ALIVE_STATES),
+        )
+        return [Job(r["job_id"], r["host_id"], str(r["release_id"]), r["state"]) for r in rows]
 
     async def members(self) -> list[Member]:
         cluster, names = await read_cluster(self.service)
@@ -405,7 +408,8 @@ async def sirenia(d: Deployer) -> None:
         members: list[Member] = []
         if not singleton and target >= MIN_NODES:
             try:
-                members = await run.members()
+                # a member without a running job has stopped (its key lapses within 10 s)
+                members = [m for m in await run.members() if m.release is not None]
             except OSError as exc:
                 raise DeployFailed(f"sirenia: cannot read the appliance's state: {exc}") from None
         why = refusal(members, target, singleton)
