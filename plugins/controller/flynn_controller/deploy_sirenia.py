@@ -107,8 +107,9 @@ class Job:
 
 @dataclass(frozen=True)
 class Step:
-    """What to do next: `start` a node of `into`, `stop` member, `switchover` from member to
-    candidate, `done`, or `wait` (for `reason`)."""
+    """What to do next: `start` a node of `into`, `stop` member, `drop` a node being replaced
+    that has no running job, `switchover` from member to candidate, `done`, or `wait` (for
+    `reason`)."""
 
     kind: str
     reason: str = ""
@@ -194,15 +195,29 @@ def next_step(
             return Step("wait", f"{m.describe()} is not replicating yet")
     joined = {m.job_id for m in members}
     for job in jobs:
-        if job.job_id not in joined:
+        if job.job_id in joined:
+            continue
+        if job.release == into:
             return Step("wait", f"job {job.job_id} ({job.state}) has not joined the appliance")
+        # a node being replaced that is not in the appliance (crashing, or not caught up):
+        # nothing to hand over, it goes first
+        node = Member(job.job_id, job.job_id, "", job.state, None, "", job.release, job.host_id)
+        return Step("stop", member=node)
     into_count = counts.get(into, 0)
     out_count = sum(n for r, n in counts.items() if r != into)
+    if out_count > len([j for j in jobs if j.release != into]) and into_count + out_count > target:
+        # a node being replaced has no running job (it crashed and waits for its restart)
+        return Step("drop")
+    joined_into = len([m for m in members if m.release == into])
+    if joined_into < into_count:
+        # a node started for `into` has not joined (still copying, or crashed): nothing is
+        # stopped until it has, or the appliance would shrink
+        return Step("wait", f"{into_count - joined_into} new node(s) have not joined yet")
     out = sorted(
         (m for m in members if m.release != into),
         key=lambda m: STOP_ORDER.get(m.role, len(STOP_ORDER)),
     )
-    if not out and out_count == 0:
+    if not out and out_count == 0 and into_count >= target:
         return Step("done")
     if into_count < target and into_count + out_count <= target:
         return Step("start")
@@ -251,6 +266,9 @@ class SireniaRun:
                 await self.d.scale(self.into, {self.typ: counts[self.into_id] + 1})
             elif step.kind == "stop":
                 await self._stop(step.member, counts)
+            elif step.kind == "drop":
+                out_id = str(self.out["release_id"])
+                await self.d.scale(self.out, {self.typ: counts[out_id] - 1})
             elif step.kind == "switchover":
                 await self._switchover(step.member, step.candidate)
 
@@ -432,6 +450,7 @@ async def sirenia(d: Deployer) -> None:
                 f"{exc}; not rolled back: the primary already runs the new release", False
             ) from None
         log.warning("deployment %s: %s; moving back node by node", d.id, exc)
+        d.rolling_back = True
         try:
             await SireniaRun(d, typ, service, reverse=True).run()
         except DeployFailed as back:

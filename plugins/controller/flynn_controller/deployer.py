@@ -241,6 +241,9 @@ class Deployer:
     hosts: int = 1
     cursor: int = 0  # the last job event looked at
     crashes: collections.Counter[str] = field(default_factory=collections.Counter)
+    # set while a strategy moves back to the old release itself (new jobs crashing then are
+    # what it is undoing, not a reason to fail again)
+    rolling_back: bool = False
 
     @classmethod
     async def load(
@@ -505,6 +508,8 @@ class Deployer:
                 return
 
     def _crashed(self, job: dict[str, Any]) -> None:
+        if self.rolling_back:
+            return
         typ = job["type"]
         self.crashes[typ] += 1
         if self.crashes[typ] > MAX_NEW_JOB_CRASHES:

@@ -123,6 +123,31 @@ def test_a_stopped_members_leftover_key_is_no_reason_to_wait() -> None:
     assert next_step(members, jobs_of(members), NEW, {OLD: 2, NEW: 1}, 3).kind == "start"
 
 
+def test_no_old_node_stops_while_a_new_one_is_missing() -> None:
+    # the new node crashed (no running job): stopping an old one would shrink the appliance
+    members = appliance()
+    step = next_step(members, jobs_of(members), NEW, {OLD: 3, NEW: 1}, 3)
+    assert step.kind == "wait" and "not joined" in step.reason
+
+
+def test_moving_back_starts_what_the_old_release_misses() -> None:
+    members = [member("p", "leader"), member("s", "sync_standby")]
+    assert next_step(members, jobs_of(members), OLD, {OLD: 2, NEW: 0}, 3).kind == "start"
+
+
+def test_a_replaced_node_that_never_joined_goes_first() -> None:
+    # rolling back: the new release's node crashes and never joined
+    members = appliance()
+    jobs = jobs_of(members) + [Job("n1", "h1", NEW, "starting")]
+    step = next_step(members, jobs, OLD, {OLD: 3, NEW: 1}, 3)
+    assert step.kind == "stop" and step.member is not None and step.member.job_id == "n1"
+    # ... or is down, waiting for its restart: its slot goes
+    assert next_step(members, jobs_of(members), OLD, {OLD: 3, NEW: 1}, 3).kind == "drop"
+    # (going forward, an old node down waiting for its restart makes room for a new one)
+    two = appliance()[:2]
+    assert next_step(two, jobs_of(two), NEW, {OLD: 3, NEW: 1}, 3).kind == "drop"
+
+
 def test_no_primary_means_wait() -> None:
     members = [member("s", "sync_standby"), member("a", "replica")]
     step = next_step(members, jobs_of(members), NEW, {OLD: 3, NEW: 0}, 3)
