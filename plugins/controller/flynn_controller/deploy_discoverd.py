@@ -18,7 +18,9 @@ new one starts once it has ended, on its volume). The next host waits until
 Flynn's strategy of this name waited for discoverd's deployment service meta; the signals
 above are what this discoverd has. One host is never gone for more than its own step, so
 etcd keeps its quorum (3 hosts: 2 of 3 members throughout) and every other host's discoverd
-answers meanwhile. The host running this deployment goes last.
+answers meanwhile. The host running this deployment goes last but one, the scheduler's last:
+a new release that crashes on the first host is then seen (the scheduler reports through its
+host's discoverd) and moved back before any host the deployment depends on has been touched.
 
 A failure moves the replaced hosts back the same way, newest first, before the deployment is
 failed (whatever that cannot move back, the rollback in `deployer.fail` restores at once).
@@ -32,6 +34,7 @@ import os
 from typing import Any
 
 import aiohttp
+from flynn_discoverd.client import Client, DiscoverdError, UnreachableError
 from flynn_discoverd.types import ETCD_CLIENT_PORT_OFFSET
 
 from flynn_controller import hosts
@@ -41,6 +44,7 @@ from flynn_controller.deployer import (
     DeployFailed,
     replace_types,
 )
+from flynn_controller.scheduler_service import SERVICE as SCHEDULER_SERVICE
 
 log = logging.getLogger("flynn_controller.deployer")
 
@@ -65,6 +69,16 @@ def own_host() -> str:
     return os.environ.get("FLYNN_JOB_ID", "").partition("-")[0]
 
 
+async def scheduler_host() -> str:
+    """The host of the scheduler that acts (the leader of `controller-scheduler`), or ""."""
+    try:
+        async with Client() as c:
+            leader = await c.leader(SCHEDULER_SERVICE)
+    except (DiscoverdError, UnreachableError, OSError, aiohttp.ClientError):
+        return ""
+    return (leader.meta.get("FLYNN_JOB_ID") or "").partition("-")[0] if leader else ""
+
+
 class HostByHost:
     """One omni type of the app, moved host by host to the new release (or back)."""
 
@@ -81,10 +95,12 @@ class HostByHost:
         resumed = (await self._restriction(self.d.new)) or []
         if new_f.get(self.typ) and resumed:
             self.done = [h for h in resumed if h in self.urls]
-        me = own_host()
-        order = self.done + sorted(h for h in self.urls if h not in self.done and h != me)
-        if me in self.urls and me not in self.done:
-            order.append(me)
+        # last: this deployment's host, then the scheduler's (while a host has no discoverd,
+        # its jobs find nothing, and a failure on the first host must reach the deployment)
+        last = [h for h in (own_host(), await scheduler_host()) if h in self.urls]
+        last = [h for i, h in enumerate(last) if h not in last[i + 1 :]]
+        order = self.done + sorted(h for h in self.urls if h not in self.done and h not in last)
+        order += [h for h in last if h not in self.done]
         log.info("deployment %s: %s %s host by host: %s", self.d.id, self.d.row["app_id"],
                  self.typ, order)  # fmt: skip
         try:
@@ -128,9 +144,16 @@ class HostByHost:
         assert self.d.old is not None
         into, out = (self.d.new, self.d.old) if to_new else (self.d.old, self.d.new)
         before = await self._host_discoverd(host)
-        out_jobs = {j["job_id"] for j in await self.d.jobs(out, self.typ, ALIVE_STATES)
-                    if j["host_id"] == host}  # fmt: skip
-        was_discoverd = before is not None and before.get("job_id") in out_jobs
+        # the type is the host's discoverd if the host names one of its jobs (of either
+        # release, running or not: moving back, the new one may never have served)
+        was_discoverd = before is not None and bool(
+            await self.d.pool.fetchval(
+                "SELECT 1 FROM jobs WHERE job_id = $1 AND app_id = $2 AND process_type = $3",
+                before.get("job_id"),
+                self.d.row["app_id"],
+                self.typ,
+            )
+        )
         peers = await self._peers(before["url"]) if was_discoverd and before else 0
         await self._write()
         which = "new" if to_new else "old"
@@ -156,6 +179,7 @@ class HostByHost:
     async def _move_back(self) -> None:
         """After a failure: the replaced hosts back to the old release, newest first. What
         cannot be moved back is left to the deployment's rollback."""
+        self.d.rolling_back = True
         while self.done:
             host = self.done.pop()
             try:
