@@ -8,7 +8,9 @@ app's strategy), while they are in use:
 - discoverd (`discoverd-meta`): a prober asks every host's discoverd over HTTP and DNS, and
   the controller, every 100 ms; the deployment completes, the controller never stops
   answering, each discoverd is away only during its own host's step (never two at once, and
-  never as long as an instance's TTL), and every host runs the new release's discoverd.
+  never as long as an instance's TTL), and every host runs the new release's discoverd;
+- a new release whose process crashes, of either app: the deployment fails and the app is
+  back on its release, whole (the strategies move back node by node, host by host).
 
 The measured pauses are printed (run with -s to see them).
 """
@@ -38,6 +40,18 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)"),
 ]
+
+CALL_POST = """
+import base64, json, sys, urllib.request
+url, key = sys.argv[1], sys.argv[2]
+def call(method, path, body):
+    data = body if isinstance(body, str) else json.dumps(body)
+    req = urllib.request.Request(url + path, data=data.encode(), method=method, headers={
+        "Content-Type": "application/json", "Accept": "application/json",
+        "Authorization": "Basic " + base64.b64encode((":" + key).encode()).decode()})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+"""
 
 CALL = """
 import base64, json, sys, urllib.request
@@ -198,6 +212,44 @@ def test_postgres_is_replaced_node_by_node_without_losing_a_write(
     assert set(formations[deployment["old_release"]]["processes"].values()) == {0}
 
 
+def deploy_release(c: Cluster, app: str, change: Any) -> dict[str, Any]:
+    """A new release of `app` made from the current one by `change(release)`, deployed
+    through the API; the finished deployment."""
+    url, key, _ = cluster_controller(c)
+    current = api(c, f"/apps/{app}/release")
+    body = {
+        k: current[k]
+        for k in ("artifact", "artifacts", "env", "processes", "meta")
+        if current.get(k) is not None
+    }
+    change(body)
+    script = CALL_POST + f"\nrelease = call('POST', '/releases', {json.dumps(body)!r})"
+    script += f"\nd = call('POST', '/apps/{app}/deploy', json.dumps({{'id': release['id']}}))"
+    script += "\nprint(json.dumps(d))"
+    out = c.exec(1, [sys.executable, "-c", script, url, key], capture_output=True, text=True,
+                 timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    deployment = json.loads(out.stdout)
+    return dict(wait_for(lambda: (d := api(c, f"/deployments/{deployment['id']}"))["status"]
+                         in ("complete", "failed") and d, 300, every=1))  # fmt: skip
+
+
+def test_a_crashing_postgres_release_leaves_the_appliance_as_it_was(cluster: Cluster) -> None:
+    wait_for(lambda: healthy(cluster), pg.FAILOVER)
+    before = {n.job_id for n in pg.nodes(cluster)}
+    release = api(cluster, "/apps/postgres/release")["id"]
+    deployment = deploy_release(
+        cluster, "postgres", lambda r: r["env"].update({"POSTGRES_MODE": "no-such-mode"})
+    )
+    assert deployment["status"] == "failed"
+    events = api(cluster, f"/events?object_types=deployment&object_id={deployment['id']}")
+    assert "New job of type postgres crashed" in events[0]["data"]["error"]
+    wait_for(lambda: healthy(cluster), pg.FAILOVER)
+    # no node of the appliance was touched: the new one never joined
+    assert {n.job_id for n in pg.nodes(cluster)} == before
+    assert api(cluster, "/apps/postgres/release")["id"] == release
+
+
 def discoverd_jobs(c: Cluster) -> dict[int, list[dict[str, Any]]]:
     return {h.index: [j for j in c.client(h.index).list_jobs(active=True).values()
                       if j["job"]["metadata"].get("flynn-controller.app_name") == "discoverd"
@@ -253,3 +305,24 @@ def test_discoverd_is_replaced_host_by_host_while_it_answers(cluster: Cluster, f
     assert len(pg.discoverd(cluster, "/raft/peers")) == 3
     assert len(pg.discoverd(cluster, "/services/flynn-host/instances")) == 3
     wait_for(lambda: healthy(cluster), pg.FAILOVER)
+
+
+def test_a_crashing_discoverd_release_is_moved_back_host_by_host(cluster: Cluster) -> None:
+    release = api(cluster, "/apps/discoverd/release")["id"]
+
+    def bad_flag(r: dict[str, Any]) -> None:
+        r["processes"]["app"]["args"] = [*r["processes"]["app"]["args"], "--no-such-flag"]
+
+    deployment = deploy_release(cluster, "discoverd", bad_flag)
+    assert deployment["status"] == "failed"
+    assert api(cluster, "/apps/discoverd/release")["id"] == release
+    jobs = discoverd_jobs(cluster)
+    assert {i: [release_of(j) for j in js] for i, js in jobs.items()} == {
+        i: [release] for i in (1, 2, 3)
+    }
+    for h in cluster.hosts:
+        status = cluster.client(h.index).request("GET", "/host/status")
+        assert status["discoverd"]["job_id"] == jobs[h.index][0]["job"]["id"]
+    formations = {f["release"]: f for f in api(cluster, "/apps/discoverd/formations")}
+    assert formations[release]["processes"] == {"app": 1} and "hosts" not in formations[release]
+    assert len(pg.discoverd(cluster, "/raft/peers")) == 3
