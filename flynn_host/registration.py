@@ -5,6 +5,11 @@ in service `flynn-host`, registered with heartbeats for as long as the daemon ru
 A service of the daemon, entered on its exit stack: entering loads what an earlier daemon was
 told and starts registering; leaving marks the instance `shutdown` (as Flynn's hosts do before
 they go) and unregisters it.
+
+A discoverd job that starts again on this host (restarted, or replaced by a deployment) tells
+the host again, usually the same URL: the registration then goes on as it is. Restarting it
+would deregister the host for a moment, and marking it `shutdown` meanwhile made the
+scheduler stop every omni job on the host (flannel, discoverd itself).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class DiscoverdRegistration:
         # `{"job_id", "url", "dns"}` once discoverd has told this host where it answers
         self.info: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._leaving = False
 
     async def __aenter__(self) -> DiscoverdRegistration:
         if self.file.exists():
@@ -44,6 +50,7 @@ class DiscoverdRegistration:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._leaving = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -51,10 +58,14 @@ class DiscoverdRegistration:
             self._task = None
 
     def set(self, info: dict[str, Any]) -> None:
-        """discoverd's job says where it answers: remember it and register there."""
+        """discoverd's job says where it answers: remember it and register there (the
+        registration goes on as it is if the URLs are the ones it already uses)."""
+        before = self.urls() if self.info and self.info.get("url") else None
         self._apply(info)
         write_atomic(self.file, json.dumps(self.info), fsync=False, mode=0o600)
-        self._restart()
+        running = self._task is not None and not self._task.done()
+        if not running or before != self.urls():
+            self._restart()
 
     def _apply(self, info: dict[str, Any]) -> None:
         self.info = {k: info.get(k) for k in ("job_id", "url", "dns")}
@@ -96,11 +107,12 @@ class DiscoverdRegistration:
             log.info("registered in discoverd as %s", addr)
             await asyncio.Event().wait()  # heartbeats run in the heartbeater until cancelled
         finally:
-            if heartbeater is not None:
+            if heartbeater is not None and self._leaving:
                 with contextlib.suppress(Exception):
                     # Flynn marks a host that is going away before it disappears
                     shutdown = heartbeater.set_meta({**meta, "shutdown": "true"})
                     await asyncio.wait_for(shutdown, LEAVE_TIMEOUT)
+            if heartbeater is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(heartbeater.close(), LEAVE_TIMEOUT)
             await client.close()

@@ -11,8 +11,11 @@ what the scheduler reports, as `job` events and rows of `jobs`:
 - `one-down-one-up`: the same, stopping an old job before starting a new one;
 - `in-batches`: one-by-one, a batch at a time: app meta `flynn-deploy-batch-size`, or the
   number of hosts;
-- `discoverd-meta`, `sirenia` (`postgres`): one-by-one for now (their hooks, waiting for
-  discoverd's deployment meta or the database cluster's state, are not written yet).
+- `discoverd-meta` (`deploy_discoverd.py`): each omni type host by host, the old job on a
+  host stopped and the new one started there in one formation change, the next host once
+  the new discoverd node serves and its etcd member is healthy;
+- `sirenia`, also called `postgres` (`deploy_sirenia.py`): a database appliance node by
+  node from its Patroni state, standbys first, the primary handed over by a switchover.
 
 Waiting reads the app's `job` events from the events table after a cursor (this process's
 EventHub only says when to look), so a lost notification delays a step but never loses a
@@ -39,13 +42,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
 from flynn_controller import hosts, tasks
 from flynn_controller.api import APP_COLUMNS, HUB
 from flynn_controller.events import EventFilter, EventHub, Subscription, emit, newest_id
-from flynn_controller.formations import put_formation_row
+from flynn_controller.formations import KEEP, put_formation_row
 from flynn_controller.releases import RELEASE_COLUMNS, set_app_release
 from flynn_controller.types import DEFAULT_DEPLOY_TIMEOUT, DEPLOYMENT_TRANSITIONS
 
@@ -58,6 +62,10 @@ DEPLOYMENT_COLUMNS = (
 MAX_NEW_JOB_CRASHES = 5  # a new job may go down this often in one deployment, not more
 BATCH_SIZE_META = "flynn-deploy-batch-size"
 RECHECK = 2.0  # seconds between looks at the jobs without a notification
+POLL = 0.5  # seconds between looks at what has no notification (a database's state)
+# what a look at another component raises while that component is away: not done yet
+UNREACHABLE = (OSError, aiohttp.ClientError, TimeoutError, hosts.HostUnknown,
+               hosts.HostsUnreachable)  # fmt: skip
 EVENT_BATCH = 1000
 ALIVE_STATES = ("pending", "blocked", "starting", "up", "stopping")
 DOWN_STATES = ("down", "crashed", "failed")
@@ -166,9 +174,9 @@ async def fail(db: asyncpg.Pool, deployment_id: Any, reason: str, rollback: bool
         if rollback and app["deleted_at"] is None and old_id is not None and old_id != new_id:
             processes = row["processes"] or {}
             old, new = await _release(conn, old_id), await _release(conn, new_id)
-            await _write_counts(conn, app, old, processes)
+            await _write_counts(conn, app, old, processes, hosts=None)
             if await _formation(conn, row["app_id"], new_id) is not None:
-                await _write_counts(conn, app, new, {t: 0 for t in processes})
+                await _write_counts(conn, app, new, {t: 0 for t in processes}, hosts=None)
         log.info("deployment %s failed: %s", deployment_id, reason)
         await advance(conn, row, "failed", reason)
 
@@ -183,9 +191,9 @@ async def _release(conn: asyncpg.Connection | asyncpg.Pool, release_id: Any) -> 
 async def _formation(
     conn: asyncpg.Connection | asyncpg.Pool, app_id: Any, release_id: Any
 ) -> asyncpg.Record | None:
-    """A live formation's (processes, tags), or None."""
+    """A live formation's (processes, tags, hosts), or None."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        "SELECT processes, tags FROM formations WHERE app_id = $1 AND release_id = $2"
+        "SELECT processes, tags, hosts FROM formations WHERE app_id = $1 AND release_id = $2"
         " AND deleted_at IS NULL",
         app_id,
         release_id,
@@ -199,17 +207,26 @@ async def _write_counts(
     release: asyncpg.Record,
     counts: dict[str, int],
     tags: Any = None,
+    hosts: dict[str, list[str] | None] | None = KEEP,
 ) -> None:
     """Set these types' counts in a release's formation (others kept); no write when
-    nothing changes."""
+    nothing changes. `hosts`: these types' host restrictions (a type's None lifts its
+    own), None lifts them all, KEEP leaves them."""
     current = await _formation(conn, app["app_id"], release["release_id"])
     processes = dict((current["processes"] or {}) if current is not None else {})
     merged = {**processes, **counts}
-    if current is not None and merged == processes:
+    old_hosts = dict((current["hosts"] or {}) if current is not None else {})
+    new_hosts: dict[str, Any] = old_hosts
+    if hosts is None:
+        new_hosts = {}
+    elif hosts is not KEEP:
+        new_hosts = {**old_hosts, **hosts}
+        new_hosts = {t: h for t, h in new_hosts.items() if h is not None}
+    if current is not None and merged == processes and new_hosts == old_hosts:
         return
     if current is not None:
         tags = current["tags"]
-    await put_formation_row(conn, app, release, merged, tags)
+    await put_formation_row(conn, app, release, merged, tags, new_hosts)
 
 
 # --- one deployment's run ----------------------------------------------------------------------
@@ -224,6 +241,9 @@ class Deployer:
     hosts: int = 1
     cursor: int = 0  # the last job event looked at
     crashes: collections.Counter[str] = field(default_factory=collections.Counter)
+    # set while a strategy moves back to the old release itself (new jobs crashing then are
+    # what it is undoing, not a reason to fail again)
+    rolling_back: bool = False
 
     @classmethod
     async def load(
@@ -257,8 +277,8 @@ class Deployer:
                 raise DeployFailed(
                     f"deployment interrupted: the worker running it was lost {attempt - 1} times"
                 )
-            strategy = STRATEGIES.get(self.row["strategy"])
-            if strategy is None:
+            run_strategy = strategy(self.row["strategy"])
+            if run_strategy is None:
                 raise DeployFailed(f"unknown strategy {self.row['strategy']!r}", rollback=False)
             self.cursor = await newest_id(self.pool)
             self.hosts = await count_hosts()
@@ -273,7 +293,7 @@ class Deployer:
             if self.old is None or self.old["release_id"] == self.new["release_id"]:
                 return await self.finish()
             log.info("deployment %s: %s, %s", self.id, self.row["strategy"], self.processes)
-            await strategy(self)
+            await run_strategy(self)
         except DeployFailed as exc:
             await fail(self.pool, self.id, str(exc), exc.rollback)
 
@@ -282,16 +302,26 @@ class Deployer:
         f = await _formation(self.pool, self.row["app_id"], release["release_id"])
         return dict((f["processes"] or {}) if f is not None else {})
 
-    async def scale(self, release: asyncpg.Record, counts: dict[str, int]) -> None:
-        """Set these types' counts in a release's formation (a new formation takes the old
-        one's tags)."""
+    async def scale(
+        self,
+        release: asyncpg.Record,
+        counts: dict[str, int],
+        hosts: dict[str, list[str] | None] | None = KEEP,
+    ) -> None:
+        """Set these types' counts (and host restrictions: `_write_counts`) in a release's
+        formation (a new formation takes the old one's tags)."""
+        await self.scale_many([(release, counts, hosts)])
+
+    async def scale_many(self, changes: list[tuple[asyncpg.Record, dict[str, int], Any]]) -> None:
+        """Several `scale`s in one transaction: the scheduler sees them together."""
         async with self.pool.acquire() as conn, conn.transaction():
             app = await self._lock_app(conn)
             tags = None
             if self.old is not None:
                 old_f = await _formation(conn, self.row["app_id"], self.old["release_id"])
                 tags = old_f["tags"] if old_f is not None else None
-            await _write_counts(conn, app, release, counts, tags)
+            for release, counts, hosts in changes:
+                await _write_counts(conn, app, release, counts, tags, hosts)
 
     async def _lock_app(self, conn: asyncpg.Connection) -> asyncpg.Record:
         if await _locked(conn, self.id) is None:
@@ -310,11 +340,11 @@ class Deployer:
         async with self.pool.acquire() as conn, conn.transaction():
             app = await self._lock_app(conn)
             if self.old is not None and self.old["release_id"] != self.new["release_id"]:
-                await _write_counts(conn, app, self.new, self.processes)
+                await _write_counts(conn, app, self.new, self.processes, hosts=None)
                 old = await _formation(conn, self.row["app_id"], self.old["release_id"])
                 if old is not None:
                     zeros = dict.fromkeys(old["processes"] or {}, 0)
-                    await _write_counts(conn, app, self.old, zeros)
+                    await _write_counts(conn, app, self.old, zeros, hosts=None)
             await set_app_release(conn, app, self.new)
             row = await _locked(conn, self.id)
             assert row is not None  # locked by _lock_app in this transaction
@@ -358,6 +388,47 @@ class Deployer:
         finally:
             if sub is not None and self.hub is not None:
                 self.hub.unsubscribe(sub)
+
+    async def wait_until(
+        self, what: str, check: Callable[[], Awaitable[str | None]], within: float = 0.0
+    ) -> None:
+        """Until `check()` returns None; meanwhile it returns what is still missing (said
+        when the wait times out, after `within` s, default the deploy timeout). A check
+        that cannot reach what it asks (a connection refused, a timeout) is not done yet.
+        Job events are passed on meanwhile."""
+        timeout = within or self.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sub = self._subscribe()
+        try:
+            while True:
+                await self.follow_jobs()
+                try:
+                    missing = await check()
+                except UNREACHABLE as exc:
+                    missing = f"{type(exc).__name__}: {exc}"
+                if missing is None:
+                    return
+                if loop.time() >= deadline:
+                    raise DeployFailed(
+                        f"timed out after {timeout:g}s waiting for {what}: {missing}"
+                    )
+                sub = await self._pause(sub, min(POLL, deadline - loop.time()))
+        finally:
+            if sub is not None and self.hub is not None:
+                self.hub.unsubscribe(sub)
+
+    async def jobs(self, release: asyncpg.Record, typ: str, states: tuple[str, ...]) -> list[Any]:
+        """The release's jobs of `typ` in these states: (job id, host id, state) rows."""
+        rows: list[Any] = await self.pool.fetch(
+            "SELECT job_id, host_id, state FROM jobs WHERE app_id = $1 AND release_id = $2"
+            " AND process_type = $3 AND state = ANY($4) ORDER BY created_at",
+            self.row["app_id"],
+            release["release_id"],
+            typ,
+            list(states),
+        )
+        return rows
 
     def _subscribe(self) -> Subscription | None:
         if self.hub is None:
@@ -437,6 +508,8 @@ class Deployer:
                 return
 
     def _crashed(self, job: dict[str, Any]) -> None:
+        if self.rolling_back:
+            return
         typ = job["type"]
         self.crashes[typ] += 1
         if self.crashes[typ] > MAX_NEW_JOB_CRASHES:
@@ -476,13 +549,20 @@ async def all_at_once(d: Deployer) -> None:
 
 
 async def one_by_one(d: Deployer, batch: int = 1, down_first: bool = False) -> None:
+    await replace_types(d, sorted(d.processes), batch, down_first)
+    await d.finish()
+
+
+async def replace_types(
+    d: Deployer, types: list[str], batch: int = 1, down_first: bool = False
+) -> None:
     """Per type, in steps of `batch`: start new jobs, then stop as many old (or, with
     `down_first`, the other way round). Each round first waits for the formations as they
     stand, so a resumed deployment finishes the step its lost worker was in, then takes
     the next step from the counts: never more than count + batch jobs (count - batch
     with `down_first`)."""
     assert d.old is not None
-    for typ in sorted(d.processes):
+    for typ in types:
         target = d.processes[typ]
         while True:
             new = (await d.counts(d.new)).get(typ, 0)
@@ -497,7 +577,6 @@ async def one_by_one(d: Deployer, batch: int = 1, down_first: bool = False) -> N
                 await d.scale(d.old, {typ: old - fewer})
             else:
                 await d.scale(d.new, {typ: new + min(batch, target - new)})
-    await d.finish()
 
 
 async def one_down_one_up(d: Deployer) -> None:
@@ -508,13 +587,22 @@ async def in_batches(d: Deployer) -> None:
     await one_by_one(d, batch=d.batch_size())
 
 
-STRATEGIES: dict[str, Callable[[Deployer], Awaitable[None]]] = {
+Strategy = Callable[[Deployer], Awaitable[None]]
+STRATEGIES: dict[str, Strategy] = {
     "all-at-once": all_at_once,
     "one-by-one": one_by_one,
     "one-down-one-up": one_down_one_up,
     "in-batches": in_batches,
-    # their hooks (discoverd's deployment meta, the database cluster's state) are to come
-    "discoverd-meta": one_by_one,
-    "sirenia": one_by_one,
-    "postgres": one_by_one,
 }
+
+
+def strategy(name: str) -> Strategy | None:
+    """The strategy of that name. `discoverd-meta` and `sirenia` (`postgres`) live in modules
+    of their own that build on this one, so they are imported here, when first asked for:
+    at the top they would make an import cycle."""
+    from flynn_controller.deploy_discoverd import discoverd_meta
+    from flynn_controller.deploy_sirenia import sirenia
+
+    more: dict[str, Strategy] = {"discoverd-meta": discoverd_meta, "sirenia": sirenia,
+                                 "postgres": sirenia}  # fmt: skip
+    return {**STRATEGIES, **more}.get(name)

@@ -36,7 +36,9 @@ from flynn_controller.render import app_json, artifact_json, formation_json, rel
 from flynn_controller.sse import EventStream, wants_stream
 from flynn_controller.types import fmt_time
 
-FORMATION_COLUMNS = "app_id, release_id, processes, tags, created_at, updated_at, deleted_at"
+FORMATION_COLUMNS = "app_id, release_id, processes, tags, hosts, created_at, updated_at, deleted_at"
+# `put_formation_row(hosts=KEEP)`: leave the formation's host restriction as it is
+KEEP: Any = object()
 
 
 async def scale_event(
@@ -60,24 +62,29 @@ async def put_formation_row(
     release: asyncpg.Record,
     processes: dict[str, int] | None,
     tags: dict[str, Any] | None = None,
+    hosts: dict[str, list[str]] | None = KEEP,
 ) -> asyncpg.Record:
-    """Create or replace a formation in the caller's transaction, with its `scale` event."""
+    """Create or replace a formation in the caller's transaction, with its `scale` event.
+    `hosts` (only the deployer sets it) restricts types to hosts; KEEP leaves it as it is."""
     prev = await conn.fetchrow(
-        "SELECT processes, deleted_at FROM formations WHERE app_id = $1 AND release_id = $2"
-        " FOR UPDATE",
+        "SELECT processes, hosts, deleted_at FROM formations WHERE app_id = $1"
+        " AND release_id = $2 FOR UPDATE",
         app["app_id"],
         release["release_id"],
     )
+    if hosts is KEEP:
+        hosts = prev["hosts"] if prev is not None else None
     row = await conn.fetchrow(
-        "INSERT INTO formations (app_id, release_id, processes, tags)"
-        " VALUES ($1, $2, $3, $4)"
+        "INSERT INTO formations (app_id, release_id, processes, tags, hosts)"
+        " VALUES ($1, $2, $3, $4, $5)"
         " ON CONFLICT (app_id, release_id) DO UPDATE SET processes = $3, tags = $4,"
-        " updated_at = now(), deleted_at = NULL"
+        " hosts = $5, updated_at = now(), deleted_at = NULL"
         f" RETURNING {FORMATION_COLUMNS}",
         app["app_id"],
         release["release_id"],
         processes,
         tags,
+        hosts or None,
     )
     await claim_release(conn, app, release)
     prev_processes = prev["processes"] if prev and prev["deleted_at"] is None else None
@@ -144,6 +151,8 @@ async def expanded(
     out["processes"] = None if deleted else f["processes"]
     if f["tags"]:
         out["tags"] = f["tags"]
+    if f["hosts"]:
+        out["hosts"] = f["hosts"]
     out["updated_at"] = fmt_time(f["updated_at"])
     if deleted:
         out["deleted"] = True

@@ -52,6 +52,7 @@ def formation_json(row: asyncpg.Record) -> dict[str, Any]:
     out: dict[str, Any] = {"app": str(row["app_id"]), "release": str(row["release_id"])}
     out["processes"] = row["processes"]
     _put(out, "tags", row["tags"])
+    _put(out, "hosts", row["hosts"])
     out["created_at"] = fmt_time(row["created_at"])
     out["updated_at"] = fmt_time(row["updated_at"])
     return out

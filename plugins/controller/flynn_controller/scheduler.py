@@ -10,8 +10,14 @@ the surplus. Jobs of a process type no formation wants any more are stopped.
 
 Placement: the hosts whose tags match the formation's tags for the type, shutdown or unhealthy
 ones skipped, the one with the fewest jobs of that formation and type first (ties broken at
-random). A job that had a volume goes back to its volume's host. No host → the job is `blocked`
-until one appears.
+random). A job that had a volume goes back to a host holding an unused volume of its type,
+if that host is among those with the fewest (so a new release taking over the old one's
+volumes does not pile up on one host). No host → the job is `blocked` until one appears.
+
+Two things a deployment uses to move an app host by host: a formation's `hosts` restricts
+types to those hosts (jobs elsewhere are stopped, and an omni type runs only there), and a
+host-network omni type (its ports are the host's) starts on a host only once the app's jobs
+of that type of other releases there have ended.
 
 A job that stops while still wanted is restarted after Flynn's backoff (`restart_delay`). A
 host that leaves discoverd is checked every second; after `MAX_HOST_CHECKS` failures its jobs
@@ -172,6 +178,7 @@ class Scheduler:
             artifact=data.get("artifact"),
             processes={k: int(v) for k, v in (data.get("processes") or {}).items()},
             tags=data.get("tags") or {},
+            hosts=data.get("hosts") or {},
         )
 
     def _formation_gone(self, key: FormationKey) -> None:
@@ -402,6 +409,11 @@ class Scheduler:
                     # scale-up starts afresh (as Flynn's new jobs carry no restarts)
                     self.restarts.pop((f.key, typ), None)
                 jobs = by_type.pop((f.key, typ), [])
+                if typ in f.hosts:
+                    # a deployment took hosts away from the type: its jobs there stop
+                    for job in [j for j in jobs if not f.allows(typ, j.host_id)]:
+                        self._stop(job)
+                        jobs.remove(job)
                 if f.omni(typ):
                     self._rectify_omni(f, typ, count, jobs, now)
                     continue
@@ -421,18 +433,29 @@ class Scheduler:
         self, f: Formation, typ: str, count: int, jobs: list[Job], now: float
     ) -> None:
         tags = f.tags.get(typ) or {}
-        hosts = [h for h in self.active_hosts() if h.matches(tags)]
+        hosts = [h for h in self.active_hosts() if h.matches(tags) and f.allows(typ, h.id)]
         for host in hosts:
             on_host = [j for j in jobs if j.host_id == host.id]
-            if len(on_host) < count:
+            if len(on_host) < count and not self._host_ports_busy(f, typ, host):
                 self._start(f, typ, count - len(on_host), now, only=host)
             for job in self._pick_to_stop(on_host, len(on_host) - count):
                 self._stop(job)
-        wanted_hosts = {h.id for h in hosts} | {h.id for h in self.hosts.values()
-                                                 if not h.healthy}  # fmt: skip
+        # a host being checked keeps its jobs until it is given up
+        away = {h.id for h in self.hosts.values() if not h.healthy and f.allows(typ, h.id)}
+        wanted_hosts = {h.id for h in hosts} | away
         for job in jobs:
             if job.host_id not in wanted_hosts:
                 self._stop(job)
+
+    def _host_ports_busy(self, f: Formation, typ: str, host: Host) -> bool:
+        """A host-network type (its ports are the host's) starts on a host only once the
+        app's other jobs of that type there, of any release, are gone: a deployment that
+        replaces discoverd on a host stops the old job and starts the new one in one
+        formation change, and the new one then also finds the old one's volume free."""
+        if not f.host_network(typ):
+            return False
+        return any(j.app_id == f.key[0] and j.type == typ and j.host_id == host.id
+                   and j.key != f.key for j in self.jobs.values())  # fmt: skip
 
     @staticmethod
     def _pick_to_stop(jobs: list[Job], n: int) -> list[Job]:
@@ -471,33 +494,37 @@ class Scheduler:
 
     def _place(self, f: Formation, typ: str) -> Host | None:
         tags = f.tags.get(typ) or {}
-        if f.volumes(typ):
-            # a job that had a volume goes back to where its volume is
-            host = self._volume_host(f, typ)
-            if host is not None:
-                return host if host.healthy and not host.shutdown and host.matches(tags) else None
-        hosts = [h for h in self.active_hosts() if h.matches(tags)]
-        if not hosts:
-            return None
-        random.shuffle(hosts)
+        hosts = [h for h in self.active_hosts() if h.matches(tags) and f.allows(typ, h.id)]
         counts = {h.id: 0 for h in hosts}
         for job in self.jobs.values():
             if job.key == f.key and job.type == typ and job.active and job.host_id in counts:
                 counts[job.host_id] += 1
+        if f.volumes(typ):
+            # a job that had a volume goes back to where its volume is (waiting for that
+            # host if it is away), unless that host already runs more of the formation's
+            # jobs of the type than another: a new release's jobs take the volumes of the
+            # old one's as they stop, and must not pile up on one host doing so
+            fewest = min(counts.values(), default=0)
+            held = [h for h in self._volume_hosts(f, typ) if f.allows(typ, h.id)]
+            for host in held:
+                if host.id in counts and counts[host.id] == fewest:
+                    return host
+            if any(not (h.healthy and not h.shutdown and h.matches(tags)) for h in held):
+                return None
+        if not hosts:
+            return None
+        random.shuffle(hosts)
         return min(hosts, key=lambda h: counts[h.id])
 
-    def _volume_host(self, f: Formation, typ: str) -> Host | None:
+    def _volume_hosts(self, f: Formation, typ: str) -> list[Host]:
+        """The hosts holding a volume of the app's type that no job uses."""
         in_use = {v for j in self.jobs.values() if j.state in ACTIVE for v in j.volume_ids}
-        for host in self.hosts.values():
-            for vol in host.volumes:
-                meta = vol.get("meta") or {}
-                if (
-                    meta.get("flynn-controller.app") == f.key[0]
-                    and meta.get("flynn-controller.type") == typ
-                    and vol.get("id") not in in_use
-                ):
-                    return host
-        return None
+        return [
+            host for host in self.hosts.values()
+            if any((vol.get("meta") or {}).get("flynn-controller.app") == f.key[0]
+                   and (vol.get("meta") or {}).get("flynn-controller.type") == typ
+                   and vol.get("id") not in in_use for vol in host.volumes)
+        ]  # fmt: skip
 
     async def _start_job(self, f: Formation, job: Job, host: Host) -> None:
         try:

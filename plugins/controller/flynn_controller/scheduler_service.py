@@ -30,6 +30,11 @@ from flynn_controller.scheduler import Controller, Scheduler
 log = logging.getLogger("flynn_controller.scheduler")
 
 SERVICE = "controller-scheduler"
+# a leader whose heartbeats have failed this long stops scheduling: its registration (TTL
+# 10 s, heartbeats every 3-5 s) may lapse within the next few seconds, and another instance
+# lead
+STEP_DOWN_AFTER = 3.0
+WATCHDOG_EVERY = 0.5
 SCHEDULER = web.AppKey("scheduler", dict)
 
 
@@ -55,13 +60,23 @@ def make_app(state: dict[str, Any]) -> web.Application:
 def controller_url_finder(discoverd: Any, env: dict[str, str]) -> Any:
     fixed = env.get("CONTROLLER_URL")
 
+    known: list[str] = []
+
     async def url() -> str:
+        """A controller instance; the last one found when discoverd does not answer (this
+        host's discoverd restarting or redeployed), so job states are still reported."""
         if fixed:
             return fixed.rstrip("/")
-        instances = await discoverd.instances("controller")
+        try:
+            instances = await discoverd.instances("controller")
+        except Exception:
+            if known:
+                return known[0]
+            raise
         if not instances:
             raise ConnectionError("no controller registered in discoverd")
-        return f"http://{random.choice(instances).addr}"
+        known[:] = [f"http://{random.choice(instances).addr}"]
+        return known[0]
 
     return url
 
@@ -106,7 +121,12 @@ async def lead(
     discoverd: Any, addr: str, controller: Controller, state: dict[str, Any], stop: asyncio.Event
 ) -> None:
     """Register, then schedule while this instance is the service's leader. A scheduler that
-    fails ends the process (its job is restarted; meanwhile a standby leads)."""
+    fails ends the process (its job is restarted; meanwhile a standby leads).
+
+    A leader whose heartbeats fail for STEP_DOWN_AFTER seconds (its host's discoverd is
+    away: restarting, redeployed, crashing) stops scheduling before its registration can
+    lapse and another instance lead, so two schedulers never act at once; once its
+    heartbeats go through again it asks who leads, and schedules again if it still does."""
 
     def ended(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -116,33 +136,61 @@ async def lead(
 
     while True:
         try:
-            await discoverd.add_service_and_register(SERVICE, addr)
+            heartbeater = await discoverd.add_service_and_register(SERVICE, addr)
             break
         except Exception as exc:  # noqa: BLE001 - discoverd not there yet
             log.warning("registering in discoverd: %s; retrying", exc)
             await asyncio.sleep(2)
     task: asyncio.Task[None] | None = None
-    try:
-        async for event in discoverd.watch(SERVICE, kinds=("leader",)):
-            leader = event.instance is not None and event.instance.addr == addr
-            if leader and task is None:
-                log.info("leader of %s: scheduling", SERVICE)
-                sched = Scheduler(controller, discoverd)
-                state.update(leader=True, scheduler=sched)
-                task = asyncio.create_task(sched.run())
-                task.add_done_callback(ended)
-            elif not leader and task is not None:
-                log.info("no longer the leader: stopping")
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                task = None
-                state.update(leader=False, scheduler=None)
-    finally:
+    stepped_down = False
+
+    def start() -> None:
+        nonlocal task
+        log.info("leader of %s: scheduling", SERVICE)
+        sched = Scheduler(controller, discoverd)
+        state.update(leader=True, scheduler=sched)
+        task = asyncio.create_task(sched.run())
+        task.add_done_callback(ended)
+
+    async def halt() -> None:
+        nonlocal task
         if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        task = None
+        state.update(leader=False, scheduler=None)
+
+    async def watchdog() -> None:
+        nonlocal stepped_down
+        failing_for = 0.0
+        while True:
+            await asyncio.sleep(WATCHDOG_EVERY)
+            failing_for = failing_for + WATCHDOG_EVERY if heartbeater.failing else 0.0
+            if failing_for >= STEP_DOWN_AFTER and task is not None:
+                log.warning("heartbeats failing for %.0fs: not scheduling until discoverd is "
+                            "back", failing_for)  # fmt: skip
+                stepped_down = True
+                await halt()
+            elif stepped_down and not heartbeater.failing:
+                with contextlib.suppress(Exception):
+                    leader = await discoverd.leader(SERVICE)
+                    stepped_down = False
+                    if leader is not None and leader.addr == addr and task is None:
+                        start()
+
+    guard = asyncio.create_task(watchdog())
+    try:
+        async for event in discoverd.watch(SERVICE, kinds=("leader",)):
+            leader = event.instance is not None and event.instance.addr == addr
+            if leader and task is None and not stepped_down:
+                start()
+            elif not leader and task is not None:
+                log.info("no longer the leader: stopping")
+                await halt()
+    finally:
+        guard.cancel()
+        await halt()
 
 
 def main(argv: list[str]) -> int:

@@ -34,16 +34,28 @@ class Formation:
     artifact: dict[str, Any] | None
     processes: dict[str, int]
     tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    # the hosts a type may run on while a deployment moves it host by host (none: any)
+    hosts: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def key(self) -> FormationKey:
         return (str(self.app["id"]), str(self.release["id"]))
 
+    def process(self, typ: str) -> dict[str, Any]:
+        return dict((self.release.get("processes") or {}).get(typ) or {})
+
     def omni(self, typ: str) -> bool:
-        return bool(((self.release.get("processes") or {}).get(typ) or {}).get("omni"))
+        return bool(self.process(typ).get("omni"))
+
+    def host_network(self, typ: str) -> bool:
+        return bool(self.process(typ).get("host_network"))
 
     def volumes(self, typ: str) -> list[dict[str, Any]]:
-        return list(((self.release.get("processes") or {}).get(typ) or {}).get("volumes") or [])
+        return list(self.process(typ).get("volumes") or [])
+
+    def allows(self, typ: str, host_id: str) -> bool:
+        only = self.hosts.get(typ)
+        return only is None or host_id in only
 
 
 @dataclass

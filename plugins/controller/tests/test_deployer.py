@@ -254,6 +254,30 @@ def test_new_jobs_that_never_come_up_time_out(api: Api, scheduler: SchedulerStan
     assert api.ok("GET", "/apps/hang/release")["id"] == old["id"]
 
 
+@pytest.mark.parametrize(
+    ("name", "env", "count", "reason"),
+    [
+        ("pg-singleton", {"SINGLETON": "true"}, 1, "the appliance is a singleton (SINGLETON=true)"),
+        ("pg-two", {}, 2, "the appliance runs 2 node(s): a deployment needs at least 3"),
+        # no discoverd here, so no Patroni to ask: refused too, not guessed
+        ("pg-unseen", {}, 3, "sirenia: cannot read the appliance's state: discoverd"),
+    ],
+)
+def test_sirenia_refuses_what_it_cannot_replace_safely(
+    api: Api, scheduler: SchedulerStandIn, name: str, env: dict[str, str], count: int,
+    reason: str,
+) -> None:  # fmt: skip
+    _, old = running_app(api, name, {"postgres": count, "web": 1}, strategy="postgres")
+    new = new_release(api, ("postgres", "web"), env=env)
+    d, events = deploy(api, name, new)
+    assert statuses(events) == ["pending", "running", "failed"]
+    assert reason in events[-1]["error"], events[-1]["error"]
+    # refused before anything changed
+    assert not [e for e in events if "job_type" in e]
+    assert formation(api, name, old) == {"postgres": count, "web": 1}
+    assert api.ok("GET", f"/apps/{name}/release")["id"] == old["id"]
+
+
 def test_one_deployment_at_a_time(api: Api, scheduler: SchedulerStandIn) -> None:
     _, old = running_app(api, "busy", {"web": 1}, deploy_timeout=2)
     hanging = new_release(api, env={"HANG": "1"})

@@ -138,13 +138,20 @@ def range_kvs(response: dict[str, Any]) -> list[KV]:
 
 class EtcdClient:
     """etcd v3 over its JSON gateway, trying each endpoint in turn. `revision` is the highest
-    store revision seen in any response header (discoverd's `Discoverd-Index`)."""
+    store revision seen in any response header (discoverd's `Discoverd-Index`).
 
-    def __init__(self, endpoints: list[str], timeout: float = 2.0) -> None:
+    With `retry_within`, a request no endpoint could answer is tried again every 0.1 s for
+    that long: an election (the leader's member stopped, as when discoverd is redeployed host
+    by host) leaves every member without a leader for a few hundred milliseconds."""
+
+    def __init__(
+        self, endpoints: list[str], timeout: float = 2.0, retry_within: float = 0.0
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
+        self.retry_within = retry_within
         self.revision = 0
         self._session: aiohttp.ClientSession | None = None
 
@@ -197,16 +204,21 @@ class EtcdClient:
         return data
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        errors = []
-        for endpoint in list(self.endpoints):
-            try:
-                data = await self.call_one(endpoint, path, body)
-            except EtcdUnavailable as exc:
-                errors.append(str(exc))
-                continue
-            self._promote(endpoint)
-            return data
-        raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_within
+        while True:
+            errors = []
+            for endpoint in list(self.endpoints):
+                try:
+                    data = await self.call_one(endpoint, path, body)
+                except EtcdUnavailable as exc:
+                    errors.append(str(exc))
+                    continue
+                self._promote(endpoint)
+                return data
+            if loop.time() >= deadline:
+                raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
+            await asyncio.sleep(0.1)
 
     # kv
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -39,6 +40,9 @@ from flynn_host.client import (
 log = logging.getLogger("discoverd")
 
 CLIENT_PORT_OFFSET = ETCD_CLIENT_PORT_OFFSET
+# how long a request waits for etcd to elect a leader before it fails (etcd's elections here
+# take a few hundred milliseconds)
+ELECTION_WAIT = 1.5
 PEER_PORT_OFFSET = ETCD_PEER_PORT_OFFSET
 
 
@@ -109,6 +113,14 @@ async def supervise(member: EtcdProcess, every: float = 1.0) -> None:
             log.warning("etcd member %s exited (status %s): restarting it", member.name, code)
             member.cluster_state = "existing"
             member.start()
+
+
+async def stop_member(member: EtcdProcess) -> None:
+    """Stop the etcd member (it stays a member: a node started again on the same data
+    rejoins with it), off the event loop."""
+    began = time.monotonic()
+    await asyncio.to_thread(member.stop)
+    log.info("etcd member stopped in %.2fs", time.monotonic() - began)
 
 
 def notify(url: str, body: dict[str, str]) -> None:
@@ -201,13 +213,15 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         member.start()
-        stack.callback(member.stop)
+        stack.push_async_callback(stop_member, member)
         log.info("etcd member %s starting (%d peers)", name, len(initial))
         await member.wait_healthy_async(within=120)
         endpoints = [member.client_url] + [
             f"http://{h}:{p + CLIENT_PORT_OFFSET}" for h, p in peers if (h, p) != (host, port)
         ]
-        store = Store(EtcdClient(endpoints), node_name=name, advertise=f"http://{host}:{port}")
+        # an etcd election (a member stopping, as in a deployment) is waited out, not a 500
+        etcd = EtcdClient(endpoints, retry_within=ELECTION_WAIT)
+        store = Store(etcd, node_name=name, advertise=f"http://{host}:{port}")
         stack.push_async_callback(store.close)
         await store.start()
         runner = await serve(store, listen_ip or None, port)  # type: ignore[arg-type]
@@ -242,6 +256,7 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.wait({shutdown, stopped}, return_when=asyncio.FIRST_COMPLETED)
         shutdown.cancel()
         stopped.cancel()
+        log.info("stopping")
     print("discoverd: stopped", flush=True)
     return 0
 

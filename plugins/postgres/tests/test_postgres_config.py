@@ -59,6 +59,8 @@ def test_strict_mode_renders_the_measured_settings() -> None:
     assert "host all all 100.100.0.0/16 scram-sha-256" in pg["pg_hba"]
     # nothing from anywhere else, and no password-less network access
     assert not [r for r in pg["pg_hba"] if "0.0.0.0/0" in r or "trust" in r]
+    # a new standby's copy does not wait for a spread checkpoint
+    assert pg["basebackup"] == [{"checkpoint": "fast"}]
 
 
 def test_available_mode_lets_a_primary_go_on_alone() -> None:
