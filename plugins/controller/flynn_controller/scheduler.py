@@ -72,6 +72,7 @@ START_RETRY_CAP = 30.0
 HOST_BUSY_RETRY = 0.1  # seconds before a job a busy host refused (429) is put again
 RESET_RESTARTS_AFTER = 300.0  # a job up this long starts its type's restart count again
 REPORT_RETRY = 1.0
+RECONCILE_INTERVAL = 10.0  # seconds between checks of the controller's running jobs
 DRAIN_TIMEOUT = 10.0  # seconds a stopping job waits for the routers to drain it
 
 
@@ -103,6 +104,7 @@ class Scheduler:
             asyncio.create_task(self._follow_formations(), name="formations"),
             asyncio.create_task(self._follow_hosts(), name="hosts"),
             asyncio.create_task(self._reporter(), name="reporter"),
+            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
         ]
         try:
             await self._rectify_loop()
@@ -127,6 +129,33 @@ class Scheduler:
                 self.rectify()
             except Exception:
                 log.exception("rectify failed")
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL)
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the controller is away: next round
+                log.info("reconciling the controller's jobs: %s", exc)
+
+    async def reconcile(self) -> None:
+        """Jobs the controller has as running on a host this scheduler does not follow (lost
+        before this leader could list it, say) are reported `down`: nothing runs them."""
+        if not (self.formations_synced and self.hosts_synced):
+            return
+        for app_id in {k[0] for k in self.formations}:
+            for raw in await self.controller.jobs(app_id):
+                host_id = str(raw.get("id", "")).partition("-")[0]
+                if (raw.get("state") not in ("starting", "up") or raw["id"] in self.jobs
+                        or host_id in self.hosts):  # fmt: skip
+                    continue
+                log.info("job %s: its host %s is not in the cluster: down", raw["id"], host_id)
+                lost = Job(id=raw["id"], host_id=host_id, app_id=app_id, app_name="",
+                           release_id=str(raw.get("release") or ""), type=raw.get("type") or "",
+                           state="failed", error="host lost")  # fmt: skip
+                self._report(lost)
 
     # --- formations -----------------------------------------------------------------------
     async def _follow_formations(self) -> None:

@@ -68,6 +68,16 @@ class Controller:
                 # refused for good (an app deleted meanwhile, a state gone back): not retried
                 log.info("controller refused job %s %s: %s", job.id, body, await r.text())
 
+    async def jobs(self, app_id: str) -> list[dict[str, Any]]:
+        """The controller's records of the app's jobs."""
+        assert self.session is not None
+        base = await self._url()
+        async with self.session.get(f"{base}/apps/{app_id}/jobs") as resp:
+            if resp.status != 200:
+                raise ConnectionError(f"controller: GET jobs of {app_id}: {resp.status}")
+            found = await resp.json(content_type=None)
+        return [j for j in found or [] if isinstance(j, dict)]
+
     async def routes(self, app_id: str) -> list[dict[str, Any]]:
         """The app's routes (known for ROUTES_TTL seconds)."""
         cached = self._routes.get(app_id)

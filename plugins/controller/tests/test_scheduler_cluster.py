@@ -523,10 +523,20 @@ def wait_replaced(env: Env, app: str, lost: str, n: int) -> tuple[float, float]:
 
     wait_for(given_up, 120, f"the scheduler giving {lost} up", every=0.5)
     detected = time.monotonic()
-    wait_for(lambda: len(jobs := env.ps(app)) == n
-             and not any(host_of(j) == lost for j, _, _ in jobs), REPLACED_WITHIN,
-             f"{n} jobs of {app} off {lost} within {REPLACED_WITHIN:.0f}s of the loss's "
-             f"detection", every=0.5)  # fmt: skip
+    seen: list[Any] = []
+
+    def replaced() -> bool:
+        jobs = env.ps(app)
+        seen[:] = jobs
+        return len(jobs) == n and not any(host_of(j) == lost for j, _, _ in jobs)
+
+    try:
+        wait_for(replaced, REPLACED_WITHIN, f"{n} jobs of {app} off {lost} within "
+                 f"{REPLACED_WITHIN:.0f}s of the loss's detection", every=0.5)  # fmt: skip
+    except AssertionError as exc:
+        state = env.scheduler_state() or {}
+        jobs = [j for j in state.get("jobs", []) if j.get("app_name") == app]
+        raise AssertionError(f"{exc}; flynn ps: {seen}; the scheduler's jobs: {jobs}") from None
     return detected, time.monotonic()
 
 

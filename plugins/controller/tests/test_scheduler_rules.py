@@ -146,3 +146,24 @@ async def test_a_job_that_stops_while_wanted_waits_its_backoff(sched: Recording)
     long_run = job(sched, "h1", "web", started=time.monotonic() - 301)
     sched._job_ended(long_run, "crashed", 1)
     assert sched.restarts[(("a1", "r1"), "web")].count == 1
+
+
+async def test_jobs_on_hosts_not_followed_are_reported_down(sched: Recording) -> None:
+    """A job the controller has as up on a host no longer in the cluster (lost before this
+    leader could list it) is reported down; one on a followed host, or known, is left."""
+
+    class Records:
+        async def jobs(self, app_id: str) -> list[dict[str, Any]]:
+            return [
+                {"id": "gone-1", "state": "up", "release": "r1", "type": "web"},
+                {"id": "h1-2", "state": "up", "release": "r1", "type": "web"},
+                {"id": "gone-3", "state": "down", "release": "r1", "type": "web"},
+            ]
+
+    sched.controller = Records()  # type: ignore[assignment]
+    sched.formations[("a1", "r1")] = formation({"web": 1})
+    await sched.reconcile()
+    reported = []
+    while not sched.reports.empty():
+        reported.append(sched.reports.get_nowait())
+    assert [(j.id, j.reported, j.error) for j in reported] == [("gone-1", "down", "host lost")]
