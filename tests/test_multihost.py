@@ -6,6 +6,7 @@ nothing left behind afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -24,6 +25,7 @@ import pytest
 from flynn_host.dev import host as devhost
 from flynn_host.dev.cluster import Cluster, leftovers
 from flynn_host.dev.host import busybox_job
+from flynn_host.networking.jobnet import netns_name
 from flynn_host.networking.links import NETNS_DIR
 from tests.dev.test_cluster import new_cluster
 
@@ -36,17 +38,32 @@ def job_namespaces() -> set[str]:
     )
 
 
+def cluster_jobs(c: Cluster) -> set[str]:
+    """The ids of every job the cluster's answering hosts know (ended ones too)."""
+    ids: set[str] = set()
+    for h in c.hosts:
+        with contextlib.suppress(OSError, ConnectionError, ValueError):
+            ids |= set(c.client(h.index, timeout=5).list_jobs())
+    return ids
+
+
+def namespaces_left(job_ids: set[str]) -> set[str]:
+    """The network namespaces of these jobs that still exist (other clusters' jobs, of tests
+    running beside this one, do not count)."""
+    return {netns_name(j) for j in job_ids} & job_namespaces()
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    before = job_namespaces()
     c = new_cluster()
     try:
         c.up(3, bootstrap=True, host_id_prefix=f"{c.name}h")
         yield c
     finally:
+        jobs = cluster_jobs(c)
         c.down()
         assert leftovers(c) == []
-        assert job_namespaces() <= before
+        assert namespaces_left(jobs) == set()
 
 
 # a host, a job or discoverd that does not answer (as expected) yet
@@ -203,7 +220,7 @@ def host_links(c: Cluster, host: int) -> set[str]:
 
 
 def test_ended_jobs_leave_no_veth_address_or_namespace(cluster: Cluster) -> None:
-    links, spaces = host_links(cluster, 2), job_namespaces()
+    links = host_links(cluster, 2)
     addresses = Path(cluster.host(2).dir) / "state.json.addresses"
     # written at the host's first job address: there may have been none yet
     allocated = json.loads(addresses.read_text())["allocations"] if addresses.exists() else {}
@@ -211,7 +228,7 @@ def test_ended_jobs_leave_no_veth_address_or_namespace(cluster: Cluster) -> None
     assert len(host_links(cluster, 2) - links) == 1
     assert job["job"]["id"] in json.loads(addresses.read_text())["allocations"]
     cluster.client(2).stop_job(job["job"]["id"])
-    wait_for(lambda: host_links(cluster, 2) == links and job_namespaces() <= spaces)
+    wait_for(lambda: host_links(cluster, 2) == links and not namespaces_left({job["job"]["id"]}))
     assert json.loads(addresses.read_text())["allocations"] == allocated
     nat = cluster.exec(2, ["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True,
                        text=True).stdout  # fmt: skip
@@ -274,7 +291,6 @@ def test_a_host_lost_and_brought_back(cluster: Cluster) -> None:
 
 def test_one_host_cluster_boots_and_its_jobs_resolve_each_other() -> None:
     """A single host (singleton bootstrap): discoverd's etcd alone, the host's own subnet."""
-    before = job_namespaces()
     c = new_cluster()
     try:
         c.up(1, bootstrap=True, host_id_prefix=f"{c.name}h")
@@ -285,6 +301,7 @@ def test_one_host_cluster_boots_and_its_jobs_resolve_each_other() -> None:
         register(c, 1, "solo", f"{ip}:8080")
         assert run_job(c, 1, "wget -q -O- http://solo.discoverd:8080/") == (0, f"hello from {ip}\n")
     finally:
+        jobs = cluster_jobs(c)
         c.down()
         assert leftovers(c) == []
-        assert job_namespaces() <= before
+        assert namespaces_left(jobs) == set()

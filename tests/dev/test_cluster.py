@@ -21,7 +21,7 @@ from flynn_host.client import HostClient
 from flynn_host.dev import cluster_network
 from flynn_host.dev.cluster import Cluster, ClusterError, leftovers
 from flynn_host.dev.cluster_hosts import DevClusterHost, netns_pids
-from flynn_host.dev.host import ROOT, busybox_job, mounts_under
+from flynn_host.dev.host import ROOT, busybox_job, mounts_under, wait_for
 from flynn_host.runtime import images
 from flynn_host.runtime.cgroups import cgroups_of
 
@@ -243,19 +243,28 @@ def test_up_bootstraps_the_layer_0_platform() -> None:
     ids = [f"{c.name}h1", f"{c.name}h2"]
     try:
         c.up(2, bootstrap=True, host_id_prefix=f"{c.name}h")
-        postgres = controller = 0
-        for i in (1, 2):
-            jobs = c.client(i).list_jobs(active=True)
-            meta = [j["job"].get("metadata") or {} for j in jobs.values()]
-            apps = sorted(m.get("flynn-controller.app_name", "") for m in meta)
-            # Layer 0 on every host; the PostgreSQL appliance's jobs and the controller's spread
-            # over the hosts
-            assert apps.count("discoverd") == apps.count("flannel") == 1, jobs
-            assert set(apps) <= {"discoverd", "flannel", "postgres", "controller"}, jobs
-            postgres += apps.count("postgres")
-            controller += apps.count("controller")
-        assert postgres == 5  # 3 nodes and 2 API processes
-        assert controller == 1
+
+        def counts() -> tuple[int, dict[str, int]]:
+            postgres, controller = 0, {}
+            for i in (1, 2):
+                jobs = c.client(i).list_jobs(active=True)
+                meta = [j["job"].get("metadata") or {} for j in jobs.values()]
+                apps = sorted(m.get("flynn-controller.app_name", "") for m in meta)
+                # Layer 0 on every host; the PostgreSQL appliance's jobs and the controller's
+                # spread over the hosts
+                assert apps.count("discoverd") == apps.count("flannel") == 1, jobs
+                assert set(apps) <= {"discoverd", "flannel", "postgres", "controller"}, jobs
+                postgres += apps.count("postgres")
+                for m in meta:
+                    if m.get("flynn-controller.app_name") == "controller":
+                        typ = m["flynn-controller.type"]
+                        controller[typ] = controller.get(typ, 0) + 1
+            return postgres, controller
+
+        # 3 nodes and 2 API processes; the controller's formation after the hand-over, which
+        # the scheduler fills in (its scheduler omni: one on each host)
+        wanted = (5, {"web": 2, "worker": 2, "scheduler": 2})
+        wait_for(lambda: counts() == wanted, timeout=60, what="the platform's jobs")
     finally:
         c.down()
     assert_gone(c, ids)

@@ -322,7 +322,8 @@ def _database(env: Env, app: str) -> None:
     """`app` with a postgres database of its own (made if missing)."""
     if env.flynn("-a", app, "info").returncode != 0:
         env.ok("create", app)
-    if "PGDATABASE" not in (env.api("GET", f"/apps/{app}/release").get("env") or {}):
+    # `flynn env` prints nothing for an app without a release yet
+    if "PGDATABASE=" not in env.flynn("-a", app, "env").stdout:
         env.ok("-a", app, "resource", "add", "postgres")
 
 
