@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from flynn_controller.client import Client
+from flynn_controller.client import Client, NotFound
 
 from flynn_cli import gitremote
 from flynn_cli.config import Cluster, Config
@@ -56,6 +56,13 @@ class Context:
             raise CommandError(f'unknown cluster "{name}"')
         self._cluster = found
         return found
+
+    def current_release_id(self, app: str) -> str | None:
+        """The app's current release id; None when it has none yet (a bare 404)."""
+        try:
+            return self.client.app_release(app).get("id")
+        except NotFound:
+            return None
 
     def app(self) -> str:
         """The app the command is for (an error when none can be found)."""

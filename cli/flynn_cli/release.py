@@ -11,8 +11,6 @@ import datetime as dt
 import json
 from typing import Any
 
-from flynn_controller.client import NotFound
-
 from flynn_cli.context import Context
 from flynn_cli.output import (
     CommandError,
@@ -198,10 +196,7 @@ def run_release_add(args: Args, ctx: Context) -> None:
 def run_release_rollback(args: Args, ctx: Context) -> None:
     app = ctx.app()
     client = ctx.client
-    try:
-        current_id = client.app_release(app).get("id")
-    except NotFound:
-        current_id = None
+    current_id = ctx.current_release_id(app)
     # newest first; the server's order, made sure of (a release without a time goes last)
     releases = sorted(
         client.app_release_list(app),

@@ -172,10 +172,7 @@ def show_all_formations(ctx: Context) -> None:
     the current one in any case, marked `(current)`; a blank line between releases."""
     app = ctx.app()
     client = ctx.client
-    try:
-        current_id = client.app_release(app).get("id")
-    except NotFound:
-        current_id = None
+    current_id = ctx.current_release_id(app)
     blocks = []
     for release in client.app_release_list(app):
         processes = get_formation(client, app, release["id"]).get("processes") or {}

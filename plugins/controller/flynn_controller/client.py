@@ -337,6 +337,21 @@ class EventStream:
 # The client
 
 
+def error_json(status: int, content_type: str, data: bytes) -> APIError | None:
+    """The error a response with Flynn's error JSON (`{"code", "message", "detail",
+    "retry"}`) stands for; None for any other body."""
+    if "application/json" not in content_type:
+        return None
+    try:
+        err = json.loads(data)
+    except ValueError:
+        return None
+    if not (isinstance(err, dict) and "code" in err):
+        return None
+    return APIError(str(err.get("code", "")), str(err.get("message", "")), err.get("detail"),
+                    bool(err.get("retry", False)), status)  # fmt: skip
+
+
 class Client:
     """A controller at `url` (`https://controller.<domain>` or `http://host:port`).
 
@@ -418,22 +433,12 @@ class Client:
         """Raise the error a non-200 response stands for (reads its body)."""
         if resp.status == 200:
             return
-        content_type = resp.getheader("Content-Type", "") or ""
         data = resp.read()
-        if "application/json" in content_type:
-            try:
-                err = json.loads(data)
-            except ValueError:
-                err = None
-            # (Go would report any JSON body as an error, `: ` for one without a code)
-            if isinstance(err, dict) and "code" in err:
-                raise APIError(
-                    str(err.get("code", "")),
-                    str(err.get("message", "")),
-                    err.get("detail"),
-                    bool(err.get("retry", False)),
-                    resp.status,
-                )
+        # (Go would report any JSON body as an error, `: ` for one without a code)
+        if (
+            err := error_json(resp.status, resp.getheader("Content-Type", "") or "", data)
+        ) is not None:
+            raise err
         if resp.status == 404:
             raise NotFound()
         raise UnexpectedStatus(method, url, resp.status)
@@ -843,19 +848,8 @@ async def _upgrade(
             data = await reader.read(1 << 20)
     except (OSError, asyncio.IncompleteReadError):
         pass
-    if "application/json" in fields.get("content-type", ""):
-        try:
-            err = json.loads(data)
-        except ValueError:
-            err = None
-        if isinstance(err, dict) and "code" in err:
-            raise APIError(
-                str(err.get("code", "")),
-                str(err.get("message", "")),
-                err.get("detail"),
-                bool(err.get("retry", False)),
-                status,
-            )
+    if (err := error_json(status, fields.get("content-type", ""), data)) is not None:
+        raise err
     if status == 404:
         raise NotFound()
     raise UnexpectedStatus("POST", url, status)
