@@ -320,10 +320,10 @@ def test_pg_psql_dump_and_restore_into_another_app(env: Env) -> None:
 
 def _database(env: Env, app: str) -> None:
     """`app` with a postgres database of its own (made if missing)."""
-    if env.flynn("-a", app, "info").returncode != 0:
+    if app not in env.ok("apps").split():
         env.ok("create", app)
     # `flynn env` prints nothing for an app without a release yet
-    if "PGDATABASE=" not in env.flynn("-a", app, "env").stdout:
+    if b"PGDATABASE=" not in env.flynn("-a", app, "env").stdout:
         env.ok("-a", app, "resource", "add", "postgres")
 
 
