@@ -10,7 +10,8 @@ APT_PACKAGES := runc squashfs-tools busybox-static tini iproute2 iptables util-l
                 e2fsprogs python3-venv python3-dev procps curl binutils strace mmdebstrap \
                 etcd-server etcd-client dnsutils nftables \
                 postgresql-15 patroni postgresql-15-postgis-3 postgresql-15-postgis-3-scripts \
-                postgresql-15-pgrouting postgresql-15-pgrouting-scripts postgresql-15-pgextwlist
+                postgresql-15-pgrouting postgresql-15-pgrouting-scripts postgresql-15-pgextwlist \
+                nginx-light wrk
 
 .PHONY: dev apt venv images demo test test-slow bench lint format clean dist
 
@@ -28,6 +29,10 @@ apt:
 	  if [ -z "$$had_main" ] && [ -d /etc/postgresql/15/main ]; then \
 	    echo "apt: removing the PostgreSQL cluster 15/main the package made (nodes run in jobs)"; \
 	    pg_dropcluster --stop 15 main >>$(APT_LOG) 2>&1; \
+	  fi; \
+	  if echo "$$missing" | grep -q nginx-light; then \
+	    echo "apt: stopping the nginx the package started (the router bench runs its own)"; \
+	    { systemctl disable --now nginx || service nginx stop || true; } >>$(APT_LOG) 2>&1; \
 	  fi; \
 	fi
 

@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "flannel": "flynn_flannel.plugin",
     "postgres": "flynn_postgres.plugin",
     "controller": "flynn_controller.plugin",
+    "router": "flynn_router.plugin",
     "bootstrap-actions": "flynn_host.plugins.bootstrap_actions",
 }
 
