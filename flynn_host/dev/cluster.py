@@ -36,6 +36,7 @@ from typing import Any
 from flynn_host.atomicfile import write_atomic, write_json_atomic
 from flynn_host.client import HostClient
 from flynn_host.dev import cluster_network as net
+from flynn_host.dev import etchosts
 from flynn_host.dev.cluster_hosts import (
     DAEMON_STOP_TIMEOUT,
     HTTP_PORT,
@@ -236,6 +237,9 @@ class Cluster:
                 self._run_checked(self.hosts[0], ["bootstrap", "--min-hosts", str(n),
                                                   "--peer-ips", ",".join(self.ips()), *extra],
                                   env={"CLUSTER_DOMAIN": self.domain}, capture=False)  # fmt: skip
+                names = etchosts.cluster_names(self.domain)
+                self.say(f"/etc/hosts: {' '.join(names)} -> {self.hosts[0].ip}")
+                etchosts.add(self.name, self.hosts[0].ip, names)
         except BaseException:
             self.say("up failed; removing what was made")
             self.down()
@@ -391,6 +395,7 @@ class Cluster:
         mounts and loop devices under the directory, cgroups, namespaces, veths, the bridge
         and the directory. Nothing existing is fine."""
         ns_names = sorted({h.netns for h in self.hosts} | set(self._namespaces()))
+        etchosts.remove(self.name)
         self._stop_daemons()
         for ns in ns_names:
             if Path(NETNS_DIR / ns).exists():

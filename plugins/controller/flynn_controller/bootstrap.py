@@ -174,15 +174,21 @@ class AddApp(Action):
 
     def ensure_app(self, ctl: Controller, data: dict[str, Any]) -> dict[str, Any]:
         """The app, created unless one of that name exists (then it is reused as it is)."""
-        name = data["app"]["name"]
+        return self.ensure_app_named(ctl, {**data["app"], **self.app})
+
+    @staticmethod
+    def ensure_app_named(ctl: Controller, app: dict[str, Any]) -> dict[str, Any]:
+        """App `app["name"]`: the controller's, else a new one with `app`'s id, meta,
+        strategy and deploy_timeout."""
+        name = app["name"]
         found = ctl.call_raw("GET", f"/apps/{name}")
         if found.status == 200 and isinstance(found.body, dict):
             return found.body
         body = {
-            "id": data["app"]["id"],
+            "id": app["id"],
             "name": name,
-            "meta": data["app"].get("meta") or {},
-            **{k: v for k, v in self.app.items() if k in ("strategy", "deploy_timeout")},
+            "meta": app.get("meta") or {},
+            **{k: v for k, v in app.items() if k in ("strategy", "deploy_timeout")},
         }
         resp = ctl.call_raw("POST", "/apps", body)
         if resp.status in (200, 201) and isinstance(resp.body, dict):

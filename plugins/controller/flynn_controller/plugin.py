@@ -39,10 +39,12 @@ def flynn_host_platform_components() -> dict[str, Callable[[list[str]], int]]:
 
 @hookimpl
 def flynn_host_bootstrap_actions() -> dict[str, type]:
-    from flynn_controller import bootstrap
+    from flynn_controller import bootstrap, bootstrap_deploy
 
     return {
         "add-app": bootstrap.AddApp,
         "add-provider": bootstrap.AddProvider,
         "scheduler": bootstrap.StartScheduler,
+        "deploy-app": bootstrap_deploy.DeployApp,
+        "add-route": bootstrap_deploy.AddRoute,
     }
