@@ -71,6 +71,7 @@ def test_manifest_errors() -> None:
 
 def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLANNEL_BACKEND", "vxlan")
+    monkeypatch.setenv("CLUSTER_DOMAIN", "example.test")
     steps = parse_manifest(packaged_manifest().read_text(), "packaged", DATA)
     assert [s["action"] for s in steps] == [
         "require-env",
@@ -85,6 +86,7 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         # the controller (Flynn's steps 8-19), then the closing line
         "gen-random",
         "gen-random",
+        "gen-random",
         "gen-tls-cert",
         "run-app",
         "wait",
@@ -95,6 +97,12 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         "add-provider",
         # the hand-over to the scheduler, and its wait
         "scheduler",
+        "wait",
+        # the router (Flynn's steps 36, 39, 42, 43): deployed through the controller, then
+        # the route to the controller with the cluster certificate, served
+        "deploy-app",
+        "wait",
+        "add-route",
         "wait",
         "log",
     ]
@@ -136,6 +144,14 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     assert by_id["scheduler"]["processes"] == {"web": 2, "scheduler": 1, "worker": 2}
     assert set(by_id["scheduler"]["processes"]) <= set(controller["release"]["processes"])
     assert controller["release"]["processes"]["scheduler"]["omni"] is True
+    router = by_id["router"]
+    proc = router["release"]["processes"]["app"]
+    assert proc["omni"] and proc["host_network"] and proc["args"][1:3] == ["component", "router"]
+    assert router["release"]["env"]["TLSCERT"] == '{{ (index .StepData "controller-cert").Cert }}'
+    assert by_id["router-sticky-key"]["encoding"] == "base64"
+    assert by_id["controller-route"]["route"]["domain"] == "controller.example.test"
+    assert by_id["controller-route-wait"]["host"] == "controller.example.test"
+    assert by_id["controller-route-wait"]["status"] == 401
 
 
 # --- against real daemons ----------------------------------------------------------------------

@@ -43,6 +43,10 @@ PUBLIC_MODULES: dict[str, str] = {
         "Flynn's attach frames and the host's attach handshake: the controller proxies an "
         "attached one-off job to its host"
     ),
+    "flynn_host.frozen": (
+        "`self_command`: how to run `flynn-host` itself, frozen or not (the router starts its "
+        "worker processes as `flynn-host component router-worker`)"
+    ),
     "flynn_host.networking.links": (
         "network namespaces and netlink (`iproute_in`): flannel's VXLAN device lives beside "
         "the host's bridge, in the host's namespace or a test host's, reached the same way"
