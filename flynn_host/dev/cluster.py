@@ -452,6 +452,8 @@ def leftovers(cluster: Cluster) -> list[str]:
     out = subprocess.run(["pgrep", "-f", str(cluster.dir) + "/"], capture_output=True,
                          text=True).stdout  # fmt: skip
     found += [f"process {p}" for p in out.split()]
+    if any(line.endswith(etchosts.tag(cluster.name)) for line in etchosts.lines()):
+        found.append(f"/etc/hosts line of {cluster.name}")
     return found
 
 

@@ -12,7 +12,11 @@ from pathlib import Path
 HOSTS = Path("/etc/hosts")
 
 
-def _tag(cluster: str) -> str:
+def lines(path: Path = HOSTS) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def tag(cluster: str) -> str:
     return f"# flynn-cluster {cluster}"
 
 
@@ -20,7 +24,7 @@ def _rewrite(path: Path, cluster: str, add: str | None) -> None:
     with open(path, "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         lines = f.read().splitlines(keepends=True)
-        kept = [line for line in lines if not line.rstrip("\n").endswith(_tag(cluster))]
+        kept = [line for line in lines if not line.rstrip("\n").endswith(tag(cluster))]
         if kept and not kept[-1].endswith("\n"):
             kept[-1] += "\n"
         if add is not None:
@@ -33,7 +37,7 @@ def _rewrite(path: Path, cluster: str, add: str | None) -> None:
 
 def add(cluster: str, ip: str, names: list[str], path: Path = HOSTS) -> None:
     """Map `names` to `ip`, replacing what `cluster` had."""
-    _rewrite(path, cluster, f"{ip}\t{' '.join(names)}\t{_tag(cluster)}\n")
+    _rewrite(path, cluster, f"{ip}\t{' '.join(names)}\t{tag(cluster)}\n")
 
 
 def remove(cluster: str, path: Path = HOSTS) -> None:

@@ -44,6 +44,9 @@ def new_cluster() -> Cluster:
     raise AssertionError("no free test cluster name")
 
 
+ROUTER_STEPS = ("router", "router-wait", "controller-route", "controller-route-wait")
+
+
 @contextlib.contextmanager
 def booted_cluster(n: int, scheduler: bool = True) -> Iterator[Cluster]:
     """A new cluster of `n` hosts booted with `flynn-host bootstrap`; removed afterwards, and
@@ -51,7 +54,8 @@ def booted_cluster(n: int, scheduler: bool = True) -> Iterator[Cluster]:
     replaces a job that stops (for tests that act as the scheduler themselves)."""
     c = new_cluster()
     try:
-        skip = () if scheduler else ("scheduler", "scheduler-wait")
+        # without the scheduler nothing deploys the router either
+        skip = () if scheduler else ("scheduler", "scheduler-wait", *ROUTER_STEPS)
         c.up(n, bootstrap=True, host_id_prefix=f"{c.name}h", without_steps=skip)
         yield c
     finally:
