@@ -12,7 +12,9 @@ appliance bootstrap started (three nodes, discoverd's leader on the primary), a 
 an app from its provider API and the app's psql; and the controller bootstrap started, driven
 with the `flynn` CLI as a developer would (an app from the busybox image scaled to three jobs
 spread over the hosts by the scheduler, `ps`, a job killed and replaced, a deploy by `env
-set`, a one-off `run`, a postgres resource used with `pg psql`, routes, deletion). Everything
+set`, a one-off `run`, a postgres resource used with `pg psql`, the app reached through the
+router over HTTP and HTTPS, routes added live, deletion). The CLI runs on this machine and
+reaches `https://controller.<domain>` through the router, pinned as bootstrap printed. Everything
 is removed at the end, whatever happened.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -292,33 +295,60 @@ def postgres_demo(c: Cluster) -> None:
 
 
 def controller_demo(c: Cluster) -> None:
-    """The controller bootstrap started, used with the `flynn` CLI from host 1 (the job
-    network is reached from the hosts' namespaces; the router will publish it later)."""
+    """The controller bootstrap started, used with the `flynn` CLI from this machine as a
+    developer would: through the router at https://controller.<domain> (which `script/cluster
+    up` put in /etc/hosts), checked against the pin bootstrap printed."""
     import tempfile
 
-    from flynn_host.dev.controller import cluster_controller
-
-    url, key, _ = cluster_controller(c)
     with tempfile.TemporaryDirectory(prefix="flynn-demo-home-") as home:
-        _flynn_cli_demo(c, url, key, home)
+        _flynn_cli_demo(c, home)
 
 
-def _flynn_cli_demo(c: Cluster, url: str, key: str, home: str) -> None:
-    env = {"HOME": home, "FLYNNRC": f"{home}/.flynnrc"}
+def _system_env(c: Cluster, app: str) -> dict[str, str]:
+    for i in range(1, len(c.hosts) + 1):
+        for job in c.client(i).list_jobs(active=True).values():
+            if (job["job"].get("metadata") or {}).get("flynn-controller.app_name") == app:
+                return dict(job["job"]["config"]["env"])
+    raise RuntimeError(f"no job of {app} in the cluster")
+
+
+def _pin(cert_pem: str) -> str:
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = x509.load_pem_x509_certificate(cert_pem.encode()).public_bytes(Encoding.DER)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def curl(*args: str) -> str:
+    print(f"{DIM}${RESET} curl {shlex.join(args)}", flush=True)
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True,
+                         text=True)  # fmt: skip
+    sys.stdout.write(out.stdout + out.stderr)
+    return out.stdout
+
+
+def _flynn_cli_demo(c: Cluster, home: str) -> None:
+    env = {**os.environ, "HOME": home, "FLYNNRC": f"{home}/.flynnrc"}
     flynn = str(devhost.ROOT / ".venv" / "bin" / "flynn")
+    router = _system_env(c, "router")
+    pin, key, domain, ip = _pin(router["TLSCERT"]), router["CONTROLLER_KEY"], c.domain, c.ips()[0]
 
     def run(*args: str, show: str | None = None) -> str:
         print(f"{DIM}${RESET} {show or 'flynn ' + shlex.join(args)}", flush=True)
-        out = c.exec(1, [flynn, *args], env=env, capture_output=True, text=True, timeout=120,
-                     cwd=home)  # fmt: skip
+        out = subprocess.run([flynn, *args], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=home)  # fmt: skip
         sys.stdout.write(out.stdout + out.stderr)
         if out.returncode != 0:
             raise RuntimeError(f"flynn {args[0]} failed (exit {out.returncode})")
         return out.stdout + out.stderr
 
-    say("the controller: bootstrap started it on PostgreSQL and registered the system apps")
-    run("cluster", "add", "--no-git", "default", url, key,
-        show=f"flynn cluster add --no-git default {url} {key[:8]}...")  # fmt: skip
+    say("the controller through the router: the line bootstrap printed, pasted on this machine")
+    print(f"{DIM}# /etc/hosts (script/cluster up): controller.{domain} -> {ip}{RESET}")
+    run("cluster", "add", "-p", pin, "default", domain, key,
+        show=f"flynn cluster add -p {pin} default {domain} {key[:8]}...")  # fmt: skip
     run("apps")
     run("provider")
 
@@ -374,9 +404,20 @@ def _flynn_cli_demo(c: Cluster, url: str, key: str, home: str) -> None:
         "-c", "INSERT INTO visits DEFAULT VALUES",
         "-c", "SELECT count(*) AS visits FROM visits")  # fmt: skip
 
-    say("routes: the default one, an HTTP domain and a TCP port")
+    say("the router: hello.<domain> over HTTP and HTTPS (the cluster certificate), from here")
+    for _ in range(3):
+        curl("--resolve", f"hello.{domain}:80:{ip}", f"http://hello.{domain}/")
+    ca = f"{home}/ca.pem"
+    with open(ca, "w") as f:
+        f.write(_system_env(c, "controller")["CA_CERT"])
+    curl("--cacert", ca, "--resolve", f"hello.{domain}:443:{ip}", f"https://hello.{domain}/")
+
+    say("routes: an HTTP domain and a TCP port, live on the router at once")
     run("-a", "hello", "route", "add", "http", "hello.example.test")
-    run("-a", "hello", "route", "add", "tcp")
+    curl("-H", "Host: hello.example.test", f"http://{ip}/")
+    tcp = run("-a", "hello", "route", "add", "tcp")
+    port = tcp.split()[-1]
+    curl(f"http://{ip}:{port}/")
     run("-a", "hello", "route")
     run("-a", "hello", "deployment")
 
