@@ -728,6 +728,7 @@ class ClientConnection(asyncio.Protocol):
         ex.expect_continue = self.expect and ex.http11
         if ex.method == b"CONNECT":
             ex.canned = 405
+            ex.close = True
             return
         url = self.url
         host = self.host
@@ -742,6 +743,7 @@ class ClientConnection(asyncio.Protocol):
                 url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
         if host is None and ex.http11:
             ex.canned = 400
+            ex.close = True
             return
         q = url.find(b"?")
         path = url if q < 0 else url[:q]
@@ -853,8 +855,29 @@ class ClientConnection(asyncio.Protocol):
         """Answer `status` and close: the connection's bytes cannot be parsed any further."""
         self.in_head = False
         self.mode = _LINGER
-        if self.exchange is not None:
-            # answers go out in order: the one being answered finishes, then the close
+        ex = self.exchange
+        if ex is not None and self.parsing is ex and not ex.canned:
+            # its own body is broken: the backend will never get the rest, so it goes
+            self.parsing = None
+            ex.gone = True  # a connection still opening for it is closed when it opens
+            up = ex.upstream
+            if up is not None:
+                ex.upstream = None
+                up.exchange = None
+                up.transport.abort()
+            if ex.head_sent:
+                self._release(ex)
+                self.exchange = None
+                self.transport.close()
+            else:
+                self._answer(ex, status)
+            return
+        if ex is not None:
+            # answers go out in order: the ones before finish, then this one and the close;
+            # a pipelined request whose body was being read when the bytes went bad is lost
+            if self.parsing is not None and self.queue and self.parsing in self.queue:
+                self.queue.remove(self.parsing)
+            self.parsing = None
             ex = Exchange(self, b"")
             ex.canned = status
             ex.close = True
@@ -863,7 +886,7 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(ex)
             return
         self.transport.write(self.proxy.error_response(status, True, False, False))
-        self._linger()
+        self._linger(True)
 
     def _timeout(self) -> None:
         if self.in_head:
@@ -876,13 +899,14 @@ class ClientConnection(asyncio.Protocol):
         self.mode = _LINGER
         self.transport.abort()
 
-    def _linger(self) -> None:
-        """Close after the response, first reading (and dropping) for a while what the
-        client still sends, so that it sees the response rather than a reset."""
+    def _linger(self, still_sending: bool) -> None:
+        """Close after the response; if the client may still be sending, first read (and
+        drop) for a while what it sends: closing with unread bytes resets the connection,
+        and the client would lose the response."""
         self.mode = _LINGER
         if self.transport.is_closing():
             return
-        if self.eof or self.parsing is None:
+        if self.eof or not still_sending:
             self.transport.close()
             return
         self.parsing = None
@@ -1062,23 +1086,21 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         ex.upstream = None
         self._resume(_P_UPSTREAM_FULL)
-        if close or self.eof or self.mode != _HTTP:
-            if self.queue:
-                nxt = self.queue.popleft()
-                if nxt.canned and nxt.close:
-                    # the answer for bytes that could not be parsed
-                    self.transport.write(self.proxy.error_response(nxt.canned, True, False, False))
-            self._linger()
-            return
-        if self.queue:
+        if not close and self.queue:
+            # pipelined requests are answered even after the client's EOF
             nxt = self.queue.popleft()
             if not self.queue:
                 self._resume(_P_PIPELINE)
             if nxt.canned and nxt.close:
+                # the answer for bytes that could not be parsed
                 self.transport.write(self.proxy.error_response(nxt.canned, True, False, False))
-                self._linger()
+                self._linger(True)
                 return
             self._begin(nxt)
+            return
+        if close or self.eof or self.mode != _HTTP:
+            # a body still coming, or bytes that could not be parsed
+            self._linger(self.parsing is not None or self.mode == _LINGER)
             return
         self.timer.set(self.proxy.config.idle_timeout)
 
