@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import re
 import time
 from collections import deque
@@ -39,6 +39,7 @@ from flynn_router.table import RouteTable
 from flynn_router.types import Backend, Route
 
 log = logging.getLogger(__name__)
+_random_bits = random.Random().getrandbits  # seeded from os.urandom
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,32 @@ _RESPONSE_HEADERS = {
     b"trailer": _DROP,
 }
 
+_PLAIN = -1  # a header passed on as it came
+
+# the kinds of the header names met so far, by their exact bytes: a header name costs one
+# dict lookup rather than a lower() and a lookup (bounded: names are the client's choice)
+_request_kinds: dict[bytes, int] = {}
+_response_kinds: dict[bytes, int] = {}
+_KIND_CACHE_SIZE = 4096
+
+
+def _classify(name: bytes, table: dict[bytes, int], cache: dict[bytes, int]) -> int:
+    lname = name.lower()
+    kind = table.get(lname)
+    if kind is None:
+        kind = _DROP if lname.startswith(b"proxy-") else _PLAIN
+    if len(cache) >= _KIND_CACHE_SIZE:
+        cache.clear()
+    cache[name] = kind
+    return kind
+
+
 # tokens of a Connection header that name no other header
 _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+# Connection header values that certainly name no other header, as they are usually spelt
+_PLAIN_CONNECTION = frozenset(
+    (b"close", b"Close", b"keep-alive", b"Keep-Alive", b"upgrade", b"Upgrade")
+)
 
 # methods whose request may be sent again when a pooled connection turns out to be dead
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
@@ -168,17 +193,21 @@ def _error_response(
     return b"".join(out)
 
 
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+
+
 def _new_request_id() -> bytes:
-    """A random (version 4) UUID, as Flynn's router made one."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex().encode()
+    """A random (version 4) UUID, as Flynn's router made one. Request ids only need to be
+    unique, not secret: the process's PRNG (seeded from the OS) costs no system call."""
+    h = b"%032x" % ((_random_bits(128) & _UUID4_CLEAR) | _UUID4_SET)
     return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 def _strip_listed(out: list[bytes], connection: bytes) -> None:
     """Drop from `out` the headers a Connection header lists: they were for this hop only."""
+    if connection in _PLAIN_CONNECTION:
+        return
     names = {t.strip().lower() for t in connection.split(b",")} - _CONNECTION_OPTIONS
     if names:
         _strip_names(out, names)
@@ -661,11 +690,11 @@ class ClientConnection(asyncio.Protocol):
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.proxy.config.max_header_size:
             raise _TooLarge
-        lname = name.lower()
-        kind = _REQUEST_HEADERS.get(lname)
+        kind = _request_kinds.get(name)
         if kind is None:
-            if not lname.startswith(b"proxy-"):
-                self.out += (name, _SEP, value, _CRLF)
+            kind = _classify(name, _REQUEST_HEADERS, _request_kinds)
+        if kind == _PLAIN:
+            self.out += (name, _SEP, value, _CRLF)
         elif kind == _HOST:
             self.host = value
             self.out += (name, _SEP, value, _CRLF)
@@ -1168,8 +1197,9 @@ class Upstream(asyncio.Protocol):
         "read_paused",
         "write_paused",
         "skip",
-        # the response being parsed
         "out",
+        # the response being parsed
+        "head",
         "head_size",
         "content_length",
         "transfer_encoding",
@@ -1192,6 +1222,7 @@ class Upstream(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.skip = False
+        self.out: list[bytes] = []  # for the client, written at the end of each read
         self.on_message_begin()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1212,6 +1243,7 @@ class Upstream(asyncio.Protocol):
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as e:
+            self._flush(ex)
             if ex.status != 101:
                 self._bad(ex, "unexpected upgrade")
                 return
@@ -1219,7 +1251,9 @@ class Upstream(asyncio.Protocol):
             rest = data[e.args[0] :]
             if rest:
                 ex.client.transport.write(rest)
+            return
         except httptools.HttpParserError as e:
+            self._flush(ex)
             if isinstance(e.__context__, _HeadResponse):
                 # the parser stopped at the head's end; a fresh one for the next response,
                 # and the connection only if nothing followed the head
@@ -1233,9 +1267,25 @@ class Upstream(asyncio.Protocol):
                 self._bad(ex, "error")
             else:
                 self._bad(ex, str(e.__context__ or e))
+            return
         except Exception:
+            self._flush(ex)
             log.debug("backend %s: error", self.addr, exc_info=True)
             self._bad(ex, "error")
+            return
+        if self.out:
+            self._flush(ex)
+
+    def _flush(self, ex: Exchange) -> None:
+        """Write what the parser's callbacks produced from one read in one go: a small
+        response's head and body then cost the client one send, not two."""
+        out = self.out
+        if out:
+            if len(out) == 1:
+                ex.client.transport.write(out[0])
+            else:
+                ex.client.transport.writelines(out)
+            out.clear()
 
     def eof_received(self) -> bool | None:
         ex = self.exchange
@@ -1324,7 +1374,7 @@ class Upstream(asyncio.Protocol):
     # --- the parser's callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.out: list[bytes] = [b""]
+        self.head: list[bytes] = [b""]
         self.head_size = 0
         self.content_length: bytes | None = None
         self.transfer_encoding: bytes | None = None
@@ -1335,14 +1385,14 @@ class Upstream(asyncio.Protocol):
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.proxy.config.max_response_header_size:
             raise _BadResponse("response head too large")
-        lname = name.lower()
-        kind = _RESPONSE_HEADERS.get(lname)
+        kind = _response_kinds.get(name)
         if kind is None:
-            if not lname.startswith(b"proxy-"):
-                self.out += (name, _SEP, value, _CRLF)
+            kind = _classify(name, _RESPONSE_HEADERS, _response_kinds)
+        if kind == _PLAIN:
+            self.head += (name, _SEP, value, _CRLF)
         elif kind == _CONTENT_LENGTH:
             self.content_length = value
-            self.out += (name, _SEP, value, _CRLF)
+            self.head += (name, _SEP, value, _CRLF)
         elif kind == _TRANSFER_ENCODING:
             self.transfer_encoding = value
         elif kind == _CONNECTION:
@@ -1363,7 +1413,7 @@ class Upstream(asyncio.Protocol):
             raise _BadResponse("101 to a request that asked for no upgrade")
         self.timer.clear()
         ex.status = status
-        out = self.out
+        out = self.head
         out[0] = _status_line(status)
         if self.connection is not None:
             _strip_listed(out, self.connection)
@@ -1399,7 +1449,7 @@ class Upstream(asyncio.Protocol):
                     b"; Path=/; HttpOnly\r\n",
                 )
         out.append(_CRLF)
-        ex.client.transport.write(b"".join(out))
+        self.out.append(b"".join(out))
         ex.head_sent = True
         if head_method:
             raise _HeadResponse
@@ -1407,9 +1457,9 @@ class Upstream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
         if ex.resp_mode == _RECHUNK:  # type: ignore[union-attr]
-            ex.client.transport.writelines((b"%x\r\n" % len(body), body, _CRLF))  # type: ignore[union-attr]
+            self.out += (b"%x\r\n" % len(body), body, _CRLF)
         else:
-            ex.client.transport.write(body)  # type: ignore[union-attr]
+            self.out.append(body)
 
     def on_message_complete(self) -> None:
         if self.skip:
@@ -1419,10 +1469,11 @@ class Upstream(asyncio.Protocol):
         if ex is None or ex.status == 101:
             return  # the upgrade: data_received switches to raw bytes
         if ex.resp_mode == _RECHUNK:
-            ex.client.transport.write(_LAST_CHUNK)
+            self.out.append(_LAST_CHUNK)
         self._done(ex, self.parser.should_keep_alive())  # type: ignore[union-attr]
 
     def _done(self, ex: Exchange, reusable: bool) -> None:
+        self._flush(ex)  # before the client moves on to its next request
         self.exchange = None
         ex.upstream = None
         if (
