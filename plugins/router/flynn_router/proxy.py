@@ -200,8 +200,22 @@ _UUID4_SET = (0x4 << 76) | (0x2 << 62)
 def _new_request_id() -> bytes:
     """A random (version 4) UUID, as Flynn's router made one. Request ids only need to be
     unique, not secret: the process's PRNG (seeded from the OS) costs no system call."""
-    h = b"%032x" % ((_random_bits(128) & _UUID4_CLEAR) | _UUID4_SET)
-    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+    h = ((_random_bits(128) & _UUID4_CLEAR) | _UUID4_SET).to_bytes(16, "big").hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
+_start_ms = 0
+_start_line = b""
+
+
+def _request_start() -> bytes:
+    """The X-Request-Start header line, made once per millisecond."""
+    global _start_ms, _start_line
+    ms = time.time_ns() // 1_000_000
+    if ms != _start_ms:
+        _start_ms = ms
+        _start_line = b"X-Request-Start: %d\r\n" % ms
+    return _start_line
 
 
 def _strip_listed(out: list[bytes], connection: bytes) -> None:
@@ -456,6 +470,7 @@ class Exchange:
         "client_eof",
         "upstream_eof",
         "retried",
+        "eof_ends",
     )
 
     def __init__(self, client: ClientConnection, method: bytes) -> None:
@@ -488,6 +503,7 @@ class Exchange:
         self.client_eof = False
         self.upstream_eof = False
         self.retried = False
+        self.eof_ends = False  # the response ends when the backend closes
 
 
 class ClientConnection(asyncio.Protocol):
@@ -750,18 +766,19 @@ class ClientConnection(asyncio.Protocol):
     def _prepare(self, ex: Exchange) -> None:
         """Find the route and build the head the backend gets (or note the answer the router
         gives itself in `ex.canned`)."""
-        ex.chunked = self.transfer_encoding is not None
-        ex.has_body = ex.chunked or (
-            self.content_length is not None and self.content_length.strip(b" \t0") != b""
-        )
-        ex.expect_continue = self.expect and ex.http11
+        if self.transfer_encoding is not None:
+            ex.chunked = ex.has_body = True
+        elif self.content_length is not None:
+            ex.has_body = self.content_length.strip(b" \t0") != b""
+        if self.expect:
+            ex.expect_continue = ex.http11
         if ex.method == b"CONNECT":
             ex.canned = 405
             ex.close = True
             return
         url = self.url
         host = self.host
-        if url[:1] != b"/":
+        if not url.startswith(b"/"):
             # absolute form (the request line names the host, which then wins) or `*`
             try:
                 parsed = httptools.parse_url(url)
@@ -800,12 +817,10 @@ class ClientConnection(asyncio.Protocol):
             out.append(self.xff_line)
         else:
             out += (b"X-Forwarded-For: ", self.xff, b", ", self.ip, _CRLF)
-        out += (b"X-Request-Start: %d\r\n" % (time.time_ns() // 1_000_000), b"X-Request-Id: ")
         rid = self.request_id
         if rid is None or not _VALID_REQUEST_ID.fullmatch(rid):
             rid = _new_request_id()
-        out.append(rid)
-        out.append(_CRLF)
+        out += (_request_start(), b"X-Request-Id: ", rid, _CRLF)
         if ex.chunked:
             out += (b"Transfer-Encoding", _SEP, self.transfer_encoding, _CRLF)  # type: ignore[arg-type]
         if ex.upgrade:
@@ -984,13 +999,20 @@ class ClientConnection(asyncio.Protocol):
         if ex.canned:
             self._answer(ex, ex.canned)
             return
-        route = ex.route
-        assert route is not None
-        backend = self.proxy.table.pick(route, ex.prefer)
+        proxy = self.proxy
+        backend = proxy.table.pick(ex.route, ex.prefer)  # type: ignore[arg-type]
         if backend is None:
             self._answer(ex, 503)
             return
-        self._use(ex, backend)
+        # the common case of _use, inline: a pooled connection
+        addr = ex.addr = backend.addr
+        ex.backend = backend
+        proxy.inflight.begin(addr)
+        conn = None if ex.route.disable_keep_alives else proxy.pool.take(addr)  # type: ignore[union-attr]
+        if conn is not None:
+            self._attach(ex, conn, reused=True)
+        else:
+            self.loop.create_task(self._connect(ex, backend))
 
     def _use(self, ex: Exchange, backend: Backend, fresh: bool = False) -> None:
         ex.backend = backend
@@ -1108,13 +1130,17 @@ class ClientConnection(asyncio.Protocol):
 
     def finished(self, ex: Exchange) -> None:
         """The backend's response is relayed whole."""
-        self._release(ex)
+        addr = ex.addr
+        if addr is not None:
+            ex.addr = None
+            self.proxy.inflight.end(addr)
         self._finished(ex, ex.close or not ex.req_done or self.proxy.closing)
 
     def _finished(self, ex: Exchange, close: bool) -> None:
         self.exchange = None
         ex.upstream = None
-        self._resume(_P_UPSTREAM_FULL)
+        if self.paused:
+            self._resume(_P_UPSTREAM_FULL)
         if not close and self.queue:
             # pipelined requests are answered even after the client's EOF
             nxt = self.queue.popleft()
@@ -1223,7 +1249,7 @@ class Upstream(asyncio.Protocol):
         self.write_paused = False
         self.skip = False
         self.out: list[bytes] = []  # for the client, written at the end of each read
-        self.on_message_begin()
+        self._reset_head()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -1275,6 +1301,11 @@ class Upstream(asyncio.Protocol):
             return
         if self.out:
             self._flush(ex)
+        elif not ex.head_sent:
+            # the head is still coming: bound what the parser holds of it
+            self.head_size += len(data)
+            if self.head_size > self.proxy.config.max_response_header_size:
+                self._bad(ex, "response head too large")
 
     def _flush(self, ex: Exchange) -> None:
         """Write what the parser's callbacks produced from one read in one go: a small
@@ -1318,12 +1349,7 @@ class Upstream(asyncio.Protocol):
             else:
                 log.debug("backend %s: closed before responding: %r", self.addr, exc)
                 client.upstream_failed(ex, 502)
-        elif (
-            ex.head_sent
-            and ex.resp_mode != _NO_BODY
-            and self.content_length is None
-            and self.transfer_encoding is None
-        ):
+        elif ex.eof_ends:
             # a response that ends with the connection: this is its end
             if ex.resp_mode == _RECHUNK:
                 client.transport.write(_LAST_CHUNK)
@@ -1373,7 +1399,9 @@ class Upstream(asyncio.Protocol):
 
     # --- the parser's callbacks ------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
+    def _reset_head(self) -> None:
+        """Ready for the next response's head (the parser has no message-begin callback:
+        one call less per response)."""
         self.head: list[bytes] = [b""]
         self.head_size = 0
         self.content_length: bytes | None = None
@@ -1382,9 +1410,6 @@ class Upstream(asyncio.Protocol):
         self.upgrade: bytes | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.proxy.config.max_response_header_size:
-            raise _BadResponse("response head too large")
         kind = _response_kinds.get(name)
         if kind is None:
             kind = _classify(name, _RESPONSE_HEADERS, _response_kinds)
@@ -1408,14 +1433,15 @@ class Upstream(asyncio.Protocol):
         if status < 200 and status != 101:
             # 100 Continue (the router answered that itself), 102, 103: not relayed
             self.skip = True
+            self._reset_head()
             return
         if status == 101 and not ex.upgrade:
             raise _BadResponse("101 to a request that asked for no upgrade")
         self.timer.clear()
         ex.status = status
         out = self.head
-        out[0] = _status_line(status)
-        if self.connection is not None:
+        out[0] = _STATUS_LINES.get(status) or _status_line(status)
+        if self.connection is not None and self.connection not in _PLAIN_CONNECTION:
             _strip_listed(out, self.connection)
         close = ex.close or not ex.keep_alive or self.proxy.closing
         if ex.upgrade and status != 101:
@@ -1432,6 +1458,9 @@ class Upstream(asyncio.Protocol):
             mode = _UNTIL_CLOSE
             close = True
         ex.resp_mode = mode
+        ex.eof_ends = (
+            mode != _NO_BODY and self.content_length is None and self.transfer_encoding is None
+        )
         ex.close = close
         if status == 101:
             out += (b"Connection: Upgrade\r\nUpgrade: ", self.upgrade or b"", _CRLF)
@@ -1451,6 +1480,7 @@ class Upstream(asyncio.Protocol):
         out.append(_CRLF)
         self.out.append(b"".join(out))
         ex.head_sent = True
+        self._reset_head()
         if head_method:
             raise _HeadResponse
 
@@ -1486,7 +1516,8 @@ class Upstream(asyncio.Protocol):
             and self.transport.get_write_buffer_size() == 0
             and not self.proxy.closing
         ):
-            self.resume_reading()
+            if self.read_paused:
+                self.resume_reading()
             self.proxy.pool.put(self)
         else:
             self.transport.close()

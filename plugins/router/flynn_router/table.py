@@ -65,6 +65,7 @@ class RouteTable:
         self._tcp: dict[int, Route] = {}
         self._services: dict[str, _Service] = {}
         self._refused: dict[str, float] = {}
+        self._refused_until = 0.0  # when the last mark lapses
         self._clock = clock
         self.listeners: list[Callable[[str], None]] = []
         # the domains a Host header value searches, in order (exact, wildcards, `*`): every
@@ -184,16 +185,26 @@ class RouteTable:
     def pick(self, route: Route, prefer: str | None = None) -> Backend | None:
         """The backend for a new request or connection on `route` (None: no backend, 503).
         `prefer` is a sticky cookie's backend address, honoured while that backend lives."""
-        backends = self.backends(route)
+        svc = self._services.get(route.service)
+        if svc is None:
+            return None
+        backends = svc.backends
+        if route.leader:
+            backends = [b for b in backends if b.addr == svc.leader]
         if not backends:
             return None
         if prefer is not None:
             for b in backends:
                 if b.addr == prefer:
                     return b
-        svc = self._services[route.service]
-        now = self._clock()
         n = len(backends)
+        if not self._refused:
+            b = backends[svc.next % n]
+            svc.next = (svc.next + 1) % n
+            return b
+        now = self._clock()
+        if now >= self._refused_until:
+            self._refused.clear()  # every mark has lapsed
         for _ in range(n):
             b = backends[svc.next % n]
             svc.next = (svc.next + 1) % n
@@ -204,7 +215,8 @@ class RouteTable:
 
     def mark_refused(self, addr: str) -> None:
         """`addr` refused a connection: pass it over for REFUSED_SKIP seconds."""
-        self._refused[addr] = self._clock() + REFUSED_SKIP
+        until = self._refused[addr] = self._clock() + REFUSED_SKIP
+        self._refused_until = max(self._refused_until, until)
         if len(self._refused) > 4096:
             now = self._clock()
             self._refused = {a: t for a, t in self._refused.items() if t > now}
