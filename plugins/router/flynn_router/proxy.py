@@ -26,10 +26,11 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
+from typing import Any
 
 import httptools
 
@@ -371,9 +372,16 @@ class Proxy:
         self.inflight = inflight
         self.pool = Pool(config.pool_size, config.pool_idle_timeout)
         self.clients: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # connections being opened
         self.closing = False
         self._all_closed: asyncio.Event | None = None
         self._errors: dict[tuple[int, bool, bool, bool], bytes] = {}
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` as a task held until it ends (the loop keeps only weak references)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def protocol_factory(self, scheme: str, port: int) -> Callable[[], asyncio.Protocol]:
         forwarded = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\n" % (scheme.encode(), port)
@@ -643,8 +651,9 @@ class ClientConnection(asyncio.Protocol):
                         up.transport.close()
             # TLS cannot half-close: returning True would only earn a warning
             return not self.tls
-        if self.exchange is not None and not self.tls:
-            # a client may half-close after its request: answer it, then close
+        if self.exchange is not None and self.parsing is None and not self.tls:
+            # a client may half-close after its request: answer it, then close (a request
+            # cut short, though, can never be answered: closing drops it)
             return True
         return None
 
@@ -1012,7 +1021,7 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None:
             self._attach(ex, conn, reused=True)
         else:
-            self.loop.create_task(self._connect(ex, backend))
+            self.proxy.spawn(self._connect(ex, backend))
 
     def _use(self, ex: Exchange, backend: Backend, fresh: bool = False) -> None:
         ex.backend = backend
@@ -1024,7 +1033,7 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None:
             self._attach(ex, conn, reused=True)
         else:
-            self.loop.create_task(self._connect(ex, backend))
+            self.proxy.spawn(self._connect(ex, backend))
 
     async def _connect(self, ex: Exchange, backend: Backend) -> None:
         proxy = self.proxy
@@ -1099,7 +1108,7 @@ class ClientConnection(asyncio.Protocol):
         """The pooled connection was dead: send the request once more, on a new one."""
         ex.retried = True
         assert ex.backend is not None
-        self.loop.create_task(self._connect(ex, ex.backend))
+        self.proxy.spawn(self._connect(ex, ex.backend))
 
     def _answer(self, ex: Exchange, status: int) -> None:
         """Give the router's own answer to the active exchange and finish it."""

@@ -63,14 +63,19 @@ class Worker:
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
-        async for line in self.proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
+        try:
+            async for line in self.proc.stdout:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                async with self._new:
+                    self.messages.append(msg)
+                    self._new.notify_all()
+        finally:
+            await self.proc.wait()
             async with self._new:
-                self.messages.append(msg)
-                self._new.notify_all()
+                self._new.notify_all()  # waiters see the end
 
     async def send(self, **msg: Any) -> None:
         assert self.proc.stdin is not None
@@ -90,7 +95,7 @@ class Worker:
 
         async with asyncio.timeout(within), self._new:
             while (msg := found()) is None:
-                if self._reader.done():
+                if self.proc.returncode is not None:
                     raise AssertionError(f"worker exited before {op!r}: {self.proc.returncode}")
                 await self._new.wait()
         return msg

@@ -274,6 +274,16 @@ async def test_pipelined_requests_answered_in_order(worker, servers, raw_client,
     assert (await c.response())[::2] == (200, b"/2")
     assert (await c.response())[::2] == (200, b"/3")
 
+    # a client that half-closes after its requests still gets every answer
+    c = await raw_client(worker.http_port)
+    await c.send(
+        b"GET /1 HTTP/1.1\r\nHost: example.com\r\n\r\nGET /2 HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    )
+    c.writer.write_eof()
+    assert (await c.response())[::2] == (200, b"/1")
+    assert (await c.response())[::2] == (200, b"/2")
+    assert await c.closed()
+
 
 async def test_head_requests_keep_the_connection(worker, servers, raw_client, make_route):
     app = web.Application()
@@ -756,3 +766,82 @@ async def test_stop_lets_requests_finish(worker, servers, http, make_route) -> N
     resp = await request
     assert resp.status == 200 and await resp.text() == "finished"
     assert await stopping == 0
+
+
+async def test_worker_reports_problems(worker, servers, http, make_route) -> None:
+    # TCP routes need flynn_router.tcp; without it the worker says so and HTTP goes on
+    tcp = {"type": "tcp", "id": "t1", "service": "db", "port": 3999}
+    await worker.routes(make_route("example.com", "web"), tcp)
+    msg = await worker.wait_for("error")
+    assert "TCP" in msg["message"]
+    # a line that is not a command is reported, not fatal
+    start = len(worker.messages)
+    assert worker.proc.stdin is not None
+    worker.proc.stdin.write(b'not json\n{"op": "frobnicate"}\n')
+    await worker.sync()
+    errors = [m for m in worker.messages[start:] if m["op"] == "error"]
+    assert len(errors) == 2 and "frobnicate" in errors[1]["message"]
+    await worker.backends("web", await servers.named("web"))
+    assert (await get_json(http, worker.url(), "example.com"))["name"] == "web"
+
+
+async def test_worker_that_cannot_listen_exits(start_worker) -> None:
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: nobody else may bind this port
+    blocker.listen()
+    try:
+        with pytest.raises(AssertionError, match="exited before 'ready'"):
+            await start_worker(http_ports=[blocker.getsockname()[1]])
+    finally:
+        blocker.close()
+
+
+async def test_client_abandoning_an_upload_frees_the_backend(
+    worker, servers, raw_client, make_route
+) -> None:
+    seen = asyncio.Event()
+    lost = asyncio.Event()
+
+    async def reading(request: web.Request) -> web.Response:
+        seen.set()
+        try:
+            await request.read()
+        except BaseException:  # the router closed the connection: cancelled, or an error
+            lost.set()
+            raise
+        return web.Response(text="whole")
+
+    app = web.Application()
+    app.router.add_post("/", reading)
+    addr = await servers.app(app)
+    await worker.routes(make_route("example.com", "web"))
+    await worker.backends("web", addr)
+    c = await raw_client(worker.http_port)
+    await c.send(b"POST / HTTP/1.1\r\nHost: example.com\r\nContent-Length: 1000000\r\n\r\n")
+    await c.send(b"x" * 1000)
+    async with asyncio.timeout(5):
+        await seen.wait()
+    c.writer.transport.abort()
+    async with asyncio.timeout(5):
+        await lost.wait()
+    start = len(worker.messages)
+    await worker.backends("web")
+    await worker.wait_for("drained", start=start, addr=addr, within=2)
+
+
+async def test_leader_routes_go_to_the_leader(worker, servers, http, make_route) -> None:
+    a = await servers.named("a", host="127.0.0.2")
+    b = await servers.named("b", host="127.0.0.3")
+    await worker.routes(make_route("leader.test", "db", leader=True), make_route("any.test", "db"))
+    await worker.backends("db", a, b, leader=b)
+
+    async def names(host: str) -> set[str]:
+        return {(await get_json(http, worker.url(), host))["name"] for _ in range(6)}
+
+    assert await names("leader.test") == {"b"}
+    assert await names("any.test") == {"a", "b"}
+    await worker.backends("db", a, b, leader=None)
+    async with http.get(worker.url(), headers={"Host": "leader.test"}) as resp:
+        assert resp.status == 503
