@@ -421,9 +421,12 @@ class Proxy:
             self._all_closed.set()
 
     def abort(self) -> None:
+        """Close everything at once (the end of a stop)."""
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()
+        for task in list(self.tasks):
+            task.cancel()
         self.pool.close_all()
 
 
