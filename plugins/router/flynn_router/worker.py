@@ -335,7 +335,7 @@ class Worker:
                     if self._tcp_missing:
                         return
                     try:
-                        from flynn_router.tcp import TCPRoutes  # type: ignore[import-not-found]
+                        from flynn_router.tcp import TCPRoutes
                     except ImportError as e:
                         self._tcp_missing = True
                         self.report_error(f"TCP routes are not served: {e}")
