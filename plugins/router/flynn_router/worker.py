@@ -80,8 +80,11 @@ class WorkerSettings:
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-        settings = cls(**{k: v for k, v in raw.items() if v is not None or k == "error_503_page"})
+            # a newer supervisor may know more: not a reason to leave the ports unserved
+            log.warning("ignoring unknown settings: %s", ", ".join(sorted(unknown)))
+        given = {k: v for k, v in raw.items() if k in known}
+        # null means "the default", except for the 503 page, where it means "none"
+        settings = cls(**{k: v for k, v in given.items() if v is not None or k == "error_503_page"})
         settings.http_ports = [int(p) for p in settings.http_ports]
         settings.https_ports = [int(p) for p in settings.https_ports]
         return settings
