@@ -18,6 +18,7 @@ from flynn_router.types import Backend, Route
 
 MAX_WILDCARD_LABELS = 5
 REFUSED_SKIP = 5.0  # seconds a backend that refused a connection is passed over
+HOST_CACHE_SIZE = 4096
 
 
 class _Domain:
@@ -39,7 +40,7 @@ class _Domain:
     def match(self, path: str) -> Route | None:
         for route in self.routes:
             rp = route.path
-            if path.startswith(rp) or path + "/" == rp:
+            if path.startswith(rp) or (len(path) + 1 == len(rp) and rp.startswith(path)):
                 return route
         return None
 
@@ -64,8 +65,12 @@ class RouteTable:
         self._tcp: dict[int, Route] = {}
         self._services: dict[str, _Service] = {}
         self._refused: dict[str, float] = {}
+        self._refused_until = 0.0  # when the last mark lapses
         self._clock = clock
         self.listeners: list[Callable[[str], None]] = []
+        # the domains a Host header value searches, in order (exact, wildcards, `*`): every
+        # request does this lookup, and a worker sees few distinct hosts
+        self._host_domains: dict[str, tuple[_Domain, ...]] = {}
 
     # --- changes ---------------------------------------------------------------------------
 
@@ -116,6 +121,8 @@ class RouteTable:
                     del self._domains[route.domain]
 
     def _changed(self, what: str) -> None:
+        if what == "route":
+            self._host_domains = {}
         for listener in list(self.listeners):
             listener(what)
 
@@ -123,22 +130,25 @@ class RouteTable:
 
     def lookup(self, host: str, path: str) -> Route | None:
         """The HTTP route for a request's Host header and path, or None (404)."""
-        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        host = host.lower().rstrip(".")
-        domain = self._domains.get(host)
-        if domain is not None:
+        domains = self._host_domains.get(host)
+        if domains is None:
+            domains = self._search(host)
+            if len(self._host_domains) >= HOST_CACHE_SIZE:
+                self._host_domains = {}  # Host headers are the clients' choice: bounded
+            self._host_domains[host] = domains
+        for domain in domains:
             route = domain.match(path)
             if route is not None:
                 return route
+        return None
+
+    def _search(self, host: str) -> tuple[_Domain, ...]:
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        host = host.lower().rstrip(".")
         labels = host.split(".")
-        for i in range(1, min(len(labels), MAX_WILDCARD_LABELS + 1)):
-            domain = self._domains.get("*." + ".".join(labels[i:]))
-            if domain is not None:
-                route = domain.match(path)
-                if route is not None:
-                    return route
-        domain = self._domains.get("*")
-        return domain.match(path) if domain is not None else None
+        wild = min(len(labels), MAX_WILDCARD_LABELS + 1)
+        names = [host, *("*." + ".".join(labels[i:]) for i in range(1, wild)), "*"]
+        return tuple(d for d in map(self._domains.get, names) if d is not None)
 
     def tls_route(self, server_name: str) -> Route | None:
         """The route whose certificate serves `server_name` (SNI): its `/` route, else any
@@ -175,16 +185,26 @@ class RouteTable:
     def pick(self, route: Route, prefer: str | None = None) -> Backend | None:
         """The backend for a new request or connection on `route` (None: no backend, 503).
         `prefer` is a sticky cookie's backend address, honoured while that backend lives."""
-        backends = self.backends(route)
+        svc = self._services.get(route.service)
+        if svc is None:
+            return None
+        backends = svc.backends
+        if route.leader:
+            backends = [b for b in backends if b.addr == svc.leader]
         if not backends:
             return None
         if prefer is not None:
             for b in backends:
                 if b.addr == prefer:
                     return b
-        svc = self._services[route.service]
-        now = self._clock()
         n = len(backends)
+        if not self._refused:
+            b = backends[svc.next % n]
+            svc.next = (svc.next + 1) % n
+            return b
+        now = self._clock()
+        if now >= self._refused_until:
+            self._refused.clear()  # every mark has lapsed
         for _ in range(n):
             b = backends[svc.next % n]
             svc.next = (svc.next + 1) % n
@@ -195,7 +215,8 @@ class RouteTable:
 
     def mark_refused(self, addr: str) -> None:
         """`addr` refused a connection: pass it over for REFUSED_SKIP seconds."""
-        self._refused[addr] = self._clock() + REFUSED_SKIP
+        until = self._refused[addr] = self._clock() + REFUSED_SKIP
+        self._refused_until = max(self._refused_until, until)
         if len(self._refused) > 4096:
             now = self._clock()
             self._refused = {a: t for a, t in self._refused.items() if t > now}
