@@ -2,13 +2,15 @@
 proxy, next to nginx as the reference proxy, measured in the same run against the same backend.
 
 * **backend**: an nginx (`worker_processes 1`, no access log) on a loopback port, serving a
-  13-byte body (`/small`, "Hello, world\\n") and a 1 MiB file (`/1mb`); it is the same for both
-  proxies and is not what limits them.
+  13-byte body (`/small`, "Hello, world\\n") and a 1 MiB file (`/1mb`), the same for both
+  proxies.
 * **reference**: a second nginx as reverse proxy to it (`upstream` with `keepalive 64`, HTTP/1.1
   to the backend, `Connection ""`), adding the headers the router adds (X-Forwarded-For, -Proto,
   -Port, X-Request-Start, X-Request-Id) and serving HTTP and HTTPS (TLS 1.2+, the same
-  self-signed `bench.test` certificate as the router). It gets as many worker processes as
-  the router has workers, each with its own listener (`reuseport`), as the router's do.
+  self-signed `bench.test` certificate as the router), with 256 KiB of proxy buffers per
+  connection (the router's write-buffer high-water mark; nginx's default is 8 x 4 KiB). It
+  gets as many worker processes as the router has workers, each with its own listener
+  (`reuseport`), as the router's do.
 * **router**: 1 worker, then N workers (N = the CPUs this process may use), configured through
   `FLYNN_ROUTER_WORKER` and fed one HTTP route (`bench.test`, path `/`) and the backend on
   stdin, as the router's supervisor does; the bench certificate is their default certificate,
@@ -34,7 +36,7 @@ their CPU, its req/s is a lower bound; the CPU time per request still compares t
     python bench/router.py [--rounds 2] [--duration 10] [--connections 50] [--wrk-threads 1]
                            [--no-pin] [--json]
 
-It needs nginx (`/usr/sbin/nginx`, nginx-light) and wrk, not root; about 5 minutes with the
+It needs nginx (`/usr/sbin/nginx`, nginx-light) and wrk, not root; about 4 minutes with the
 defaults on 2 CPUs. It prints and asserts nothing. Every nginx, worker and wrk it started is
 stopped and its temp dir removed at the end, also on an error, Ctrl-C or SIGTERM; a process
 left behind is named and the exit status is 1.
@@ -273,7 +275,12 @@ def reference_conf(
       proxy_set_header X-Forwarded-Port $server_port;
       proxy_set_header X-Request-Start $msec;
       proxy_set_header X-Request-Id $request_id;
-      # stream a large answer through the buffers instead of spilling it to a temp file
+      # 256 KiB of buffers per connection, as the router's write-buffer high-water mark (the
+      # default 8 x 4 KiB took twice the CPU per 1 MiB answer), and a large answer streamed
+      # through them instead of spilled to a temp file
+      proxy_buffer_size 64k;
+      proxy_buffers 4 64k;
+      proxy_busy_buffers_size 128k;
       proxy_max_temp_file_size 0;
     }}
   }}"""
@@ -629,6 +636,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for workers in counts:
             result["phases"].append(measure_phase(started, tmp, workers, cpus, args, cert))
+        result["load_average_end"] = os.getloadavg()
         return result
     finally:
         # an impatient second Ctrl-C must not leave nginx or a worker running
@@ -651,7 +659,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     w = r["wrk"]
     print(f"router (flynn-host component router-worker) vs nginx as reverse proxy, backend nginx; "
-          f"{r['date']}, {r['cpus']} CPUs, load average {r['load_average'][0]:.2f}")  # fmt: skip
+          f"{r['date']}, {r['cpus']} CPUs, load average {r['load_average'][0]:.2f} before, "
+          f"{r['load_average_end'][0]:.2f} after")  # fmt: skip
     print(
         f"wrk {w['threads']} thread(s), {w['connections']} keep-alive connections, "
         f"{w['duration_s']:g} s per run, {r['rounds']} rounds alternating nginx and router"
