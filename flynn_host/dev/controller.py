@@ -188,8 +188,9 @@ def controller_process(
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Iterator[ControllerProcess]:
-    """A controller serving on a free loopback port from `pg`'s database `database`."""
-    port = free_port()
+    """A controller serving from `pg`'s database `database` on a free loopback port, or on
+    `env["PORT"]` when given."""
+    port = int((env or {}).get("PORT") or free_port())
     logdir = Path(tempfile.mkdtemp(prefix="flynn-controller-"))
     log = logdir / "controller.log"
     full_env = {

@@ -29,18 +29,25 @@ async def events(
         ) as resp:
             if resp.status != 200:
                 raise ConnectionError(f"router events: {resp.status} {await resp.text()}")
-            event, data = "", []
-            async for raw in resp.content:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif line.startswith("event:"):
-                    event = line[6:].strip()
-                elif not line and data:
-                    if event == "error":
-                        raise ConnectionError(f"router events: {' '.join(data)}")
-                    yield json.loads("\n".join(data))
-                    event, data = "", []
+            async for event, data in sse_messages(resp):
+                if event == "error":
+                    raise ConnectionError(f"router events: {data}")
+                yield json.loads(data)
     finally:
         if own:
             await http.close()
+
+
+async def sse_messages(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of each message of a Server-Sent Events response."""
+    event, data = "", []
+    async for raw in resp.content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "", []

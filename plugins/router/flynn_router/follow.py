@@ -12,11 +12,12 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
+from flynn_router.client import sse_messages
 from flynn_router.types import Backend, Route
 
 log = logging.getLogger("flynn_router")
@@ -25,21 +26,6 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
 # the controller sends an SSE keep-alive every 30 s: a stream silent for longer is dead
 STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_read=75)
 RETRY_MIN, RETRY_MAX = 0.5, 5.0
-
-
-async def sse_messages(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) of each message of a Server-Sent Events response."""
-    event, data = "", []
-    async for raw in resp.content:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if line.startswith("data:"):
-            data.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "", []
 
 
 class RouteSource:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -81,7 +82,7 @@ class TCPRoutes:
                 self.report_error(f"TCP route port {port}: {exc.strerror or exc}")
                 continue
             self.servers[port] = await asyncio.start_server(
-                lambda r, w, port=port: self._serve(port, r, w), sock=sock
+                functools.partial(self._serve, port), sock=sock
             )
 
     async def close(self) -> None:

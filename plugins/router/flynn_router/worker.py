@@ -32,7 +32,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import ssl
 import sys
 import threading
@@ -45,6 +44,7 @@ from flynn_router.inflight import InFlight
 from flynn_router.proxy import Proxy, ProxyConfig
 from flynn_router.sticky import StickyCookies
 from flynn_router.table import RouteTable
+from flynn_router.tcp import TCPRoutes, listening_socket
 from flynn_router.tls import ServerTLS
 from flynn_router.types import Backend, Route
 
@@ -141,22 +141,6 @@ def emit(message: dict[str, Any]) -> None:
         pass  # the supervisor is gone; EOF on stdin stops us
 
 
-def listen_socket(ip: str, port: int) -> socket.socket:
-    """A listening TCP socket that other workers may bind too (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((ip, port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -166,10 +150,9 @@ class Worker:
         self.service_addrs: dict[str, set[str]] = {}
         self.addr_refs: dict[str, int] = {}
         self.draining: set[str] = set()
-        self.tcp: Any = None  # flynn_router.tcp.TCPRoutes, once there are TCP routes
+        self.tcp: TCPRoutes | None = None  # once there are TCP routes
         self._tcp_dirty = False
         self._tcp_task: asyncio.Task[None] | None = None
-        self._tcp_missing = False
         self.proxy: Proxy | None = None
 
     async def run(self) -> int:
@@ -186,13 +169,13 @@ class Worker:
         servers: list[asyncio.Server] = []
         try:
             for port in s.http_ports:
-                sock = listen_socket(s.ip, port)
+                sock = listening_socket(s.ip, port, BACKLOG)
                 factory = proxy.protocol_factory("http", port)
                 servers.append(await loop.create_server(factory, sock=sock, backlog=BACKLOG))
             if s.https_ports and s.tls_cert and s.tls_key:
                 tls = ServerTLS(self.table, s.tls_cert, s.tls_key, legacy=s.legacy_tls)
                 for port in s.https_ports:
-                    sock = listen_socket(s.ip, port)
+                    sock = listening_socket(s.ip, port, BACKLOG)
                     factory = proxy.protocol_factory("https", port)
                     servers.append(
                         await loop.create_server(
@@ -325,7 +308,7 @@ class Worker:
         if what != "route":
             return
         if self.tcp is None and not self.table.tcp_routes():
-            return  # no TCP routes, and none before: leave flynn_router.tcp unloaded
+            return  # no TCP routes, and none before
         self._tcp_dirty = True
         if self._tcp_task is None:
             self._tcp_task = asyncio.get_running_loop().create_task(self._sync_tcp())
@@ -335,14 +318,6 @@ class Worker:
             while self._tcp_dirty:
                 self._tcp_dirty = False
                 if self.tcp is None:
-                    if self._tcp_missing:
-                        return
-                    try:
-                        from flynn_router.tcp import TCPRoutes
-                    except ImportError as e:
-                        self._tcp_missing = True
-                        self.report_error(f"TCP routes are not served: {e}")
-                        return
                     self.tcp = TCPRoutes(
                         self.table, self.settings.tcp_ip, self.inflight, self.report_error
                     )
