@@ -61,6 +61,26 @@ class HostSettings:
     # the job's network namespace, made by the host; empty: runc makes one (loopback only)
     netns: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    # the most open files a job can be given (see `max_fd_ceiling`); None: no ceiling
+    max_fd_ceiling: int | None = None
+
+
+def max_fd_ceiling() -> int | None:
+    """Without CAP_SYS_RESOURCE (an unprivileged or restricted host), runc cannot raise a
+    job's RLIMIT_NOFILE above flynn-host's own hard limit, and the job would fail to start:
+    that limit is then the ceiling. With it, fs.nr_open is the kernel's own ceiling."""
+    import resource
+
+    cap_sys_resource = 1 << 24
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        caps = 0
+    if caps & cap_sys_resource:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
 
 
 def job_env(job: Job, host: HostSettings) -> dict[str, str]:
@@ -158,6 +178,8 @@ def oci_spec(
 
     rlimits = []
     max_fd = job.limit("max_fd")
+    if max_fd and host.max_fd_ceiling is not None:
+        max_fd = min(max_fd, host.max_fd_ceiling)
     if max_fd:
         rlimits.append({"type": "RLIMIT_NOFILE", "hard": max_fd, "soft": max_fd})
 

@@ -115,6 +115,7 @@ class RuncBackend:
         self.config = config
         self.layers = layers
         self.init_path = find_init()
+        self.max_fd_ceiling = bundle.max_fd_ceiling()
         self.runc = shutil.which("runc") or "/usr/sbin/runc"
         self.shim_command = (
             [sys.executable, "shim"] if getattr(sys, "frozen", False)
@@ -255,6 +256,7 @@ class RuncBackend:
             job_ip=network.address,
             netns=network.netns,
             env=self._job_host_env(job),
+            max_fd_ceiling=self.max_fd_ceiling,
         )
         extra = list(self.host_bundle) if job.config.get("host_bundle") else []
         if network.resolv_conf:

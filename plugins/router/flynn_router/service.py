@@ -41,6 +41,7 @@ from aiohttp import web
 
 from flynn_router.follow import BackendSource, RouteSource
 from flynn_router.server import EventHub, make_app
+from flynn_router.sticky import decode_key
 from flynn_router.types import (
     BACKEND_DOWN,
     BACKEND_DRAINED,
@@ -132,10 +133,9 @@ def settings_from(argv: list[str], env: dict[str, str]) -> Settings:
     cookie_key = env.get("COOKIE_KEY", "")
     if cookie_key:
         try:
-            if len(base64.b64decode(cookie_key, validate=True)) != 32:
-                raise ValueError
-        except ValueError:
-            parser.error("COOKIE_KEY must be the base64 encoding of 32 bytes")
+            decode_key(cookie_key)
+        except ValueError as exc:
+            parser.error(f"COOKIE_KEY must be the base64 encoding of 32 bytes ({exc})")
     else:
         # one key for this router's workers; routers of other hosts will not read its
         # cookies (bootstrap gives every router the same COOKIE_KEY)

@@ -37,8 +37,8 @@ class StickyCookies:
 
     @classmethod
     def from_base64(cls, text: str) -> StickyCookies:
-        """The key as the router's environment carries it (`COOKIE_KEY`, standard base64)."""
-        return cls(base64.b64decode(text, validate=True))
+        """The key as the router's environment carries it (`COOKIE_KEY`)."""
+        return cls(decode_key(text))
 
     def encode(self, addr: str) -> str:
         value = self._sealed.get(addr)
@@ -79,3 +79,17 @@ class StickyCookies:
             return plain.decode("ascii")
         except UnicodeDecodeError:
             return None
+
+
+def decode_key(text: str) -> bytes:
+    """`COOKIE_KEY`: base64 of 32 bytes, standard or URL-safe alphabet (bootstrap's gen-random
+    writes the latter), padded or not. Raises ValueError otherwise."""
+    text = text.strip()
+    raw = text.replace("-", "+").replace("_", "/")
+    try:
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not base64: {exc}") from None
+    if len(key) != 32:
+        raise ValueError(f"{len(key)} bytes, not 32")
+    return key

@@ -62,3 +62,21 @@ def test_garbage_opens_to_nothing(garbage: str) -> None:
 def test_key_must_be_32_bytes() -> None:
     with pytest.raises(ValueError):
         StickyCookies(b"short")
+
+
+def test_the_cookie_key_is_read_in_either_base64_alphabet_padded_or_not() -> None:
+    import base64
+
+    from flynn_router.sticky import decode_key
+
+    key = bytes(range(200, 232))  # has bytes that encode to '+' '/' or '-' '_'
+    for text in (
+        base64.b64encode(key).decode(),
+        base64.urlsafe_b64encode(key).decode(),
+        base64.urlsafe_b64encode(key).decode().rstrip("="),  # bootstrap's gen-random
+    ):
+        assert decode_key(text) == key
+    with pytest.raises(ValueError, match="16 bytes"):
+        decode_key(base64.b64encode(key[:16]).decode())
+    with pytest.raises(ValueError, match="not base64"):
+        decode_key("not a key!")
