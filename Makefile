@@ -68,6 +68,7 @@ bench: dev
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/overlay.py
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/postgres_failover.py
 	$(BIN)/python bench/controller.py
+	$(BIN)/python bench/router.py
 
 lint: venv
 	$(BIN)/ruff check .

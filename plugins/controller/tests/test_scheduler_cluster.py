@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -538,6 +539,50 @@ def wait_replaced(env: Env, app: str, lost: str, n: int) -> tuple[float, float]:
         jobs = [j for j in state.get("jobs", []) if j.get("app_name") == app]
         raise AssertionError(f"{exc}; flynn ps: {seen}; the scheduler's jobs: {jobs}") from None
     return detected, time.monotonic()
+
+
+def routed(ip: str, host: str) -> str | None:
+    """GET / through the router on `ip` (from this machine) with `Host: host`: the body when
+    it answers 200, else None."""
+    req = urllib.request.Request(f"http://{ip}/", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.read().decode().strip() if r.status == 200 else None
+    except OSError:
+        return None
+
+
+def test_every_hosts_router_serves_a_new_route_within_a_second_and_a_new_router_too(
+    env: Env,
+) -> None:
+    env.ok("-a", "sched", "scale", "web=2")
+    wait_for(lambda: len(env.instances("sched-web")) == 2, 60, "two sched-web instances")
+    domain = "every-router.test"
+    out = env.ok("-a", "sched", "route", "add", "http", domain)
+    added = time.monotonic()
+    route_id = out.split()[-1]
+    ips = env.cluster.ips()
+    took = {}
+    for ip in ips:
+        wait_for(lambda ip=ip: routed(ip, domain), 1.0, f"the router on {ip} serving {domain}",
+                 every=0.01)  # fmt: skip
+        took[ip] = time.monotonic() - added
+    print(f"\nroute served by every router {max(took.values()):.2f}s after `route add`")
+    # a router started after the route exists (its job killed: the scheduler starts another)
+    h = env.cluster.host(3)
+    (old,) = [j for j in env.host_jobs("router") if host_of(j["job"]["id"]) == h.id]
+    env.cluster.client(3).stop_job(old["job"]["id"])
+    wait_for(lambda: [j for j in env.host_jobs("router") if host_of(j["job"]["id"]) == h.id
+                      and j["job"]["id"] != old["job"]["id"] and j["status"] == "running"],
+             60, "a new router job on host 3")  # fmt: skip
+    wait_for(lambda: routed(h.ip, domain), 15, "the new router serving the route")
+    env.ok("-a", "sched", "route", "remove", route_id)
+    removed = time.monotonic()
+    for ip in ips:
+        wait_for(lambda ip=ip: routed(ip, domain) is None, 1.0, f"{ip} dropping {domain}",
+                 every=0.01)  # fmt: skip
+    print(f"route gone from every router {time.monotonic() - removed:.2f}s after `route remove`")
+    env.ok("-a", "sched", "scale", "web=0")
 
 
 def test_a_host_whose_daemon_dies_comes_back_without_duplicates(env: Env) -> None:
