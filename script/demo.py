@@ -20,10 +20,12 @@ is removed at the end, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -416,7 +418,13 @@ def _flynn_cli_demo(c: Cluster, home: str) -> None:
     run("-a", "hello", "route", "add", "http", "hello.example.test")
     curl("-H", "Host: hello.example.test", f"http://{ip}/")
     tcp = run("-a", "hello", "route", "add", "tcp")
-    port = tcp.split()[-1]
+    port = int(tcp.split()[-1])
+    added = time.monotonic()
+    for _ in range(300):  # the router opens the port when the route reaches it
+        with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=1):
+            break
+        time.sleep(0.01)
+    print(f"(port {port} open {time.monotonic() - added:.2f}s after `route add` returned)")
     curl(f"http://{ip}:{port}/")
     run("-a", "hello", "route")
     run("-a", "hello", "deployment")
