@@ -533,7 +533,16 @@ def test_an_interrupted_build_leaves_no_mount_loop_device_or_directory(
         # interrupted while `sleep` runs in the chroot, over a loop-mounted base layer
         wait_for(chroot_sleep_running, 30, "sleep 60 in the build's chroot")
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
+        # the clean-up unmounts lazily and detaches loop devices: quick, unless the machine
+        # is busy; what is checked is that it happens, not how fast
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(
+                f"the builder did not stop: {proc.communicate()[0][-2000:]}"
+            ) from None
+        assert code == 130
     finally:
         if proc.poll() is None:
             proc.kill()
