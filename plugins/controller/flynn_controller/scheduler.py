@@ -388,11 +388,11 @@ class Scheduler:
             r = self.restarts.setdefault((job.key, job.type), Restarts())
             if ran >= RESET_RESTARTS_AFTER:
                 r.count = 0
-            r.not_before = time.monotonic() + restart_delay(r.count)
+            delay = restart_delay(r.count)
+            r.not_before = time.monotonic() + delay
             r.count += 1
             log.info("job %s (%s %s) stopped unexpectedly (%s); restart %d in %.0fs",
-                     job.id, job.app_name, job.type, status, r.count,
-                     r.not_before - time.monotonic())  # fmt: skip
+                     job.id, job.app_name, job.type, status, r.count, delay)  # fmt: skip
         self.poke()
 
     # --- reports --------------------------------------------------------------------------
