@@ -6,7 +6,10 @@ NAME}, "release": {"env", "processes"}, "processes": {TYPE: COUNT}, "resources":
 creates the app, an artifact for the image (the manifest URL the hosts imported it from, as
 `add-app` records it), provisions each resource from the controller's provider of that name
 (its env joins the release's), creates the release, makes it the app's and sets its formation;
-the scheduler starts the jobs. In singleton mode every count above 1 becomes 1. A rerun
+the scheduler starts the jobs, and the step waits until they are up (an omni process's on every
+host), up to `--job-timeout` (at least 60 s). It fails at once, with the host's reason, when
+jobs of the release keep failing: the scheduler would restart them with its backoff and the
+steps after would only time out. In singleton mode every count above 1 becomes 1. A rerun
 changes nothing: an app that has a release is left as it is.
 
 `add-route` — `{"app_step": STEP, "cert_step": STEP, "route": {"type": "http", "service",
@@ -17,6 +20,7 @@ A route that exists already (409) is kept.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -80,12 +84,47 @@ class DeployApp(Action):
             ok=(200, 201),
         )
         state.progress(f"deployed {name}: " + ", ".join(f"{t}={n}" for t, n in counts.items()))
+        self.wait_up(state, ctl, app, release["id"], counts)
         return {
             "app": app,
             "release": {"id": release["id"], "artifact": artifact["id"]},
             "formation": formation,
             "resources": resources,
         }
+
+    def wait_up(
+        self, state: State, ctl: Controller, app: dict[str, Any], release: str,
+        counts: dict[str, int],
+    ) -> None:  # fmt: skip
+        """Until the scheduler reports the formation's jobs up; StepError when
+        `FAILURES_TO_GIVE_UP` of its jobs ended failed or crashed before that."""
+        hosts = len(state.hosts)
+        want = {t: n * hosts if self.runapp.procs[t].get("omni") else n for t, n in counts.items()}
+        deadline = time.monotonic() + max(60.0, state.job_timeout)
+        next_note = time.monotonic() + 5
+        while True:
+            jobs = [j for j in ctl.call("GET", f"/apps/{app['id']}/jobs") or []
+                    if j.get("release") == release]  # fmt: skip
+            up = {t: sum(1 for j in jobs if j.get("type") == t and j.get("state") == "up")
+                  for t in want}  # fmt: skip
+            if all(up[t] >= n for t, n in want.items()):
+                return
+            bad = [j for j in jobs if j.get("state") in ("crashed", "failed")]
+            if len(bad) >= FAILURES_TO_GIVE_UP:
+                last = bad[0]  # newest first
+                why = last.get("host_error") or f"exit status {last.get('exit_status')}"
+                raise StepError(f"{len(bad)} jobs of {app['name']} ended {last.get('state')}; "
+                                f"the last, {last.get('id')}: {why}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise StepError(f"timed out waiting for {app['name']}'s jobs to be up: "
+                                f"{up} of {want}")  # fmt: skip
+            if time.monotonic() > next_note:
+                state.progress(f"waiting for jobs to be up: {up} of {want}")
+                next_note = time.monotonic() + 5
+            time.sleep(0.2)
+
+
+FAILURES_TO_GIVE_UP = 3
 
 
 class AddRoute(Action):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from flynn_controller.bootstrap import AddApp, AddProvider, controller_key
+from flynn_controller.bootstrap_deploy import DeployApp
 
 from flynn_host.bootstrap import State, StepError
 from tests.bootstrap_fakes import IMAGE_SOURCE, host_state, services
@@ -27,6 +28,7 @@ class FakeController:
         self.formations: dict[tuple[str, str], dict[str, Any]] = {}
         self.providers: list[dict[str, Any]] = []
         self.resources: dict[str, dict[str, Any]] = {}
+        self.jobs: list[dict[str, Any]] = []  # what GET /apps/:app/jobs answers (newest first)
 
     def app(self, ref: str) -> dict[str, Any] | None:
         return next((a for a in self.apps.values() if ref in (a["id"], a["name"])), None)
@@ -54,6 +56,7 @@ class FakeController:
                 found = self.releases.get(rid)
                 return (200, found) if found else (404, {"code": "not_found", "message": "no"})
             case "POST", ["releases"]:
+                body.setdefault("id", str(uuid.uuid4()))
                 self.releases[body["id"]] = body
                 return 200, body
             case "PUT", ["apps", ref, "release"]:
@@ -64,6 +67,8 @@ class FakeController:
             case "PUT", ["apps", ref, "formations", rid]:
                 self.formations[(ref, rid)] = body
                 return 200, body
+            case "GET", ["apps", ref, "jobs"]:
+                return 200, self.jobs
             case "GET", ["providers"]:
                 return 200, self.providers
             case "PUT", ["providers", name, "resources", rid]:
@@ -200,3 +205,65 @@ def test_add_app_needs_the_run_app_step() -> None:
     state = State(hosts=[])
     with pytest.raises(StepError, match="step 'nope' has no run-app data"):
         AddApp({"id": "a", "action": "add-app", "from_step": "nope"}).run(state)
+
+
+DEPLOY_ROUTER = {
+    "id": "router",
+    "action": "deploy-app",
+    "app": {"name": "router", "meta": {"flynn-system-app": "true"}},
+    "artifact": {"image": "components"},
+    "release": {"env": {"A": "1"},
+                "processes": {"app": {"args": ["router"], "omni": True, "host_network": True}}},
+    "processes": {"app": 1},
+}  # fmt: skip
+
+
+def controller_state(svc: Any) -> State:
+    state, _ = host_state(svc.url)
+    state.step_data["controller-key"] = {"data": KEY}
+    return state
+
+
+def test_deploy_app_makes_the_app_through_the_controller_and_waits_for_its_jobs() -> None:
+    ctl = FakeController()
+    with services(ctl, known=("controller",)) as svc:
+        state = controller_state(svc)
+        # the scheduler has started the omni job on the one host
+        ctl.jobs = [{"id": "h-1", "type": "app", "state": "up", "release": None}]
+        original = ctl.__call__
+
+        def answering(method: str, path: str, headers: dict[str, str], body: Any) -> Any:
+            status, out = original(method, path, headers, body)
+            if method == "PUT" and "/formations/" in path:
+                ctl.jobs[0]["release"] = body["release"]
+            return status, out
+
+        svc.handle = answering
+        out = DeployApp(DEPLOY_ROUTER).run(state)
+        (app,) = ctl.apps.values()
+        assert app["name"] == "router" and app["release"] == out["release"]["id"]
+        release = ctl.releases[app["release"]]
+        assert release["env"] == {"A": "1"} and release["processes"]["app"]["omni"] is True
+        assert ctl.formations[(app["id"], app["release"])]["processes"] == {"app": 1}
+        # a rerun leaves the deployed app as it is
+        DeployApp(DEPLOY_ROUTER).run(state)
+        assert len(ctl.apps) == 1 and len(ctl.releases) == 1
+
+
+def test_deploy_app_fails_at_once_with_the_hosts_reason_when_its_jobs_keep_failing() -> None:
+    ctl = FakeController()
+    with services(ctl, known=("controller",)) as svc:
+        state = controller_state(svc)
+        original = ctl.__call__
+
+        def failing(method: str, path: str, headers: dict[str, str], body: Any) -> Any:
+            status, out = original(method, path, headers, body)
+            if method == "PUT" and "/formations/" in path:
+                ctl.jobs = [{"id": f"h-{i}", "type": "app", "state": "failed",
+                             "release": body["release"], "host_error": "rlimit: not permitted"}
+                            for i in range(3)]  # fmt: skip
+            return status, out
+
+        svc.handle = failing
+        with pytest.raises(StepError, match="3 jobs of router ended failed.*rlimit: not permitted"):
+            DeployApp(DEPLOY_ROUTER).run(state)
