@@ -198,3 +198,21 @@ def test_a_bad_certificate_is_refused() -> None:
         with pytest.raises(StepError, match=message):
             GenTLSCert(step(**fields)).run(s)
     assert s.secrets == set()
+
+
+def test_a_rerun_keeps_the_certificate_the_running_router_serves(made: dict[str, str]) -> None:
+    from tests.bootstrap_fakes import host_state
+
+    state, host = host_state()
+    # no router yet: a new certificate
+    assert GenTLSCert(step(keep_app="router")).run(state)["pin"] != made["pin"]
+    host.add_job({"id": "h1-ctl", "metadata": {"flynn-controller.app_name": "controller"},
+                  "config": {"env": {"CA_CERT": made["ca_cert"]}}})  # fmt: skip
+    host.add_job({"id": "h1-router", "metadata": {"flynn-controller.app_name": "router"},
+                  "config": {"env": {"TLSCERT": made["cert"], "TLSKEY": made["key"]}}})  # fmt: skip
+    kept = GenTLSCert(step(keep_app="router")).run(state)
+    assert kept == made and made["key"] in state.secrets
+    # the operator's own certificate still wins
+    other = GenTLSCert(step()).run(State(hosts=[]))
+    given = GenTLSCert(step(keep_app="router", cert=other["cert"], key=other["key"])).run(state)
+    assert given["pin"] == other["pin"]

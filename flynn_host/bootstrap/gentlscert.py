@@ -20,6 +20,11 @@ An operator's own certificate: when `cert` and `key` are given (the manifest fil
 that they parse, that the key is the certificate's and (with `ca_cert`) that the CA issued it.
 `cert` may be a chain: its first certificate is the leaf.
 
+A rerun keeps the certificate the cluster serves: with `"keep_app": "router"`, a running job of
+that app (by its `flynn-controller.app_name`) whose env has `TLSCERT` and `TLSKEY` gives the
+certificate and key, and a running job with `CA_CERT` (the controller) the CA; otherwise a
+rerun would print a pin that no router serves.
+
 Step data: `{"ca_cert", "cert", "key", "pin"}` (PEM, PEM, PEM, and base64, padded, of the
 SHA-256 of the leaf's DER — what `flynn cluster add -p` takes, see flynn-2015-api §1.3). The
 key is a secret: no output shows it (`State.secrets`).
@@ -196,6 +201,9 @@ class GenTLSCert(Action):
                         f"host {host!r} is not a DNS name or IP address (is CLUSTER_DOMAIN set?)"
                     )
         self.hosts = [h.lower() for h in hosts]
+        self.keep_app = step.get("keep_app") or ""
+        if not isinstance(self.keep_app, str):
+            raise StepError("keep_app must name an app")
 
     @staticmethod
     def _is_ip(host: str) -> bool:
@@ -206,6 +214,27 @@ class GenTLSCert(Action):
         return True
 
     def run(self, state: State) -> Any:
-        data = given(self.ca_cert, self.cert, self.key) if self.cert else generate(self.hosts)
+        kept = None if self.cert or not self.keep_app else self.served(state)
+        if kept is not None:
+            state.progress(f"keeping the certificate the running {self.keep_app} serves")
+            data = given(*kept)
+        elif self.cert:
+            data = given(self.ca_cert, self.cert, self.key)
+        else:
+            data = generate(self.hosts)
         state.secrets.add(data["key"])
         return data
+
+    def served(self, state: State) -> tuple[str, str, str] | None:
+        """(CA, certificate, key) of a running job of `keep_app`, or None."""
+        found: tuple[str, str] | None = None
+        ca = ""
+        for host in state.hosts:
+            for job in host.client.list_jobs(active=True).values():
+                spec = job.get("job") or {}
+                env = (spec.get("config") or {}).get("env") or {}
+                app = (spec.get("metadata") or {}).get("flynn-controller.app_name")
+                if app == self.keep_app and env.get("TLSCERT") and env.get("TLSKEY"):
+                    found = found or (env["TLSCERT"], env["TLSKEY"])
+                ca = ca or env.get("CA_CERT") or ""
+        return (ca, *found) if found else None

@@ -19,13 +19,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from flynn_host.dev.cluster import Cluster
 from tests.dev.test_cluster import booted_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
-APPS = {"controller", "postgres", "flannel", "discoverd"}
+APPS = {"controller", "postgres", "flannel", "discoverd", "router"}
 
 CALL = """
 import base64, json, sys, urllib.request, urllib.error
@@ -106,7 +108,8 @@ def test_the_controller_knows_what_bootstrap_started(cluster: Cluster) -> None:
         # the controller's after the scheduler step (one of each in a singleton)
         expected = {"postgres": {"postgres": 1, "web": 1},
                     "controller": {"web": 1, "worker": 1, "scheduler": 1},
-                    "flannel": {"app": 1}, "discoverd": {"app": 1}}[name]  # fmt: skip
+                    "flannel": {"app": 1}, "discoverd": {"app": 1},
+                    "router": {"app": 1}}[name]  # fmt: skip
         assert formation["processes"] == expected, name
     # the controller's release is the env it runs with, its database included
     status, release = get(cluster, f"{base}/releases/{by_name['controller']['release']}", key)
@@ -144,16 +147,21 @@ def test_a_rerun_changes_nothing_and_prints_the_closing_lines(cluster: Cluster) 
     )
     assert len(get(cluster, f"{base}/providers", key)[1]) == 1
 
-    # the closing lines: the key the controller runs with (not a new one), the pin of the
-    # certificate this run made, and the URL that works now
+    # the closing line: the key the controller runs with (not a new one) and the pin of the
+    # certificate the router serves (kept, not a new one)
     m = re.search(r"flynn cluster add -p (\S+) default (\S+) (\S+)\n", out.stderr)
     assert m, out.stderr[-2000:]
     pin, domain, printed_key = m.groups()
     assert domain == cluster.domain and printed_key == key
-    assert len(base64.b64decode(pin)) == hashlib.sha256().digest_size
-    assert f"flynn cluster add --no-git default {base} {key}\n" in out.stderr
+    router = next(j for j in cluster.client(1).list_jobs(active=True).values()
+                  if j["job"]["metadata"].get("flynn-controller.app_name") == "router")  # fmt: skip
+    served = x509.load_pem_x509_certificate(router["job"]["config"]["env"]["TLSCERT"].encode())
+    assert (
+        pin == base64.b64encode(hashlib.sha256(served.public_bytes(Encoding.DER)).digest()).decode()
+    )
+    assert "keeping the certificate the running router serves" in out.stderr
     # the key shows nowhere else
-    assert out.stderr.count(key) == 2
+    assert out.stderr.count(key) == 1
     assert get(cluster, f"{base}/apps", printed_key)[0] == 200
 
 
