@@ -151,6 +151,7 @@ _HTTP, _PROXY_LINE, _RAW, _LINGER = range(4)
 
 _BUFFER_LIMIT = 256 * 1024  # request body held while connecting before reading pauses
 _WRITE_HIGH = 256 * 1024  # transports' write-buffer high-water mark
+_JOIN_BELOW = 16 * 1024  # response pieces are written as one bytes below this size
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
@@ -1321,11 +1322,15 @@ class Upstream(asyncio.Protocol):
 
     def _flush(self, ex: Exchange) -> None:
         """Write what the parser's callbacks produced from one read in one go: a small
-        response's head and body then cost the client one send, not two."""
+        response's head and body then cost the client one send (and over TLS one record),
+        not two. Small pieces are joined (a copy is cheaper than a record or an iovec
+        each); large ones are handed over as they are."""
         out = self.out
         if out:
             if len(out) == 1:
                 ex.client.transport.write(out[0])
+            elif sum(map(len, out)) < _JOIN_BELOW:
+                ex.client.transport.write(b"".join(out))
             else:
                 ex.client.transport.writelines(out)
             out.clear()
