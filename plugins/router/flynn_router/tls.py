@@ -16,12 +16,28 @@ import os
 import ssl
 import tempfile
 import warnings
+from typing import Any
 
 from flynn_router.table import RouteTable
 
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 4096  # per-route contexts kept; beyond that the cache starts over
+
+
+class _SSLObject(ssl.SSLObject):
+    """An `ssl.SSLObject` whose `read`, `write` and `pending` are those of the C object it
+    wraps: uvloop calls them for every TLS record, and the Python methods only pass their
+    arguments on (a Python call less each)."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _SSLObject:
+        self: _SSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        sslobj = self._sslobj  # type: ignore[attr-defined]
+        self.read = sslobj.read  # type: ignore[method-assign]
+        self.write = sslobj.write  # type: ignore[method-assign]
+        self.pending = sslobj.pending  # type: ignore[method-assign]
+        return self
 
 
 class ServerTLS:
@@ -48,6 +64,7 @@ class ServerTLS:
 
     def _make_context(self, cert_pem: str, key_pem: str) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.sslobject_class = _SSLObject
         if self.legacy:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # asked for by the operator
