@@ -3,7 +3,8 @@ the machine: the `flynn cluster add -p <pin> ...` line bootstrap prints works as
 (`https://controller.<domain>` resolves through the /etc/hosts line `script/cluster up` adds,
 and the router serves the cluster certificate the pin names), `flynn apps` and an attached
 `flynn run` go through it, an app's web jobs answer on `<app>.<domain>` over HTTP and HTTPS,
-and `flynn route add`/`remove` take effect within a second."""
+`flynn route add`/`remove` take effect within a second, and scaling down behind a
+`drain_backends` route lets a request in flight finish."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,3 +189,51 @@ def test_routes_added_and_removed_with_the_cli_take_effect_within_a_second(env: 
         return False
 
     wait_for(refused, 1.0, "the removed TCP route's port closes")
+
+
+SLOW_WEB = {
+    # busybox httpd with a CGI that answers after 3 s: a request still in flight at scale-down
+    "cmd": ["sh", "-c", "mkdir -p /tmp/www/cgi-bin && printf '%s\\n' '#!/bin/sh' 'sleep 3'"
+            " 'printf \"Content-Type: text/plain\\r\\n\\r\\n\"' 'echo slow done'"
+            " > /tmp/www/cgi-bin/slow && chmod +x /tmp/www/cgi-bin/slow"
+            " && exec httpd -f -p 8080 -h /tmp/www"],
+    "ports": [{"port": 8080, "proto": "tcp", "service": {"name": "slow-web", "create": True}}],
+}  # fmt: skip
+
+
+def test_a_drain_route_lets_a_request_in_flight_finish_before_its_job_stops(env: Env) -> None:
+    env.ok("create", "-r", "", "slow")
+    path = env.home / "slow-release.json"
+    path.write_text(json.dumps({"processes": {"web": SLOW_WEB}}))
+    env.ok("-a", "slow", "release", "add", "-t", "flynn", "-f", str(path), BUSYBOX)
+    env.ok("-a", "slow", "scale", "web=1")
+    domain = f"slow.{env.domain}"
+    # drain_backends is the API's (the 2015 CLI has no flag for it), through the router too
+    ctx = ssl.create_default_context(cadata=env.ca)
+    auth = "Basic " + base64.b64encode(f":{env.key}".encode()).decode()
+    route = {"type": "http", "service": "slow-web", "domain": domain, "drain_backends": True}
+    req = urllib.request.Request(
+        f"https://controller.{env.domain}/apps/slow/routes", data=json.dumps(route).encode(),
+        headers={"Authorization": auth, "Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+        assert json.loads(resp.read())["drain_backends"] is True
+    wait_for(lambda: env.http(domain, "/")[0] in (200, 403, 404), 60, "the slow app answers")
+
+    answer: dict[str, Any] = {}
+
+    def slow() -> None:
+        start = time.monotonic()
+        answer["reply"] = env.http(domain, "/cgi-bin/slow")
+        answer["took"] = time.monotonic() - start
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(1)  # the request is at the backend, which answers 2 s from now
+    scaled = time.monotonic()
+    env.ok("-a", "slow", "scale", "web=0")
+    t.join(30)
+    assert answer.get("reply") == (200, "slow done\n"), answer
+    print(f"\nthe request in flight finished {answer['took']:.1f} s after it started; "
+          f"scale web=0 took {time.monotonic() - scaled:.1f} s")  # fmt: skip
+    env.ok("-a", "slow", "delete", "-y")

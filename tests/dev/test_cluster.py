@@ -254,10 +254,11 @@ def test_up_bootstraps_the_layer_0_platform() -> None:
                 jobs = c.client(i).list_jobs(active=True)
                 meta = [j["job"].get("metadata") or {} for j in jobs.values()]
                 apps = sorted(m.get("flynn-controller.app_name", "") for m in meta)
-                # Layer 0 on every host; the PostgreSQL appliance's jobs and the controller's
-                # spread over the hosts
+                # Layer 0 and the router on every host; the PostgreSQL appliance's jobs and
+                # the controller's spread over the hosts
                 assert apps.count("discoverd") == apps.count("flannel") == 1, jobs
-                assert set(apps) <= {"discoverd", "flannel", "postgres", "controller"}, jobs
+                assert apps.count("router") == 1, jobs
+                assert set(apps) <= {"discoverd", "flannel", "postgres", "controller", "router"}
                 postgres += apps.count("postgres")
                 for m in meta:
                     if m.get("flynn-controller.app_name") == "controller":

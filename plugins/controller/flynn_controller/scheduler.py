@@ -630,11 +630,7 @@ class Scheduler:
     async def _stop_job(self, job: Job, host: Host) -> None:
         with contextlib.suppress(Exception):
             if await self._drained_routes(job):
-                # out of discoverd first, then until the routers finished its requests
-                await hostapi.host_request(host.id, "PUT",
-                                           f"/host/jobs/{job.id}/discoverd-deregister",
-                                           url=host.url)  # fmt: skip
-                await self._wait_drained(job)
+                await self._drain(job, host)
         for attempt in range(1, 6):
             try:
                 status, _ = await hostapi.host_request(host.id, "DELETE", f"/host/jobs/{job.id}",
@@ -664,15 +660,33 @@ class Scheduler:
         routes = await self.controller.routes(job.app_id)
         return any(r.get("drain_backends") and r.get("service") in services for r in routes)
 
-    async def _wait_drained(self, job: Job) -> None:
-        """Until every router says the job's backend drained (`backend-drained` on its
-        `router-api` event stream), at most DRAIN_TIMEOUT; no router, no wait."""
+    async def _drain(self, job: Job, host: Host) -> None:
+        """Take the job out of discoverd, then wait until every router says its backend
+        drained (`backend-drained` on its `router-api` event stream: its requests in flight
+        are done), at most DRAIN_TIMEOUT; no router, no wait. The streams are opened before
+        the deregistration, so that a router with nothing in flight, which says so at once,
+        is heard."""
         routers = await self.discoverd.instances("router-api") if self.discoverd else []
+        async with contextlib.AsyncExitStack() as stack:
+            streams = []
+            for r in routers:
+                try:
+                    stream = self.session.get(
+                        f"http://{r.addr}/events?types=backend-drained",
+                        headers={"Accept": "text/event-stream"},
+                        timeout=STREAM_TIMEOUT,
+                    )
+                    resp = await stack.enter_async_context(stream)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log.info("router %s: %s; not waiting for it to drain %s", r.addr, exc, job.id)
+                    continue
+                if resp.status == 200:
+                    streams.append(resp)
+            await hostapi.host_request(host.id, "PUT",
+                                       f"/host/jobs/{job.id}/discoverd-deregister",
+                                       url=host.url)  # fmt: skip
 
-        async def drained(addr: str) -> None:
-            async with self.session.get(f"http://{addr}/events",
-                                        headers={"Accept": "text/event-stream"},
-                                        timeout=STREAM_TIMEOUT) as resp:  # fmt: skip
+            async def drained(resp: aiohttp.ClientResponse) -> None:
                 async for event in sse_data(resp):
                     if event.get("event") == "backend-drained" and job.id in (
                         event.get("job_id"),
@@ -680,11 +694,12 @@ class Scheduler:
                     ):
                         return
 
-        if routers:
-            waits = [asyncio.create_task(drained(r.addr)) for r in routers]
-            await asyncio.wait(waits, timeout=DRAIN_TIMEOUT)
-            for w in waits:
-                w.cancel()
+            if streams:
+                waits = [asyncio.create_task(drained(r)) for r in streams]
+                done, _ = await asyncio.wait(waits, timeout=DRAIN_TIMEOUT)
+                for w in waits:
+                    w.cancel()
+                log.info("job %s drained by %d of %d routers", job.id, len(done), len(streams))
 
     async def _delete_volumes(self, app_id: str) -> None:
         if any(k[0] == app_id for k in self.formations):

@@ -84,7 +84,7 @@ def test_requests_during_a_failover_are_retryable_and_nothing_acknowledged_is_lo
         writer = threading.Thread(target=write)
         writer.start()
         time.sleep(10)
-        primary = pg.primary(c)
+        primary = pg.wait_for(lambda: pg.primary(c), 30)
         pg.kill_job(c, primary)
         killed_at = 10.0
         writer.join()

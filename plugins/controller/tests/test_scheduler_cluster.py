@@ -555,10 +555,11 @@ def routed(ip: str, host: str) -> str | None:
 def test_every_hosts_router_serves_a_new_route_within_a_second_and_a_new_router_too(
     env: Env,
 ) -> None:
-    env.ok("-a", "sched", "scale", "web=2")
-    wait_for(lambda: len(env.instances("sched-web")) == 2, 60, "two sched-web instances")
+    env.new_app("routed", {"web": web_process(app="routed")})
+    env.ok("-a", "routed", "scale", "web=2")
+    wait_for(lambda: len(env.instances("routed-web")) == 2, 60, "two routed-web instances")
     domain = "every-router.test"
-    out = env.ok("-a", "sched", "route", "add", "http", domain)
+    out = env.ok("-a", "routed", "route", "add", "http", domain)
     added = time.monotonic()
     route_id = out.split()[-1]
     ips = env.cluster.ips()
@@ -576,13 +577,13 @@ def test_every_hosts_router_serves_a_new_route_within_a_second_and_a_new_router_
                       and j["job"]["id"] != old["job"]["id"] and j["status"] == "running"],
              60, "a new router job on host 3")  # fmt: skip
     wait_for(lambda: routed(h.ip, domain), 15, "the new router serving the route")
-    env.ok("-a", "sched", "route", "remove", route_id)
+    env.ok("-a", "routed", "route", "remove", route_id)
     removed = time.monotonic()
     for ip in ips:
         wait_for(lambda ip=ip: routed(ip, domain) is None, 1.0, f"{ip} dropping {domain}",
                  every=0.01)  # fmt: skip
     print(f"route gone from every router {time.monotonic() - removed:.2f}s after `route remove`")
-    env.ok("-a", "sched", "scale", "web=0")
+    env.ok("-a", "routed", "delete", "-y")
 
 
 def test_a_host_whose_daemon_dies_comes_back_without_duplicates(env: Env) -> None:

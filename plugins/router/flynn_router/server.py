@@ -37,9 +37,16 @@ class EventHub:
                 queue.get_nowait()
                 queue.put_nowait(None)
 
-    async def stream(self, kinds: set[str]) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, kinds: set[str]) -> AsyncIterator[dict[str, Any]]:
+        """The events from now on: subscribed at once, before the caller sends its headers,
+        so that a client that has them misses nothing published after."""
         queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue(SUBSCRIBER_BUFFER)
         self.subscribers.add(queue)
+        return self._events(queue, kinds)
+
+    async def _events(
+        self, queue: asyncio.Queue[StreamEvent | None], kinds: set[str]
+    ) -> AsyncIterator[dict[str, Any]]:
         try:
             while (event := await queue.get()) is not None:
                 if not kinds or event.event in kinds:
