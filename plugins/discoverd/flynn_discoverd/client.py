@@ -262,7 +262,9 @@ class Client:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            # no cap on connections: every watch holds one for as long as it lasts, and the
+            # default cap (100) would leave the 101st watch, and every request, waiting
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     def _url_order(self) -> list[int]:

@@ -158,7 +158,11 @@ class EtcdClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(read_bufsize=1 << 22)
+            # no cap on connections: each watch (one per watched discoverd service) holds one
+            # while it lasts, and with the default cap of 100 the next calls would wait forever
+            self._session = aiohttp.ClientSession(
+                read_bufsize=1 << 22, connector=aiohttp.TCPConnector(limit=0)
+            )
         return self._session
 
     async def close(self) -> None:

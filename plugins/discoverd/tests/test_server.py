@@ -378,3 +378,31 @@ async def test_raft_peers_add_and_remove(
     finally:
         new.stop()
         await store.close()
+
+
+async def test_more_watches_than_a_connection_pool_holds(api: Api) -> None:
+    """A router watches every routed service: 150 watches through one client (each holding a
+    connection to discoverd, and discoverd one to etcd) leave requests and new events flowing."""
+    from flynn_discoverd.client import Client
+
+    n = 150
+    async with Client([api.url]) as client:
+        for i in range(n):
+            await client.add_service(f"many-{i}")
+        seen: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+        async def follow(i: int) -> None:
+            async for event in client.watch(f"many-{i}", kinds=("up",)):
+                await seen.put((i, event.instance.addr if event.instance else ""))
+
+        tasks = [asyncio.create_task(follow(i)) for i in range(n)]
+        try:
+            await asyncio.sleep(1)  # every watch open
+            async with asyncio.timeout(15):
+                await client.register(f"many-{n - 1}", "10.0.0.9:80")
+                assert await seen.get() == (n - 1, "10.0.0.9:80")
+                assert await client.instances("many-0") == []
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
