@@ -69,6 +69,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flynn_host.dev.certs import self_signed  # noqa: E402
 from flynn_host.dev.host import free_ports  # noqa: E402
 from flynn_host.frozen import self_command  # noqa: E402
 
@@ -170,31 +171,7 @@ def children(pid: int) -> list[int]:
 def make_cert(tmp: Path) -> tuple[str, str]:
     """A self-signed RSA-2048 certificate for bench.test; (cert PEM, key PEM), also written
     to tmp/cert.pem and tmp/key.pem for nginx."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+    cert_pem, key_pem = self_signed(HOST, rsa_bits=2048, days=1)
     (tmp / "cert.pem").write_text(cert_pem)
     (tmp / "key.pem").write_text(key_pem)
     return cert_pem, key_pem
