@@ -106,7 +106,21 @@ class Discoverd:
 # --- backends ----------------------------------------------------------------------------------
 
 
-class Backend:
+class _Served:
+    """A loopback server run by a daemon thread: `addr`, and `close()`."""
+
+    def _serve(self, server: socketserver.ThreadingTCPServer) -> None:
+        self.server = server
+        server.daemon_threads = True
+        self.addr = f"127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Backend(_Served):
     """An HTTP server on 127.0.0.1 answering `GET /` with its name; `GET /slow?s=N` answers
     after N seconds."""
 
@@ -129,17 +143,10 @@ class Backend:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler))
 
 
-class EchoServer:
+class EchoServer(_Served):
     """A TCP server on 127.0.0.1 that sends back what it receives, prefixed with its name."""
 
     def __init__(self, name: str) -> None:
@@ -148,14 +155,7 @@ class EchoServer:
                 while data := self.request.recv(65536):
                     self.request.sendall(name.encode() + b":" + data)
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
 
 
 # --- the router --------------------------------------------------------------------------------
