@@ -553,3 +553,55 @@ def test_an_interrupted_build_leaves_no_mount_loop_device_or_directory(
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(IMAGES) not in loops
     (IMAGES / ".logs" / "test-interrupt.log").unlink(missing_ok=True)
+
+
+def test_cache_key_follows_the_trees_a_recipe_copies_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "runner"
+    tree.mkdir()
+    (tree / "init").write_text("#!/bin/sh\n")
+    (tree / "__pycache__").mkdir()
+    monkeypatch.setattr(build, "ROOT", tmp_path)
+    order = ["base", "child"]
+    child = '{"parent": "base", "copy": {"/runner": "runner"}}'
+    before = build.cache_keys(recipes_of(base=BASE, child=child), order)
+    (tree / "__pycache__" / "x.pyc").write_bytes(b"ignored")
+    assert build.cache_keys(recipes_of(base=BASE, child=child), order) == before
+    (tree / "init").chmod(0o755)
+    made_executable = build.cache_keys(recipes_of(base=BASE, child=child), order)
+    assert made_executable["child"] != before["child"]
+    (tree / "init").write_text("#!/bin/sh\necho changed\n")
+    edited = build.cache_keys(recipes_of(base=BASE, child=child), order)
+    assert edited["child"] not in (before["child"], made_executable["child"])
+    assert edited["base"] == before["base"]
+
+
+@pytest.mark.parametrize(
+    "copy",
+    ['{"runner": "runner"}', '{"/runner": "/etc"}', '{"/runner": "../x"}', '["runner"]'],
+)
+def test_copy_must_map_image_paths_to_repository_directories(copy: str) -> None:
+    with pytest.raises(build.RecipeError, match="'copy' must be"):
+        recipes_of(child=f'{{"parent": "base", "copy": {copy}}}')
+
+
+def test_copy_tree_copies_owned_by_root_with_plain_modes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "bin").mkdir(parents=True)
+    (src / "bin" / "run").write_text("#!/bin/sh\n")
+    (src / "bin" / "run").chmod(0o700)
+    (src / "notes").write_text("x")
+    (src / "notes").chmod(0o600)
+    (src / ".hidden").write_text("x")
+    (src / "tests").mkdir()
+    (src / "tests" / "t.py").write_text("x")
+    dest = tmp_path / "root" / "builder"
+    rootfs.copy_tree(src, dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "bin",
+        "bin/run",
+        "notes",
+    ]
+    assert (dest / "bin" / "run").stat().st_mode & 0o777 == 0o755
+    assert (dest / "notes").stat().st_mode & 0o777 == 0o644

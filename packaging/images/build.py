@@ -71,6 +71,11 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "packages": (lambda v: _packages(v), "a list of Debian package names", False),
     "files": (lambda v: _files(v), "an object mapping absolute paths to file contents", False),
     "run": (lambda v: _commands(v), "a list of commands (each a list of strings)", False),
+    "copy": (
+        lambda v: _copies(v),
+        "an object mapping absolute paths in the image to directories of this repository",
+        False,
+    ),
     "entrypoint": (lambda v: _entrypoint(v), "an object with env, cwd and/or args", False),
     "source_date_epoch": (lambda v: type(v) is int and v > 0, "a positive integer", False),
 }
@@ -89,6 +94,15 @@ def _files(value: Any) -> bool:
         isinstance(path, str) and path.startswith("/") and ".." not in path.split("/")
         and isinstance(text, str)
         for path, text in value.items()
+    )  # fmt: skip
+
+
+def _copies(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(dest, str) and dest.startswith("/") and ".." not in dest.split("/")
+        and isinstance(src, str) and src and not src.startswith("/")
+        and ".." not in src.split("/")
+        for dest, src in value.items()
     )  # fmt: skip
 
 
@@ -180,15 +194,31 @@ def build_order(recipes: dict[str, Recipe], names: list[str]) -> list[str]:
 
 
 def cache_keys(recipes: dict[str, Recipe], order: list[str]) -> dict[str, str]:
-    """Each image's cache key: its recipe's bytes, its parent's key and BUILDER_VERSION."""
+    """Each image's cache key: its recipe's bytes, the trees it copies in, its parent's key
+    and BUILDER_VERSION."""
     keys: dict[str, str] = {}
     for name in order:
         parent = recipes[name].parent
         h = hashlib.sha256(f"flynn-image {BUILDER_VERSION}\0".encode())
         h.update((keys[parent] if parent else "").encode() + b"\0")
         h.update(recipes[name].raw)
+        for dest, src in sorted((recipes[name].data.get("copy") or {}).items()):
+            h.update(f"{dest}\0".encode())
+            tree_digest(ROOT / src, h)
         keys[name] = h.hexdigest()
     return keys
+
+
+def tree_digest(root: Path, h: Any) -> None:
+    """Feed `h` every file under `root` as it will be copied: relative path, whether it is
+    executable, contents (caches and dot-files are not copied, see rootfs.copy_tree)."""
+    if not root.is_dir():
+        raise RecipeError(f"copy: {root} is not a directory of this repository")
+    for path in sorted(rootfs.copied_files(root)):
+        rel = path.relative_to(root).as_posix()
+        executable = os.access(path, os.X_OK)
+        h.update(f"{rel}\0{int(executable)}\0".encode())
+        h.update(path.read_bytes())
 
 
 def entrypoint_for(recipes: dict[str, Recipe], name: str) -> dict[str, Any]:
@@ -299,7 +329,9 @@ def build_image(
         else:
             parent_layers = manifest_layers(out, recipe.parent)
             files = [out / "layers" / f"{layer['id']}.squashfs" for layer in parent_layers]
-            tree = rootfs.build_child_tree(runner, work, files, recipe.data, cache, sde, mounts)
+            tree = rootfs.build_child_tree(
+                runner, work, files, recipe.data, cache, sde, mounts, source_root=ROOT
+            )
         runner.step(f"clamping mtimes to SOURCE_DATE_EPOCH={sde}")
         rootfs.finish_tree(tree, sde, overlay_upper=bool(parent_layers))
         runner.step("mksquashfs")

@@ -232,6 +232,33 @@ def apt_install(runner: Runner, root: Path, packages: list[str], source_date_epo
                               *packages], source_date_epoch)  # fmt: skip
 
 
+def copied_files(src: Path) -> Iterator[Path]:
+    """The regular files `copy_tree` copies from `src`: no dot-files, caches or tests."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and d not in ("__pycache__", "tests")
+        ]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file() and not path.is_symlink():
+                yield path
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """Copy `src`'s files (see `copied_files`) under `dest`, owned by root, mode 0755 for
+    executables and directories, 0644 for the rest."""
+    for path in copied_files(src):
+        target = dest / path.relative_to(src)
+        old = os.umask(0o022)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        finally:
+            os.umask(old)
+        shutil.copyfile(path, target)
+        os.chown(target, 0, 0)
+        target.chmod(0o755 if os.access(path, os.X_OK) else 0o644)
+
+
 def write_files(root: Path, files: dict[str, str]) -> None:
     """Write a recipe's files (absolute paths inside the image), mode 0644, parents 0755.
     Never through a symlink: an image's absolute symlink would lead out to the build host."""
@@ -340,9 +367,11 @@ def build_child_tree(
     apt_cache: Path,
     source_date_epoch: int,
     mounts: Mounts,
+    source_root: Path | None = None,
 ) -> Path:
-    """Install the recipe's packages in an overlayfs over the parent's layers (bottom first);
-    return the upper directory, which is the new layer's tree."""
+    """Install the recipe's packages in an overlayfs over the parent's layers (bottom first),
+    then copy in its `copy` trees (from `source_root`); return the upper directory, which is
+    the new layer's tree."""
     lowers = []
     for i, layer in enumerate(parent_layers):
         point = work / "lower" / str(i)
@@ -369,6 +398,11 @@ def build_child_tree(
                 runner.step(f"running {len(recipe['run'])} commands")
             for argv in recipe.get("run") or []:
                 chroot_run(runner, merged, argv, source_date_epoch)
+    for dest, src in (recipe.get("copy") or {}).items():
+        if source_root is None:
+            raise BuildError("a recipe with 'copy' needs the repository's root")
+        runner.step(f"copying {src} to {dest}")
+        copy_tree(source_root / src, merged / dest.lstrip("/"))
     runner.step("cleaning logs and caches")
     clean(merged)
     mounts.unmount_all()
