@@ -235,8 +235,29 @@ class LayerStore:
                 return "hit"
         return "unverified"
 
+    def _local_copy(self, spec: MountSpec) -> Path | None:
+        """The same layer in one of this host's image directories (`<dir>/layers/<id>`), if
+        there: an image made of the host's own images plus a layer from elsewhere (a slug
+        app: slugrunner's layers and the slug's) then downloads only what the host lacks.
+        The copy is checked against the hash like any download."""
+        for directory in self.image_dirs[:-1]:  # the last one is this cache
+            candidate = directory / "layers" / f"{spec.id}.squashfs"
+            with contextlib.suppress(OSError):
+                if candidate.is_file() and candidate.stat().st_size == spec.size:
+                    return candidate
+        return None
+
     async def _download(self, spec: MountSpec, part: _Partial) -> None:
         url = urlparse(spec.url)
+        local = self._local_copy(spec) if url.scheme != "file" else None
+        if local is not None:
+            try:
+                src = limits.open_image_file(local, self.image_dirs)
+            except (limits.FileRefused, OSError):
+                pass  # not usable after all: fetch it from its URL
+            else:
+                await asyncio.to_thread(part.copy_from, src)
+                return
         if url.scheme == "file":
             try:
                 src = limits.open_image_file(limits.file_url_path(spec.url), self.image_dirs)

@@ -157,6 +157,32 @@ async def test_fetch_http_corrupt_body(
     assert list(store.cache_dir.iterdir()) == []
 
 
+async def test_a_layer_in_the_image_dirs_is_copied_not_downloaded(
+    tmp_path: Path, mount_dir: Path, layer: Path, http_server: HTTPServer
+) -> None:
+    images_dir = tmp_path / "images"
+    (images_dir / "layers").mkdir(parents=True)
+    spec = _spec(layer, url=str(http_server.make_url("/layers/nowhere.squashfs")))
+    os.link(layer, images_dir / "layers" / f"{spec.id}.squashfs")
+    store = LayerStore(tmp_path / "cache", mount_dir, [images_dir])
+    try:
+        # the URL answers 404: only the host's own copy can have been used
+        path = await store.fetch(spec)
+        assert filecmp.cmp(path, layer, shallow=False)
+        # a copy of another size is not taken for the layer: the URL is tried, and fails
+        other = _spec(_squashfs(tmp_path, "other", "another layer\n"))
+        (images_dir / "layers" / f"{other.id}.squashfs").write_bytes(b"short")
+        with pytest.raises(LayerError, match="not found at http://127.0.0.1"):
+            await store.fetch(
+                _spec(
+                    tmp_path / "other.squashfs",
+                    url=str(http_server.make_url("/layers/missing.squashfs")),
+                )
+            )
+    finally:
+        await store.close()
+
+
 async def test_file_urls_name_only_regular_files_under_the_image_dirs(
     store: LayerStore, layer: Path, tmp_path: Path
 ) -> None:
