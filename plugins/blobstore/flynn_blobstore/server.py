@@ -20,6 +20,7 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from flynn_blobstore.store import Store, StoreError
@@ -107,11 +108,18 @@ async def get(request: web.Request, name: str) -> web.StreamResponse:
         return resp
 
 
+class IncompleteBody(Exception):
+    """The client went away before the end of its request's body."""
+
+
 async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives; raises if the client goes away before its end (aiohttp
-    raises for a body shorter than its Content-Length)."""
-    while chunk := await request.content.read(READ_CHUNK):
-        yield chunk
+    """The request body as it arrives; IncompleteBody if the connection ends before the body
+    does (short of its Content-Length, or before the last chunk)."""
+    try:
+        while chunk := await request.content.read(READ_CHUNK):
+            yield chunk
+    except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+        raise IncompleteBody(str(exc) or type(exc).__name__) from exc
 
 
 async def put(request: web.Request, name: str) -> web.Response:
@@ -122,6 +130,10 @@ async def put(request: web.Request, name: str) -> web.Response:
         await request.app[STORE].put(name, body_chunks(request), ctype)
     except StoreError as exc:
         return web.Response(status=409, text=str(exc))
+    except IncompleteBody as exc:
+        # the store dropped what it had written: the client is gone, the answer is for the log
+        log.info("PUT %s: the body did not arrive whole (%s); nothing stored", name, exc)
+        return web.Response(status=400, text="incomplete body")
     return web.Response(status=200)
 
 
