@@ -8,8 +8,9 @@
   whole or not at all; 200 with an empty body. Its `Content-Type` is stored.
 - `DELETE /<path>`: 200, or 404.
 - A missing blob is 404 with the body `NotFound`; other methods 405; a path with a `..`
-  segment 400. `GET /.well-known/status` is 200 `{"data": {"status": "healthy"}}` while the
-  store answers (503 otherwise), and not a blob.
+  segment 400; repeated slashes count as one.
+- `GET /.well-known/status` is 200 `{"data": {"status": "healthy"}}` while the store answers
+  (503 otherwise), and not a blob.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ STATUS_TIMEOUT = 5.0
 METHODS = "GET, HEAD, PUT, DELETE"
 
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+SLASHES = re.compile(r"//+")
 
 
 def not_found() -> web.Response:
@@ -46,7 +48,8 @@ def blob_name(request: web.Request) -> str | None:
     raw = urllib.parse.unquote(request.raw_path.split("?", 1)[0])
     if ".." in raw.split("/"):
         return None
-    return request.path
+    # `/a//b` is `/a/b`, as a directory would have it
+    return SLASHES.sub("/", request.path)
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
@@ -102,8 +105,14 @@ async def get(request: web.Request, name: str) -> web.StreamResponse:
         resp.content_length = length
         await resp.prepare(request)
         if request.method != "HEAD" and length:
-            async for chunk in blob.read(start, length):
-                await resp.write(chunk)
+            sent = 0
+            try:
+                async for chunk in blob.read(start, length):
+                    await resp.write(chunk)
+                    sent += len(chunk)
+            except ConnectionError:
+                log.info("GET %s: the client went away after %d of %d bytes", name, sent, length)
+                return resp
         await resp.write_eof()
         return resp
 

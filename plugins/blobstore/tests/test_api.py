@@ -192,6 +192,13 @@ async def test_names_with_dots_are_fine(blobstore: Blobstore, http: aiohttp.Clie
         assert r.status == 200 and await r.read() == b"dots"
 
 
+async def test_repeated_slashes_are_one(blobstore: Blobstore, http: aiohttp.ClientSession) -> None:
+    base = f"/tests/{uuid.uuid4()}"
+    await put(http, f"{blobstore.url}{base}//a///b", b"slashes")
+    async with http.get(f"{blobstore.url}{base}/a/b") as r:
+        assert r.status == 200 and await r.read() == b"slashes"
+
+
 async def test_status(blobstore: Blobstore, http: aiohttp.ClientSession) -> None:
     async with http.get(blobstore.url + "/.well-known/status") as r:
         assert r.status == 200

@@ -121,6 +121,25 @@ async def test_a_download_keeps_its_version_through_replace_and_delete(
         assert blobstore.sql(f"SELECT count(*) FROM files WHERE name = '{name}'") == "0"
 
 
+def test_a_client_leaving_a_download_ends_it(blobstore: Blobstore, name: str) -> None:
+    host, port = blobstore.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"PUT {name} HTTP/1.1\r\nHost: x\r\nContent-Length: {30 * MB}\r\n\r\n".encode())
+        s.sendall(b"d" * 30 * MB)
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(f"GET {name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+    wait_for(lambda: "the client went away" in blobstore.process.log_text(), 10, "the GET ended")
+    if blobstore.backend == "postgres":
+        # its transaction is over, its connection back in the pool
+        wait_for(lambda: blobstore.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flynn-blobstore'"
+            " AND xact_start IS NOT NULL") == "0", 10, "the GET's transaction to end")  # fmt: skip
+    assert "Traceback" not in blobstore.process.log_text()
+
+
 BIG = 200 * MB
 
 
