@@ -98,6 +98,9 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         # the hand-over to the scheduler, and its wait
         "scheduler",
         "wait",
+        # the blobstore (Flynn's step 35, and its wait from 49-54), through the controller
+        "deploy-app",
+        "wait",
         # the router (Flynn's steps 36, 39, 42, 43): deployed through the controller, then
         # the route to the controller with the cluster certificate, served
         "deploy-app",
@@ -144,6 +147,13 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     assert by_id["scheduler"]["processes"] == {"web": 2, "scheduler": 1, "worker": 2}
     assert set(by_id["scheduler"]["processes"]) <= set(controller["release"]["processes"])
     assert controller["release"]["processes"]["scheduler"]["omni"] is True
+    blobstore = by_id["blobstore"]
+    assert blobstore["resources"] == [{"name": "postgres"}]
+    assert blobstore["processes"] == {"web": 2}
+    web = blobstore["release"]["processes"]["web"]
+    assert web["args"][1:] == ["component", "blobstore"] and web["partition"] == "system"
+    assert web["ports"] == [{"port": 80, "proto": "tcp", "service": "blobstore"}]
+    assert by_id["blobstore-wait"]["url"] == "http://blobstore.discoverd/.well-known/status"
     router = by_id["router"]
     proc = router["release"]["processes"]["app"]
     assert proc["omni"] and proc["host_network"] and proc["args"][1:3] == ["component", "router"]

@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "postgres": "flynn_postgres.plugin",
     "controller": "flynn_controller.plugin",
     "router": "flynn_router.plugin",
+    "blobstore": "flynn_blobstore.plugin",
     "bootstrap-actions": "flynn_host.plugins.bootstrap_actions",
 }
 

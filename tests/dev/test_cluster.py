@@ -45,6 +45,9 @@ def new_cluster() -> Cluster:
 
 
 ROUTER_STEPS = ("router", "router-wait", "controller-route", "controller-route-wait")
+BLOBSTORE_STEPS = ("blobstore", "blobstore-wait")
+# the apps a booted cluster runs
+SYSTEM_APPS = {"discoverd", "flannel", "postgres", "controller", "blobstore", "router"}
 
 
 @contextlib.contextmanager
@@ -54,8 +57,8 @@ def booted_cluster(n: int, scheduler: bool = True) -> Iterator[Cluster]:
     replaces a job that stops (for tests that act as the scheduler themselves)."""
     c = new_cluster()
     try:
-        # without the scheduler nothing deploys the router either
-        skip = () if scheduler else ("scheduler", "scheduler-wait", *ROUTER_STEPS)
+        # without the scheduler nothing deploys the blobstore or the router either
+        skip = () if scheduler else ("scheduler", "scheduler-wait", *BLOBSTORE_STEPS, *ROUTER_STEPS)
         c.up(n, bootstrap=True, host_id_prefix=f"{c.name}h", without_steps=skip)
         yield c
     finally:
@@ -258,7 +261,7 @@ def test_up_bootstraps_the_layer_0_platform() -> None:
                 # the controller's spread over the hosts
                 assert apps.count("discoverd") == apps.count("flannel") == 1, jobs
                 assert apps.count("router") == 1, jobs
-                assert set(apps) <= {"discoverd", "flannel", "postgres", "controller", "router"}
+                assert set(apps) <= SYSTEM_APPS
                 postgres += apps.count("postgres")
                 for m in meta:
                     if m.get("flynn-controller.app_name") == "controller":

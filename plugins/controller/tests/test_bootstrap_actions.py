@@ -75,6 +75,13 @@ class FakeController:
                 assert any(p["name"] == name for p in self.providers)
                 self.resources[rid] = {**body, "id": rid, "provider": name}
                 return 200, self.resources[rid]
+            case "POST", ["providers", name, "resources"]:
+                # what a provider gives: a database, its credentials in the resource's env
+                rid = str(uuid.uuid4())
+                self.resources[rid] = {"id": rid, "provider": name, "apps": body["apps"],
+                                       "env": {"PGDATABASE": f"db{len(self.resources)}",
+                                               "PGPASSWORD": f"secret-{rid}"}}  # fmt: skip
+                return 201, self.resources[rid]
             case "POST", ["providers"]:
                 provider = {**body, "id": str(uuid.uuid4())}
                 self.providers.append(provider)
@@ -267,3 +274,50 @@ def test_deploy_app_fails_at_once_with_the_hosts_reason_when_its_jobs_keep_faili
         svc.handle = failing
         with pytest.raises(StepError, match="3 jobs of router ended failed.*rlimit: not permitted"):
             DeployApp(DEPLOY_ROUTER).run(state)
+
+
+DEPLOY_BLOBSTORE = {
+    "id": "blobstore",
+    "action": "deploy-app",
+    "app": {"name": "blobstore", "meta": {"flynn-system-app": "true"}, "strategy": "one-by-one"},
+    "artifact": {"image": "components"},
+    "release": {"processes": {"web": {"args": ["blobstore"],
+                                      "ports": [{"port": 80, "service": "blobstore"}]}}},
+    "processes": {"web": 2},
+    "resources": [{"name": "postgres"}],
+}  # fmt: skip
+
+
+def test_deploy_app_provisions_its_resources_into_the_release() -> None:
+    ctl = FakeController()
+    with services(ctl, known=("controller",)) as svc:
+        state = controller_state(svc)
+        original = ctl.__call__
+
+        def answering(method: str, path: str, headers: dict[str, str], body: Any) -> Any:
+            status, out = original(method, path, headers, body)
+            if method == "PUT" and "/formations/" in path:
+                ctl.jobs = [{"id": f"h-{i}", "type": "web", "state": "up",
+                             "release": body["release"]} for i in range(2)]  # fmt: skip
+            return status, out
+
+        svc.handle = answering
+        out = DeployApp(DEPLOY_BLOBSTORE).run(state)
+        (app,) = ctl.apps.values()
+        assert app["name"] == "blobstore" and app["strategy"] == "one-by-one"
+        (resource,) = ctl.resources.values()
+        assert resource["provider"] == "postgres" and resource["apps"] == [app["id"]]
+        # the database's env is the release's, and its password is kept out of the output
+        release = ctl.releases[app["release"]]
+        assert release["env"] == resource["env"]
+        assert resource["env"]["PGPASSWORD"] in state.secrets
+        assert out["resources"] == [resource]
+        assert ctl.formations[(app["id"], app["release"])]["processes"] == {"web": 2}
+        # a rerun provisions nothing more
+        DeployApp(DEPLOY_BLOBSTORE).run(state)
+        assert len(ctl.resources) == 1 and len(ctl.releases) == 1
+
+
+def test_deploy_app_resources_need_a_provider_name() -> None:
+    with pytest.raises(StepError, match="expected"):
+        DeployApp({**DEPLOY_BLOBSTORE, "resources": [{"url": "http://x"}]})
