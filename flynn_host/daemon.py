@@ -26,6 +26,7 @@ from flynn_host import __version__
 from flynn_host.api import STREAMS, make_app
 from flynn_host.backend import ContainerBackend
 from flynn_host.config import HostConfig
+from flynn_host.discoverd_resolver import DiscoverdResolver
 from flynn_host.jobs import JobManager
 from flynn_host.jobservices import JobServices
 from flynn_host.networking.jobnet import JobNetwork
@@ -88,6 +89,7 @@ class Host:
         self.config = config
         self.pm = pm
         self.layers = LayerStore(config.layer_cache, config.layer_mounts, config.image_dirs)
+        self.layers.resolver = DiscoverdResolver(lambda: self._discoverd_urls())
         self.images = ImageStore(config.volpath, self.layers)
         self.network = JobNetwork(config)
         self.components = choose_components(pm, config, config.components)

@@ -153,3 +153,29 @@ class WaitHosts(Action):
                 state.progress(f"waiting: {text}")
                 next_report = time.monotonic() + 5
             time.sleep(0.2)
+
+
+class ImageURI(Action):
+    """`{"image": "slugbuilder"}`: the `file://` URL of an image's manifest in the image
+    directory (`$FLYNN_IMAGES`, default /var/lib/flynn/images), which every host has; data
+    `{"uri", "id"}`. For what a component imports on the hosts itself when it needs the image
+    (gitreceive runs builds from `slugbuilder`), so bootstrap does not import it everywhere."""
+
+    def __init__(self, step: dict[str, Any]) -> None:
+        super().__init__(step)
+        image = step.get("image")
+        if not isinstance(image, str) or not image:
+            raise StepError("image must name an image of the image directory")
+        self.image: str = image
+
+    def run(self, state: State) -> Any:
+        from flynn_host.runtime import images
+
+        path = images.images_dir() / self.image / "manifest.json"
+        try:
+            manifest, _ = images.load_manifest(str(path), images.images_dir())
+        except (OSError, ValueError) as exc:
+            raise StepError(
+                f"image {self.image!r}: {exc} (`make images` builds it into {images.images_dir()})"
+            ) from None
+        return {"uri": path.absolute().as_uri(), "id": images.image_id(manifest)}

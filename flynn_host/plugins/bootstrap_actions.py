@@ -12,6 +12,7 @@ def flynn_host_bootstrap_actions() -> dict[str, type]:
     return {
         "gen-random": genrandom.GenRandom,
         "gen-tls-cert": gentlscert.GenTLSCert,
+        "image-uri": actions.ImageURI,
         "log": log.Log,
         "wait": wait.Wait,
         "require-env": actions.RequireEnv,

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "controller": "flynn_controller.plugin",
     "router": "flynn_router.plugin",
     "blobstore": "flynn_blobstore.plugin",
+    "gitreceive": "flynn_gitreceive.plugin",
     "bootstrap-actions": "flynn_host.plugins.bootstrap_actions",
 }
 

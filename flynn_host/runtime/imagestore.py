@@ -24,7 +24,7 @@ from urllib.parse import urljoin, urlparse
 
 import aiohttp
 
-from flynn_host import limits
+from flynn_host import discoverd_resolver, limits
 from flynn_host.atomicfile import write_json_atomic
 from flynn_host.errors import FlynnError, ValidationError, not_found
 from flynn_host.runtime import images
@@ -72,7 +72,9 @@ class ImageStore:
             else:
                 async with (
                     asyncio.timeout(limits.MANIFEST_TIMEOUT),
-                    aiohttp.ClientSession() as session,
+                    aiohttp.ClientSession(
+                        connector=discoverd_resolver.connector(self.layers.resolver)
+                    ) as session,
                     session.get(url) as resp,
                 ):
                     if resp.status != 200:

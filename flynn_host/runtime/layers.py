@@ -28,8 +28,9 @@ from typing import BinaryIO
 from urllib.parse import urlparse
 
 import aiohttp
+import aiohttp.abc
 
-from flynn_host import limits
+from flynn_host import discoverd_resolver, limits
 from flynn_host.runtime.images import file_sha512_256, sha512_256
 from flynn_host.types import MountSpec
 
@@ -153,6 +154,8 @@ class LayerStore:
         # layers whose cached bytes this process has hashed (once per process, see fetch)
         self._verified: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
+        # how HTTP downloads resolve names (the daemon sets discoverd's, for `*.discoverd`)
+        self.resolver: aiohttp.abc.AbstractResolver | None = None
 
     def path(self, layer_id: str) -> Path:
         return self.cache_dir / f"{layer_id}.squashfs"
@@ -276,7 +279,9 @@ class LayerStore:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=30, sock_read=self.read_timeout
             )
-            self._session = aiohttp.ClientSession(timeout=timeout)
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, connector=discoverd_resolver.connector(self.resolver)
+            )
         try:
             async with self._session.get(spec.url) as resp:
                 if resp.status == 404:

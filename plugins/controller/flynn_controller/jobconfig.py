@@ -36,6 +36,8 @@ SYSTEM_ONLY_FIELDS = (
 # process type fields every app may set
 CONFIG_FIELDS = ("working_dir", "disable_log", "data")
 IMAGE_NAME_RE = re.compile(r"[^a-z0-9_.-]")
+# the entrypoint of slug apps' images (gitreceive's releases have meta `git: "true"`)
+SLUGRUNNER_INIT = "/runner/init"
 
 
 def is_system_app(app: dict[str, Any]) -> bool:
@@ -113,6 +115,10 @@ def build_job(
         args = list(proc.get("entrypoint") or []) + list(proc.get("cmd") or [])
     if not args:
         args = list(entry.get("args") or [])
+    if cmd and not entrypoint and (release.get("meta") or {}).get("git") == "true":
+        # a slug app's command runs through slugrunner (its env, as nobody), as the 2015
+        # slugrunner image's Docker entrypoint made `flynn run bash` do
+        entrypoint = [SLUGRUNNER_INIT]
     if entrypoint or cmd:
         args = list(entrypoint or []) + list(cmd or [])
     config: dict[str, Any] = {k: proc[k] for k in CONFIG_FIELDS if k in proc}

@@ -109,3 +109,19 @@ def test_a_user_apps_one_off_job_is_never_privileged() -> None:
     assert "FROM_RELEASE" not in job["config"]["env"]
     assert job["config"]["args"] == ["psql", "-c", "x"]
     assert job["config"]["stdin"] is False and job["config"]["tty"] is False
+
+
+def test_a_slug_apps_one_off_command_runs_through_slugrunner() -> None:
+    user = {"id": "a1", "name": "web", "meta": {}}
+    slug = {"id": UUID, "meta": {"git": "true"}, "processes": {}}
+    body = {"release": UUID, "cmd": ["rails", "console"], "release_env": True}
+    job = new_host_job("h1-job", user, slug, IMAGE, body, attached=True)
+    assert job["config"]["args"] == ["/runner/init", "rails", "console"]
+    # an explicit entrypoint (`flynn run -e`) is taken as given
+    body = {"release": UUID, "entrypoint": ["/bin/sh"], "cmd": ["-c", "id"]}
+    job = new_host_job("h1-job", user, slug, IMAGE, body, attached=True)
+    assert job["config"]["args"] == ["/bin/sh", "-c", "id"]
+    # not a slug release: the command replaces the image's
+    body = {"release": UUID, "cmd": ["id"]}
+    job = new_host_job("h1-job", user, PRIVILEGED_RELEASE, IMAGE, body, attached=True)
+    assert job["config"]["args"] == ["id"]

@@ -1,0 +1,1 @@
+"""gitreceive: `git push` over smart HTTP, and the receiver that builds and deploys a push."""
