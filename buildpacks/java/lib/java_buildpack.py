@@ -26,8 +26,22 @@ from pathlib import Path
 from typing import NoReturn
 
 DEBIAN_REPO = Path("/usr/share/maven-repo")
-# relocation POMs for versions Maven itself asks for and Debian does not have
-COMPAT_REPO = Path(__file__).resolve().parent.parent / "repo"
+# versions Maven itself asks for that Debian lacks, and the compatible ones it has: Maven adds
+# plexus-utils 1.1 straight into the resolved graph of every plugin that does not depend on
+# plexus-utils (Debian's maven-clean-plugin, for one), so 1.1 needs a jar, not just a relocation
+STAND_INS = {("org.codehaus.plexus", "plexus-utils", "1.1"): "3.4.2"}
+STAND_IN_POM = """<?xml version="1.0" encoding="UTF-8"?>
+<!-- written by Flynn's Java buildpack: Debian has {version} -->
+<project>
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>{group}</groupId>
+  <artifactId>{artifact}</artifactId>
+  <version>{wanted}</version>
+  <distributionManagement>
+    <relocation><version>{version}</version></relocation>
+  </distributionManagement>
+</project>
+"""
 JAVA_VERSION = "17"
 DEFAULT_JAVA_OPTS = "-Xmx300m -Xss512k -XX:CICompilerCount=2 -Dfile.encoding=UTF-8"
 DEFAULT_MAVEN_OPTS = "-Xmx512m -XX:+TieredCompilation -XX:TieredStopAtLevel=1"
@@ -68,13 +82,13 @@ SETTINGS = """<?xml version="1.0" encoding="UTF-8"?>
   </mirrors>
   <profiles>
     <profile>
-      <!-- Debian's repository has no checksum files; the buildpack's own repository holds
-           the relocations Debian lacks -->
+      <!-- Debian's repository has no checksum files; the stand-ins' repository holds
+           what Maven asks for and Debian lacks -->
       <id>flynn-debian</id>
       <repositories>
         <repository>
-          <id>flynn-compat</id>
-          <url>file://{compat_repo}</url>
+          <id>flynn-stand-ins</id>
+          <url>file://{stand_ins}</url>
           <releases><checksumPolicy>ignore</checksumPolicy></releases>
           <snapshots><enabled>false</enabled></snapshots>
         </repository>
@@ -87,8 +101,8 @@ SETTINGS = """<?xml version="1.0" encoding="UTF-8"?>
       </repositories>
       <pluginRepositories>
         <pluginRepository>
-          <id>flynn-compat</id>
-          <url>file://{compat_repo}</url>
+          <id>flynn-stand-ins</id>
+          <url>file://{stand_ins}</url>
           <releases><checksumPolicy>ignore</checksumPolicy></releases>
           <snapshots><enabled>false</enabled></snapshots>
         </pluginRepository>
@@ -191,12 +205,28 @@ def export_env_dir(env_dir: Path) -> list[str]:
     return exported
 
 
+def write_stand_ins(repo: Path) -> None:
+    """A file:// repository of STAND_INS: a relocating POM and a link to Debian's jar each."""
+    shutil.rmtree(repo, ignore_errors=True)
+    for (group, artifact, wanted), version in STAND_INS.items():
+        debian = DEBIAN_REPO.joinpath(*group.split("."), artifact, version)
+        directory = repo.joinpath(*group.split("."), artifact, wanted)
+        directory.mkdir(parents=True)
+        pom = STAND_IN_POM.format(group=group, artifact=artifact, wanted=wanted, version=version)
+        (directory / f"{artifact}-{wanted}.pom").write_text(pom)
+        (directory / f"{artifact}-{wanted}.jar").symlink_to(debian / f"{artifact}-{version}.jar")
+
+
 def write_settings(cache_dir: Path) -> tuple[Path, Path]:
+    """settings.xml and the stand-ins' repository, rewritten each build, and the local
+    repository, kept."""
     m2 = cache_dir / ".m2"
     local_repo = m2 / "repository"
     local_repo.mkdir(parents=True, exist_ok=True)
+    stand_ins = m2 / "stand-ins"
+    write_stand_ins(stand_ins)
     settings = m2 / "settings.xml"
-    text = SETTINGS.format(local_repo=local_repo, debian_repo=DEBIAN_REPO, compat_repo=COMPAT_REPO)
+    text = SETTINGS.format(local_repo=local_repo, debian_repo=DEBIAN_REPO, stand_ins=stand_ins)
     settings.write_text(text)
     return settings, local_repo
 
