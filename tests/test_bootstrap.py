@@ -107,6 +107,13 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         "wait",
         "add-route",
         "wait",
+        # gitreceive (Flynn's steps 37, 44, 45), its images' URLs first, and git.<domain>
+        "image-uri",
+        "image-uri",
+        "deploy-app",
+        "wait",
+        "add-route",
+        "wait",
         "log",
     ]
     discoverd = steps[2]["release"]
@@ -152,7 +159,8 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     assert blobstore["processes"] == {"web": 2}
     web = blobstore["release"]["processes"]["web"]
     assert web["args"][1:] == ["component", "blobstore"] and web["partition"] == "system"
-    assert web["ports"] == [{"port": 80, "proto": "tcp", "service": "blobstore"}]
+    # it registers itself in discoverd (a system-partition job): no service on the port
+    assert web["ports"] == [{"port": 80, "proto": "tcp"}]
     assert by_id["blobstore-wait"]["url"] == "http://blobstore.discoverd/.well-known/status"
     router = by_id["router"]
     proc = router["release"]["processes"]["app"]
@@ -162,6 +170,18 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     assert by_id["controller-route"]["route"]["domain"] == "controller.example.test"
     assert by_id["controller-route-wait"]["host"] == "controller.example.test"
     assert by_id["controller-route-wait"]["status"] == 401
+    gitreceive = by_id["gitreceive"]
+    assert gitreceive["processes"] == {"app": 2}
+    assert gitreceive["resources"] == [{"name": "postgres"}]
+    git_env = gitreceive["release"]["env"]
+    assert git_env["SLUGBUILDER_IMAGE_URI"] == '{{ (index .StepData "slugbuilder-image").URI }}'
+    assert by_id["slugrunner-image"] == {
+        "id": "slugrunner-image",
+        "action": "image-uri",
+        "image": "slugrunner",
+    }
+    assert by_id["gitreceive-route"]["route"]["domain"] == "git.example.test"
+    assert by_id["gitreceive-route"]["cert_step"] == "controller-cert"
 
 
 # --- against real daemons ----------------------------------------------------------------------

@@ -39,6 +39,10 @@ PUBLIC_MODULES: dict[str, str] = {
         "`RunApp`: the controller's `scheduler` step starts the scheduler's jobs as `run-app` "
         "starts any app's"
     ),
+    "flynn_host.runtime.images": (
+        "Flynn's image manifest (layer type, platform, image id): gitreceive makes a slug "
+        "app's image from slugrunner's"
+    ),
     "flynn_host.runtime.attach": (
         "Flynn's attach frames and the host's attach handshake: the controller proxies an "
         "attached one-off job to its host"

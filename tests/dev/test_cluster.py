@@ -46,8 +46,11 @@ def new_cluster() -> Cluster:
 
 ROUTER_STEPS = ("router", "router-wait", "controller-route", "controller-route-wait")
 BLOBSTORE_STEPS = ("blobstore", "blobstore-wait")
+GITRECEIVE_STEPS = ("slugbuilder-image", "slugrunner-image", "gitreceive", "gitreceive-wait",
+                    "gitreceive-route", "gitreceive-route-wait")  # fmt: skip
 # the apps a booted cluster runs
-SYSTEM_APPS = {"discoverd", "flannel", "postgres", "controller", "blobstore", "router"}
+SYSTEM_APPS = {"discoverd", "flannel", "postgres", "controller", "blobstore", "router",
+               "gitreceive"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -58,7 +61,11 @@ def booted_cluster(n: int, scheduler: bool = True) -> Iterator[Cluster]:
     c = new_cluster()
     try:
         # without the scheduler nothing deploys the blobstore or the router either
-        skip = () if scheduler else ("scheduler", "scheduler-wait", *BLOBSTORE_STEPS, *ROUTER_STEPS)
+        skip = (
+            ()
+            if scheduler
+            else ("scheduler", "scheduler-wait", *BLOBSTORE_STEPS, *ROUTER_STEPS, *GITRECEIVE_STEPS)
+        )
         c.up(n, bootstrap=True, host_id_prefix=f"{c.name}h", without_steps=skip)
         yield c
     finally:

@@ -27,7 +27,7 @@ from tests.dev.test_cluster import booted_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
-APPS = {"controller", "postgres", "flannel", "discoverd", "router", "blobstore"}
+APPS = {"controller", "postgres", "flannel", "discoverd", "router", "blobstore", "gitreceive"}
 
 CALL = """
 import base64, json, sys, urllib.request, urllib.error
@@ -109,7 +109,8 @@ def test_the_controller_knows_what_bootstrap_started(cluster: Cluster) -> None:
         expected = {"postgres": {"postgres": 1, "web": 1},
                     "controller": {"web": 1, "worker": 1, "scheduler": 1},
                     "flannel": {"app": 1}, "discoverd": {"app": 1},
-                    "router": {"app": 1}, "blobstore": {"web": 1}}[name]  # fmt: skip
+                    "router": {"app": 1}, "blobstore": {"web": 1},
+                    "gitreceive": {"app": 1}}[name]  # fmt: skip
         assert formation["processes"] == expected, name
     # the controller's release is the env it runs with, its database included
     status, release = get(cluster, f"{base}/releases/{by_name['controller']['release']}", key)
