@@ -69,10 +69,18 @@ class BuiltApp:
 
     @classmethod
     def from_dir(cls, root: StackRoot, buildpack: str, src: Path, tmp: Path) -> BuiltApp:
-        app = tmp / "app"
-        shutil.copytree(src, app, symlinks=True)
-        chown_tree(app)
-        return cls(root, buildpack, app, writable_dir(tmp, "cache"), writable_dir(tmp, "env"))
+        built = cls(
+            root, buildpack, tmp / "app", writable_dir(tmp, "cache"), writable_dir(tmp, "env")
+        )
+        built.push(src)
+        return built
+
+    def push(self, src: Path) -> None:
+        """Replace the app directory with a fresh copy of `src`, as a new push would give the
+        next build (the cache directory stays)."""
+        shutil.rmtree(self.app, ignore_errors=True)
+        shutil.copytree(src, self.app, symlinks=True)
+        chown_tree(self.app)
 
     @classmethod
     def from_example(cls, root: StackRoot, buildpack: str, example: str, tmp: Path) -> BuiltApp:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slugbuild import BuiltApp, http_get
+from slugbuild import EXAMPLES, BuiltApp, http_get
 
 from flynn_host.dev.stackroot import StackRoot
 
@@ -53,6 +53,7 @@ def test_example_builds_serves_and_reuses_its_cache(root: StackRoot, tmp_path: P
     assert "Using cached Go build cache" not in result.stdout
     assert (app.app / "bin" / "hello").exists()
     assert app.release() == {"web": "hello"}
+    app.push(EXAMPLES / "go")
     second, result = app.timed_compile()
     assert "Using cached Go build cache" in result.stdout
     print(f"go example: first compile {first:.1f}s, cached {second:.1f}s")
