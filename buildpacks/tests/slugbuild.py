@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -151,29 +152,32 @@ class BuiltApp:
         )
         env = {"PORT": str(port), "HOME": "/app"}
         env.update({p.name: p.read_text() for p in self.env.iterdir()})
-        proc = self.root.popen(
-            ["bash", "-c", script],
-            binds={self.app: "/app"},
-            env=env,
-            cwd="/app",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    out = proc.stdout.read().decode() if proc.stdout else ""
-                    raise AssertionError(f"web process exited {proc.returncode}:\n{out}")
-                try:
-                    http_get(url, timeout=2)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"nothing answered on {url}") from None
-                    time.sleep(0.2)
-            yield url
-        finally:
-            proc.kill()
-            proc.wait()
+        # a file, not a pipe nobody reads: a chatty server must not block on its logs
+        with tempfile.TemporaryFile() as log:
+            proc = self.root.popen(
+                ["bash", "-c", script],
+                binds={self.app: "/app"},
+                env=env,
+                cwd="/app",
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            url = f"http://127.0.0.1:{port}/"
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    if proc.poll() is not None:
+                        log.seek(0)
+                        out = log.read().decode(errors="replace")
+                        raise AssertionError(f"web process exited {proc.returncode}:\n{out}")
+                    try:
+                        http_get(url, timeout=2)
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise AssertionError(f"nothing answered on {url}") from None
+                        time.sleep(0.2)
+                yield url
+            finally:
+                proc.kill()
+                proc.wait()
