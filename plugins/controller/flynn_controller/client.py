@@ -558,6 +558,10 @@ class Client:
     def create_release(self, release: dict[str, Any]) -> dict[str, Any]:
         return _obj(self.post("/releases", release))
 
+    def delete_app_release(self, app: str, release_id: str) -> None:
+        """Delete a release the app does not run (and its artifact if nothing else uses it)."""
+        self.delete(f"/apps/{_q(app)}/releases/{_q(release_id)}")
+
     def get_release(self, release_id: str) -> dict[str, Any]:
         return _obj(self.get(f"/releases/{_q(release_id)}"))
 

@@ -91,7 +91,7 @@ async def list_artifacts(request: web.Request) -> web.Response:
 async def get_artifact(request: web.Request) -> web.Response:
     row = await fetch_one(
         pool(request),
-        f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE artifact_id = $1",
+        f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE artifact_id = $1 AND deleted_at IS NULL",
         uuid_param(request.match_info["id"]),
     )
     return json_response(artifact_json(row))
@@ -254,3 +254,45 @@ async def put_app_release(request: web.Request) -> web.Response:
             raise validation_error("id", f"could not find release with ID {body['id']}")
         await set_app_release(conn, app, release)
     return json_response(release_json(release))
+
+
+@operation(
+    "DELETE",
+    "/apps/{app}/releases/{id}",
+    "Delete a release the app does not run (and its artifact if no other release uses it)",
+)
+async def delete_app_release(request: web.Request) -> web.Response:
+    """What a push that failed to deploy leaves is taken away (gitreceive): the release, its
+    formation if scaled to nothing, and its artifact when nothing else names it. The app's
+    current release, or one it runs processes of, stays."""
+    db = pool(request)
+    async with db.acquire() as conn, conn.transaction():
+        app = await find_app(conn, request.match_info["app"])
+        release = await find_release(conn, request.match_info["id"])
+        if app["release_id"] == release["release_id"]:
+            raise validation_error("id", "is the app's current release")
+        formation = await conn.fetchrow(
+            "SELECT processes FROM formations WHERE app_id = $1 AND release_id = $2"
+            " AND deleted_at IS NULL",
+            app["app_id"],
+            release["release_id"],
+        )
+        if formation is not None and any(
+            int(n or 0) > 0 for n in (formation["processes"] or {}).values()
+        ):
+            raise validation_error("id", "has processes running: scale them to 0 first")
+        await conn.execute(
+            "UPDATE formations SET deleted_at = now() WHERE app_id = $1 AND release_id = $2",
+            app["app_id"],
+            release["release_id"],
+        )
+        await conn.execute(
+            "UPDATE releases SET deleted_at = now() WHERE release_id = $1", release["release_id"]
+        )
+        if release["artifact_id"] is not None:
+            await conn.execute(
+                "UPDATE artifacts SET deleted_at = now() WHERE artifact_id = $1 AND NOT EXISTS"
+                " (SELECT 1 FROM releases WHERE artifact_id = $1 AND deleted_at IS NULL)",
+                release["artifact_id"],
+            )
+    return json_response({"app": str(app["app_id"]), "release": str(release["release_id"])})

@@ -77,6 +77,7 @@ class Receiver:
         self.slug: dict[str, Any] | None = None
         # what this push made, taken away again if it fails
         self.blobs: list[str] = []
+        self.undeployed_release: str | None = None
 
     async def run(self) -> None:
         from flynn_controller.client import NotFound
@@ -263,7 +264,9 @@ class Receiver:
             "meta": {**((prev or {}).get("meta") or {}), "git": "true", "rev": self.newrev},
             "processes": processes,
         }
-        return dict(await asyncio.to_thread(self.controller.create_release, release))
+        created = dict(await asyncio.to_thread(self.controller.create_release, release))
+        self.undeployed_release = created["id"]
+        return created
 
     # --- the deploy -----------------------------------------------------------------------
 
@@ -282,12 +285,25 @@ class Receiver:
         try:
             await asyncio.to_thread(c.deploy_app_release, app["name"], release["id"])
         except ControllerError as exc:
+            # the deployer rolled back to the previous release: this one is taken away
+            with contextlib.suppress(ControllerError):
+                await asyncio.to_thread(c.delete_app_release, app["name"], release["id"])
             raise Rejected(f"the deployment failed: {exc}") from None
         # the release is the app's now: its slug stays
         self.blobs.clear()
+        self.undeployed_release = None
         say("=====> Application deployed")
         if first and "web" in (release.get("processes") or {}):
-            await asyncio.to_thread(self.scale_web, app, release)
+            try:
+                await asyncio.to_thread(self.scale_web, app, release)
+            except Rejected:
+                # no web job that keeps crashing: the app has no previous release to serve
+                with contextlib.suppress(ControllerError):
+                    await asyncio.to_thread(
+                        c.put_formation,
+                        {"app": app["id"], "release": release["id"], "processes": {"web": 0}},
+                    )
+                raise
             say("=====> Added default web=1 formation")
 
     def scale_web(self, app: dict[str, Any], release: dict[str, Any]) -> None:
@@ -313,6 +329,13 @@ class Receiver:
 
     async def discard(self) -> None:
         """Take away what a failed push made."""
+        from flynn_controller.client import ControllerError
+
+        if self.undeployed_release is not None:
+            with contextlib.suppress(ControllerError, OSError):
+                await asyncio.to_thread(
+                    self.controller.delete_app_release, self.app_name, self.undeployed_release
+                )
         if not self.blobs:
             return
         async with aiohttp.ClientSession() as session:
