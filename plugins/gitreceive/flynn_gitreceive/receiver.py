@@ -88,6 +88,10 @@ class Receiver:
             prev = await asyncio.to_thread(c.app_release, self.app_name)
         except NotFound:
             prev = None
+        if await self.is_buildpack():
+            # what BUILDPACK_URL may name: kept in the cluster's git, nothing to run
+            say(f"-----> {app['name']} is a buildpack (bin/detect, bin/compile): stored, not built")
+            return
         say(f"-----> Building {app['name']}...")
         source = await self.source_tar(app, prev)
         await self.build(app, prev, source)
@@ -97,6 +101,14 @@ class Receiver:
         await self.deploy(app, prev, release)
 
     # --- the source -----------------------------------------------------------------------
+
+    async def is_buildpack(self) -> bool:
+        for path in ("bin/detect", "bin/compile"):
+            try:
+                await _run(["git", "cat-file", "-e", f"{self.newrev}:{path}"])
+            except Rejected:
+                return False
+        return True
 
     async def source_tar(self, app: dict[str, Any], prev: dict[str, Any] | None) -> Path:
         """The pushed tree as a tar; with the app's config vars (an env dir) or a buildpack
