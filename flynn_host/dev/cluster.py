@@ -236,7 +236,9 @@ class Cluster:
                 extra = [self._manifest(without_steps)] if without_steps else []
                 self._run_checked(self.hosts[0], ["bootstrap", "--min-hosts", str(n),
                                                   "--peer-ips", ",".join(self.ips()), *extra],
-                                  env={"CLUSTER_DOMAIN": self.domain}, capture=False)  # fmt: skip
+                                  env={"CLUSTER_DOMAIN": self.domain,
+                                       "BUILD_CA_CERTS": local_ca_certs()},
+                                  capture=False)  # fmt: skip
                 names = etchosts.cluster_names(self.domain)
                 self.say(f"/etc/hosts: {' '.join(names)} -> {self.hosts[0].ip}")
                 etchosts.add(self.name, self.hosts[0].ip, names)
@@ -464,3 +466,21 @@ def running_cluster(n: int, **kw: Any) -> Iterator[Cluster]:
     with Cluster(**kw) as c:
         c.up(n, bootstrap=bootstrap)
         yield c
+
+
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def local_ca_certs() -> str:
+    """The machine's own certificate authorities (Debian's /usr/local/share/ca-certificates,
+    e.g. a TLS-inspecting proxy's): a cluster on this machine trusts them in its builds too
+    (`BUILD_CA_CERTS`), or builds could not reach PyPI and npm from where the machine does.
+    An explicit `$BUILD_CA_CERTS` wins."""
+    if "BUILD_CA_CERTS" in os.environ:
+        return os.environ["BUILD_CA_CERTS"]
+    pems = []
+    for path in sorted(LOCAL_CA_DIR.rglob("*.crt")) if LOCAL_CA_DIR.is_dir() else []:
+        text = path.read_text(errors="replace").strip()
+        if "-----BEGIN CERTIFICATE-----" in text:
+            pems.append(text)
+    return "\n".join(pems)

@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 
 from flynn_gitreceive import builds
+from flynn_gitreceive.repos import extract
 from flynn_gitreceive.types import (
     BLOBSTORE_URL,
     CACHE_PATH,
@@ -145,7 +146,7 @@ class Receiver:
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     f.write(chunk)
         repo = self.work / "buildpack.git"
-        await asyncio.to_thread(_extract, repo_tar, repo)
+        await asyncio.to_thread(extract, repo_tar, repo)
         out = self.work / "buildpack.tar"
         ref = m.group(2) or "master"
         try:
@@ -162,6 +163,8 @@ class Receiver:
             "BUILD_CACHE_URL": self.blobstore + CACHE_PATH.format(app_id=app["id"]),
             "SOURCE_VERSION": self.newrev,
         }
+        if self.env.get("BUILD_CA_CERTS"):
+            env["BUILD_CA_CERTS"] = self.env["BUILD_CA_CERTS"]
         bp_url = ((prev or {}).get("env") or {}).get("BUILDPACK_URL", "")
         if bp_url and not OWN_GIT_RE.match(bp_url):
             env["BUILDPACK_URL"] = bp_url
@@ -393,9 +396,6 @@ def _wrap(tree: Path, out: Path, env: dict[str, str], buildpack: Path | None) ->
                     dst.addfile(member, data)
 
 
-def _extract(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
 
 
 async def _run(argv: list[str], clean_env: bool = False) -> None:

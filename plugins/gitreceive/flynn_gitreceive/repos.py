@@ -60,7 +60,7 @@ class RepoStore:
             repo = work / "repo.git"
             archive = work / "repo.tar"
             if await self._download(self.url(app_id), archive):
-                await asyncio.to_thread(_extract, archive, repo)
+                await asyncio.to_thread(extract, archive, repo)
                 archive.unlink()
             else:
                 await _git("init", "--quiet", "--bare", str(repo))
@@ -124,10 +124,20 @@ async def _git(*args: str) -> str:
     return out.decode()
 
 
-def _extract(archive: Path, repo: Path) -> None:
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """Unpack a repository tar we made, refusing anything a repository never holds (absolute
+    paths, `..`, links, devices): it comes back over the network. (Python 3.11.2, the
+    components image's, has no `extractall(filter=...)`.)"""
     with tarfile.open(archive) as tar:
-        # the tar is one we made, but it comes back over the network: no links out, no devices
-        tar.extractall(repo, filter="data")
+        members = tar.getmembers()
+        for m in members:
+            parts = Path(m.name).parts
+            if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+                raise StoreError(f"{archive.name}: refusing member {m.name!r}")
+            m.mode &= 0o755
+        tar.extractall(dest, members=members)
 
 
 def _pack(repo: Path, archive: Path) -> None:
