@@ -77,6 +77,7 @@ class App:
     app: Path
     cache: Path
     env: Path
+    served_output: str = ""  # what the last `serving` process printed
 
     @classmethod
     def from_dir(cls, src: Path, tmp: Path) -> App:
@@ -150,7 +151,8 @@ class App:
 
     @contextmanager
     def serving(self, root: StackRoot, command: str, port: int, wait: float = 30) -> Iterator[str]:
-        """Run `command` as slugrunner would; yields the URL of `/` once it answers."""
+        """Run `command` as slugrunner would; yields the URL of `/` once it answers. What it
+        printed is in `served_output` afterwards."""
         script = 'for f in /app/.profile.d/*.sh; do [ -r "$f" ] && . "$f"; done; exec ' + command
         proc = root.popen(
             ["bash", "-c", script],
@@ -179,6 +181,7 @@ class App:
         finally:
             proc.kill()
             proc.wait()
+            self.served_output = _out(proc)
             if proc.stdout:
                 proc.stdout.close()
 
