@@ -91,7 +91,6 @@ def test_profile_sets_the_run_time_environment(root: StackRoot, example: tuple[A
     assert shown.stdout.split() == ["production", "1", "512"]
 
 
-@pytest.mark.slow
 def test_engines_node_takes_node_from_the_npm_registry(root: StackRoot, tmp_path: Path) -> None:
     app = server_app(tmp_path, engines={"node": "20.x"})
     first = app.compile(root, PACK)
