@@ -26,7 +26,9 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,7 +38,7 @@ from typing import Any
 from flynn_host.atomicfile import write_atomic, write_json_atomic
 from flynn_host.client import HostClient
 from flynn_host.dev import cluster_network as net
-from flynn_host.dev import etchosts
+from flynn_host.dev import etchosts, registry_proxy
 from flynn_host.dev.cluster_hosts import (
     DAEMON_STOP_TIMEOUT,
     HTTP_PORT,
@@ -232,12 +234,14 @@ class Cluster:
                     for h in self.hosts:
                         self.say(f"{h.id}: flynn-host image import --name={name} {manifest}")
                         self._run_checked(h, ["image", "import", str(manifest), f"--name={name}"])
+                proxy = self._start_registry_proxy()
                 self.say(f"bootstrapping {n} host(s), CLUSTER_DOMAIN={self.domain}")
                 extra = [self._manifest(without_steps)] if without_steps else []
                 self._run_checked(self.hosts[0], ["bootstrap", "--min-hosts", str(n),
                                                   "--peer-ips", ",".join(self.ips()), *extra],
                                   env={"CLUSTER_DOMAIN": self.domain,
-                                       "BUILD_CA_CERTS": local_ca_certs()},
+                                       "BUILD_CA_CERTS": local_ca_certs(),
+                                       "BUILD_HTTPS_PROXY": proxy},
                                   capture=False)  # fmt: skip
                 names = etchosts.cluster_names(self.domain)
                 self.say(f"/etc/hosts: {' '.join(names)} -> {self.hosts[0].ip}")
@@ -398,6 +402,7 @@ class Cluster:
         and the directory. Nothing existing is fine."""
         ns_names = sorted({h.netns for h in self.hosts} | set(self._namespaces()))
         etchosts.remove(self.name)
+        self._stop_registry_proxy()
         self._stop_daemons()
         for ns in ns_names:
             if Path(NETNS_DIR / ns).exists():
@@ -426,6 +431,42 @@ class Cluster:
 
     def _host_ids(self) -> list[str]:
         return sorted({h.id for h in self.hosts} | set(host_ids(self._host_dirs())))
+
+    @property
+    def registry_proxy_pid_file(self) -> Path:
+        return self.dir / "registry-proxy.pid"
+
+    def _start_registry_proxy(self) -> str:
+        """The package registries for the cluster's builds (flynn_host.dev.registry_proxy),
+        on the bridge's address; returns its URL."""
+        listen = f"{self.gateway}:{registry_proxy.PORT}"
+        log = self.dir / "registry-proxy.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flynn_host.dev.registry_proxy", "--listen", listen,
+             "--log", str(log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self.registry_proxy_pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.gateway, registry_proxy.PORT), timeout=1),
+            ):
+                self.say(f"registry proxy for builds at {listen} (log {log})")
+                return f"http://{listen}"
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise ClusterError(f"the registry proxy did not start on {listen}")
+
+    def _stop_registry_proxy(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(self.registry_proxy_pid_file.read_text())
+            if pid_alive(pid):
+                kill_all([pid], signal.SIGTERM)
+                kill_all(wait_gone([pid], 5))
 
     def _stop_daemons(self) -> None:
         pids = [h.pid for h in self.hosts if h.pid and pid_alive(h.pid)]

@@ -165,6 +165,7 @@ class Receiver:
         }
         if self.env.get("BUILD_CA_CERTS"):
             env["BUILD_CA_CERTS"] = self.env["BUILD_CA_CERTS"]
+        env.update(proxy_env(self.env))
         bp_url = ((prev or {}).get("env") or {}).get("BUILDPACK_URL", "")
         if bp_url and not OWN_GIT_RE.match(bp_url):
             env["BUILDPACK_URL"] = bp_url
@@ -363,6 +364,26 @@ class Receiver:
         import shutil
 
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def proxy_env(env: dict[str, str]) -> dict[str, str]:
+    """The proxy a build reaches the package registries through (`BUILD_HTTPS_PROXY`, as
+    an operator behind a proxy sets it), in the variables curl, git, npm and pip read; the
+    cluster's own services (`*.discoverd`) are never asked through it."""
+    proxy = env.get("BUILD_HTTPS_PROXY", "")
+    if not proxy:
+        return {}
+    no_proxy = ",".join(
+        x for x in (".discoverd", "localhost", "127.0.0.1", env.get("BUILD_NO_PROXY", "")) if x
+    )
+    return {
+        "HTTPS_PROXY": proxy,
+        "https_proxy": proxy,
+        "HTTP_PROXY": proxy,
+        "http_proxy": proxy,
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+    }
 
 
 def _wrap(tree: Path, out: Path, env: dict[str, str], buildpack: Path | None) -> None:
