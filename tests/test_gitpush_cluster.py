@@ -142,7 +142,7 @@ class Env:
         return [
             jid
             for jid, j in jobs.items()
-            if (j["job"].get("metadata") or {}).get("flynn-controller.type") == "slugbuilder"
+            if (j["job"].get("metadata") or {}).get("flynn-gitreceive.build")
         ]
 
 
@@ -171,7 +171,7 @@ def steps(output: str) -> list[str]:
 EXAMPLE_APPS = [
     # (example directory, buildpack name, text its page contains)
     ("nodejs", "Node.js", "Node.js"),
-    ("python-flask", "Python", "Flask"),
+    ("python-flask", "Python", "Hello from Python"),
     ("go", "Go", "Hello from Go"),
     ("ruby-sinatra", "Ruby", "Sinatra"),
     ("php", "PHP", "Hello from PHP"),

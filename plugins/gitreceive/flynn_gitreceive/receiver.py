@@ -46,6 +46,8 @@ from flynn_host.runtime import images
 
 ENV_MARKER = ".ENV_DIR_bdca46b87df0537eaefe79bb632d37709ff1df18"
 SLUG_LINE = "FLYNN-SLUG-LAYER "
+# the host metadata that marks a build job (its value: the app's name)
+BUILD_META = "flynn-gitreceive.build"
 WEB_PORT = 8080
 SCALE_TIMEOUT = 20.0  # seconds between job events while the first web job starts
 # a BUILDPACK_URL naming a repository of this cluster's own gitreceive
@@ -174,7 +176,9 @@ class Receiver:
             "flynn-controller.app": app["id"],
             "flynn-controller.app_name": app["name"],
             "flynn-controller.release": (prev or {}).get("id", ""),
-            "flynn-controller.type": "slugbuilder",
+            # no `flynn-controller.type`: the scheduler takes a typed job of a release for one
+            # of its formation's and would stop it as one too many
+            BUILD_META: app["name"],
         }
         image_uri = self.env.get("SLUGBUILDER_IMAGE_URI", "")
         if not image_uri:
