@@ -1,29 +1,19 @@
-"""The Java buildpack in the real `stack` image: examples/java is detected, built offline with
-Maven from Debian's Maven repository, released and served by embedded Jetty; a second build uses
-the cached local repository; and each thing it cannot do stops the build with its message."""
+"""The Java buildpack in the slugbuilder and slugrunner images: examples/java is detected, built
+offline with Maven from Debian's Maven repository, released and served by embedded Jetty; a second
+build uses the cached local repository; and each thing it cannot do stops the build with its
+message."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import subprocess
-import time
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from stackbuild import BUILDPACKS, EXAMPLES, App, Stacks, get
 
-from flynn_host.dev.host import require_programs
-from flynn_host.dev.stackroot import NOBODY, StackRoot, writable_dir
-
-REPO = Path(__file__).resolve().parents[2]
-BUILDPACKS = REPO / "buildpacks"
-EXAMPLE = REPO / "examples" / "java"
-BUILDPACK = "/builder/buildpacks/java"
 PORT = 16200
 
 
@@ -35,15 +25,6 @@ def load_buildpack() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[StackRoot]:
-    if os.geteuid() != 0:
-        pytest.skip("StackRoot mounts the stack image: root only")
-    require_programs("unshare", "setpriv")
-    with StackRoot() as root:
-        yield root
 
 
 # --- without the stack: Maven's messages and manifests -------------------------------------
@@ -93,137 +74,63 @@ def test_manifest_and_runnable_jar_choice(tmp_path: Path) -> None:
 # --- in the stack ---------------------------------------------------------------------------
 
 
-class App:
-    """An app directory with its cache and env dirs, as slugbuilder lays them out."""
-
-    def __init__(self, base: Path, source: Path = EXAMPLE) -> None:
-        self.dir = base / "app"
-        shutil.copytree(source, self.dir)
-        self.cache = writable_dir(base, "cache")
-        self.env = writable_dir(base, "env")
-
-    def edit(self, name: str, old: str, new: str) -> None:
-        path = self.dir / name
-        text = path.read_text()
-        assert old in text, f"{old!r} not in {name}"
-        path.write_text(text.replace(old, new))
-
-    def set_env(self, name: str, value: str) -> None:
-        (self.env / name).write_text(value)
-
-    def run(self, stack: StackRoot, *argv: str) -> subprocess.CompletedProcess[str]:
-        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(self.dir)], check=True)
-        return stack.run(
-            list(argv),
-            binds={
-                self.dir: "/app",
-                self.cache: "/cache",
-                self.env: "/env",
-                BUILDPACKS: "/builder/buildpacks",
-            },
-            read_only=["/builder/buildpacks"],
-            cwd="/app",
-        )
-
-    def compile(self, stack: StackRoot) -> subprocess.CompletedProcess[str]:
-        return self.run(stack, f"{BUILDPACK}/bin/compile", "/app", "/cache", "/env")
-
-
-def timed_compile(stack: StackRoot, app: App) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    result = app.compile(stack)
-    return result, time.monotonic() - started
+def java_app(stacks: Stacks, tmp: Path, source: Path = EXAMPLES / "java") -> App:
+    return App.from_dir(stacks, "java", source, tmp)
 
 
 @pytest.fixture(scope="module")
-def built(stack: StackRoot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def built(stacks: Stacks, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """examples/java compiled once with an empty cache."""
-    app = App(tmp_path_factory.mktemp("java-example"))
-    result, took = timed_compile(stack, app)
-    print(f"cold compile of examples/java: {took:.1f} s")
-    assert result.returncode == 0, result.stdout
-    assert "No cached Maven repository" in result.stdout
+    app = java_app(stacks, tmp_path_factory.mktemp("java-example"))
+    result = app.compile()
+    print(f"cold compile of examples/java: {result.seconds:.1f} s")
+    assert result.returncode == 0, result.output
+    assert "No cached Maven repository" in result.output
     yield app
 
 
-def web_command(stack: StackRoot, app: App) -> str:
-    procfile = app.dir / "Procfile"
-    if procfile.exists():
-        for line in procfile.read_text().splitlines():
-            if line.startswith("web:"):
-                return line.removeprefix("web:").strip()
-    release = app.run(stack, f"{BUILDPACK}/bin/release", "/app")
-    assert release.returncode == 0, release.stdout
-    for line in release.stdout.splitlines():
-        if line.strip().startswith("web:"):
-            return line.strip().removeprefix("web:").strip()
-    raise AssertionError(f"no web process in release output:\n{release.stdout}")
-
-
-def test_detects_a_maven_project(stack: StackRoot, tmp_path: Path) -> None:
-    app = App(tmp_path)
-    result = app.run(stack, f"{BUILDPACK}/bin/detect", "/app")
+def test_detects_a_maven_project(stacks: Stacks, tmp_path: Path) -> None:
+    app = java_app(stacks, tmp_path)
+    result = app.detect()
     assert result.returncode == 0
-    assert result.stdout.strip() == "Java"
+    assert result.output.strip() == "Java"
 
 
-def test_refuses_an_app_without_pom(stack: StackRoot, tmp_path: Path) -> None:
+def test_refuses_an_app_without_pom(stacks: Stacks, tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
     (source / "index.html").write_text("<p>hi</p>\n")
-    app = App(tmp_path / "a", source)
-    result = app.run(stack, f"{BUILDPACK}/bin/detect", "/app")
+    app = java_app(stacks, tmp_path / "a", source)
+    result = app.detect()
     assert result.returncode == 1
-    assert result.stdout == ""
+    assert result.output == ""
 
 
-def test_example_is_built_released_and_served(stack: StackRoot, built: App) -> None:
-    assert (built.dir / "target" / "dependency" / "jetty-server-9.4.57.v20241219.jar").exists()
-    profile = (built.dir / ".profile.d" / "java.sh").read_text()
+def test_example_is_built_released_and_served(built: App) -> None:
+    assert (built.app / "target" / "dependency" / "jetty-server-9.4.57.v20241219.jar").exists()
+    profile = (built.app / ".profile.d" / "java.sh").read_text()
     assert "JAVA_HOME=" in profile and "-Xmx300m" in profile
-    command = web_command(stack, built)
-    assert command == "java $JAVA_OPTS -jar target/hello-1.0.jar"
-    script = f'for f in /app/.profile.d/*.sh; do [ -r "$f" ] && . "$f"; done; exec {command}'
-    server = stack.popen(
-        ["bash", "-c", script],
-        binds={built.dir: "/app"},
-        env={"PORT": str(PORT)},
-        cwd="/app",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", timeout=2) as response:
-                    status, body = response.status, response.read().decode()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.3)
-        assert status == 200
-        assert "Java" in body
-    finally:
-        server.kill()
-        server.wait()
+    assert built.web_command() == "java $JAVA_OPTS -jar target/hello-1.0.jar"
+    with built.serving(PORT) as url:
+        status, body = get(url)
+    assert status == 200
+    assert "Java" in body
 
 
-def test_second_compile_uses_the_cache(stack: StackRoot, built: App) -> None:
+def test_second_compile_uses_the_cache(built: App) -> None:
     jetty = "org/eclipse/jetty/jetty-server/9.4.57.v20241219/jetty-server-9.4.57.v20241219.jar"
     cached = built.cache / ".m2" / "repository" / jetty
     before = cached.stat().st_mtime_ns
-    result, took = timed_compile(stack, built)
-    print(f"cached compile of examples/java: {took:.1f} s")
-    assert result.returncode == 0, result.stdout
-    assert "Using cached Maven repository" in result.stdout
+    result = built.compile()
+    print(f"cached compile of examples/java: {result.seconds:.1f} s")
+    assert result.returncode == 0, result.output
+    assert "Using cached Maven repository" in result.output
     # the local repository's copy was used, not fetched from Debian's repository again
     assert cached.stat().st_mtime_ns == before
 
 
-def test_missing_dependencies_are_each_named(stack: StackRoot, tmp_path: Path) -> None:
-    app = App(tmp_path)
+def test_missing_dependencies_are_each_named(stacks: Stacks, tmp_path: Path) -> None:
+    app = java_app(stacks, tmp_path)
     app.edit(
         "pom.xml",
         "<dependencies>",
@@ -233,9 +140,9 @@ def test_missing_dependencies_are_each_named(stack: StackRoot, tmp_path: Path) -
         "<dependency><groupId>org.eclipse.jetty</groupId><artifactId>jetty-servlet</artifactId>"
         "<version>9.4.0.v20161208</version></dependency>",
     )
-    result = app.compile(stack)
+    result = app.compile()
     assert result.returncode != 0
-    out = result.stdout
+    out = result.output
     assert " !       com.example.nowhere:left-pad:1.0  (not packaged in this stack)" in out
     assert "org.eclipse.jetty:jetty-servlet:9.4.0.v20161208  (this stack has 9.4.57" in out
     assert "Maven Central" in out and "unreachable" in out
@@ -243,8 +150,8 @@ def test_missing_dependencies_are_each_named(stack: StackRoot, tmp_path: Path) -
     assert "find /usr/share/maven-repo -name '*.pom'" in out
 
 
-def test_missing_plugin_is_named(stack: StackRoot, tmp_path: Path) -> None:
-    app = App(tmp_path)
+def test_missing_plugin_is_named(stacks: Stacks, tmp_path: Path) -> None:
+    app = java_app(stacks, tmp_path)
     app.edit(
         "pom.xml",
         "<plugins>",
@@ -252,41 +159,42 @@ def test_missing_plugin_is_named(stack: StackRoot, tmp_path: Path) -> None:
         "<executions><execution><phase>package</phase><goals><goal>shade</goal></goals>"
         "</execution></executions></plugin>",
     )
-    result = app.compile(stack)
+    result = app.compile()
     assert result.returncode != 0
-    assert "org.apache.maven.plugins:maven-shade-plugin:3.5.0  (not packaged" in result.stdout
-    assert "<pluginRepositories>" in result.stdout
+    assert "org.apache.maven.plugins:maven-shade-plugin:3.5.0  (not packaged" in result.output
+    assert "<pluginRepositories>" in result.output
 
 
-def test_a_war_cannot_be_built(stack: StackRoot, tmp_path: Path) -> None:
-    app = App(tmp_path)
+def test_a_war_cannot_be_built(stacks: Stacks, tmp_path: Path) -> None:
+    app = java_app(stacks, tmp_path)
     app.edit("pom.xml", "<packaging>jar</packaging>", "<packaging>war</packaging>")
-    result = app.compile(stack)
+    result = app.compile()
     assert result.returncode != 0
-    assert "org.apache.maven.plugins:maven-war-plugin:2.2" in result.stdout
-    assert "wars cannot be built here" in result.stdout
+    assert "org.apache.maven.plugins:maven-war-plugin:2.2" in result.output
+    assert "wars cannot be built here" in result.output
 
 
-def test_a_jar_without_main_class_needs_a_procfile(stack: StackRoot, tmp_path: Path) -> None:
-    app = App(tmp_path)
+def test_a_jar_without_main_class_needs_a_procfile(stacks: Stacks, tmp_path: Path) -> None:
+    app = java_app(stacks, tmp_path)
     app.edit("pom.xml", "<mainClass>com.example.Main</mainClass>", "")
-    result = app.compile(stack)
+    result = app.compile()
     assert result.returncode != 0
-    assert "No runnable jar in target/" in result.stdout
-    assert "<mainClass>" in result.stdout
+    assert "No runnable jar in target/" in result.output
+    assert "<mainClass>" in result.output
 
-    (app.dir / "Procfile").write_text(
-        "web: java $JAVA_OPTS -cp 'target/hello-1.0.jar:target/dependency/*' com.example.Main\n"
+    app.write(
+        "Procfile",
+        "web: java $JAVA_OPTS -cp 'target/hello-1.0.jar:target/dependency/*' com.example.Main\n",
     )
-    result = app.compile(stack)
-    assert result.returncode == 0, result.stdout
-    assert "the Procfile's web process starts the app" in result.stdout
+    result = app.compile()
+    assert result.returncode == 0, result.output
+    assert "the Procfile's web process starts the app" in result.output
 
 
-def test_vendored_repository_other_java_and_config_vars(stack: StackRoot, tmp_path: Path) -> None:
-    app = App(tmp_path)
+def test_vendored_repository_other_java_and_config_vars(stacks: Stacks, tmp_path: Path) -> None:
+    app = java_app(stacks, tmp_path)
     # a dependency Debian does not have, vendored into the app as a file:// repository
-    vendored = app.dir / "repo" / "com" / "example" / "greeting" / "1.0"
+    vendored = app.app / "repo" / "com" / "example" / "greeting" / "1.0"
     vendored.mkdir(parents=True)
     with zipfile.ZipFile(vendored / "greeting-1.0.jar", "w") as jar:
         jar.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
@@ -302,13 +210,12 @@ def test_vendored_repository_other_java_and_config_vars(stack: StackRoot, tmp_pa
         "</repository></repositories><dependencies><dependency><groupId>com.example</groupId>"
         "<artifactId>greeting</artifactId><version>1.0</version></dependency>",
     )
-    (app.dir / "system.properties").write_text("java.runtime.version=11\n")
-    app.set_env("MAVEN_CUSTOM_GOALS", "package")
-    app.set_env("PATH", "/nowhere")
-    result = app.compile(stack)
-    assert result.returncode == 0, result.stdout
-    out = result.stdout
+    (app.app / "system.properties").write_text("java.runtime.version=11\n")
+    app.set_env(MAVEN_CUSTOM_GOALS="package", PATH="/nowhere")
+    result = app.compile()
+    assert result.returncode == 0, result.output
+    out = result.output
     assert " !     system.properties asks for java.runtime.version=11" in out
     assert "config vars exported to the build: MAVEN_CUSTOM_GOALS\n" in out
     assert "-DskipTests package\n" in out  # the goals came from the config var
-    assert (app.dir / "target" / "dependency" / "greeting-1.0.jar").exists()
+    assert (app.app / "target" / "dependency" / "greeting-1.0.jar").exists()
