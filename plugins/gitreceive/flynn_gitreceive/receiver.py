@@ -421,8 +421,6 @@ def _wrap(tree: Path, out: Path, env: dict[str, str], buildpack: Path | None) ->
                     dst.addfile(member, data)
 
 
-
-
 async def _run(argv: list[str], clean_env: bool = False) -> None:
     env = None
     if clean_env:

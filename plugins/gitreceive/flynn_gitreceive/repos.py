@@ -124,8 +124,6 @@ async def _git(*args: str) -> str:
     return out.decode()
 
 
-
-
 def extract(archive: Path, dest: Path) -> None:
     """Unpack a repository tar we made, refusing anything a repository never holds (absolute
     paths, `..`, links, devices): it comes back over the network. (Python 3.11.2, the
