@@ -350,3 +350,128 @@ def test_build_features_env_source_version_slugignore_and_buildpacks(env: Env) -
     assert rc == 0, output
     assert "-----> Static HTML app detected" in output
     env.wait_serving("multi", "Static")
+
+
+def test_flynn_run_on_a_slug_app_goes_through_the_runner(env: Env) -> None:
+    work = env.new_app("runner", EXAMPLES / "static")
+    rc, output = env.push(work)
+    assert rc == 0, output
+    out = env.flynn("run", "--", "bash", "-c", 'echo "$HOME $(id -un) $(pwd)"', cwd=work)
+    assert "/app nobody /app" in out
+
+
+def slow_buildpack(env: Env, name: str, seconds: int) -> str:
+    """A buildpack stored in the cluster whose compile says `compiling` and then sleeps."""
+    bp = env.new_app(name)
+    (bp / "bin").mkdir()
+    (bp / "bin" / "detect").write_text("#!/bin/sh\necho Slow\n")
+    (bp / "bin" / "compile").write_text(
+        f'#!/bin/sh\necho "-----> compiling $SOURCE_VERSION"\nsleep {seconds}\n'
+        'echo "$SOURCE_VERSION" > "$1/index.html"\n'
+    )
+    (bp / "bin" / "release").write_text(
+        "#!/bin/sh\nprintf -- '---\\ndefault_process_types:\\n"
+        "  web: python3 -m http.server $PORT\\n'\n"
+    )
+    for f in ("detect", "compile", "release"):
+        (bp / "bin" / f).chmod(0o755)
+    env.commit(bp, "slow buildpack")
+    rc, output = env.push(bp)
+    assert rc == 0, output
+    return f"https://git.{env.domain}/{name}.git"
+
+
+def start_push(env: Env, work: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(["git", "push", "--progress", "flynn", "master"], cwd=work,
+                            env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 120) -> str:
+    assert proc.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += ANSI.sub("", line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} never came: {seen}")
+
+
+@pytest.mark.slow
+def test_an_interrupted_push_stops_its_build_and_leaves_nothing(env: Env) -> None:
+    url = slow_buildpack(env, "slow-buildpack", 60)
+    work = env.new_app("interrupted", EXAMPLES / "static")
+    rc, output = env.push(work)
+    assert rc == 0, output
+    env.wait_serving("interrupted", "Static")
+    env.flynn("env", "set", f"BUILDPACK_URL={url}", cwd=work)
+    releases = env.api("GET", "/apps/interrupted/releases")
+    env.commit(work, "second")
+    proc = start_push(env, work)
+    try:
+        read_until(proc, "-----> compiling")
+        assert env.build_jobs_running() != []
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while env.build_jobs_running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert env.build_jobs_running() == []
+    assert env.api("GET", "/apps/interrupted/releases") == releases
+    env.wait_serving("interrupted", "Static", timeout=5)
+    # the interrupted push was not kept: the same push again is a new one, and it deploys
+    env.flynn("env", "unset", "BUILDPACK_URL", cwd=work)
+    rc, output = env.push(work)
+    assert rc == 0, output
+
+
+@pytest.mark.slow
+def test_two_pushes_to_one_app_are_serialised(env: Env) -> None:
+    url = slow_buildpack(env, "slower-buildpack", 8)
+    first = env.new_app("twice")
+    env.flynn("env", "set", f"BUILDPACK_URL={url}", cwd=first)
+    second = env.home / "twice-other"
+    shutil.copytree(first, second)
+    (first / "a.txt").write_text("a\n")
+    env.commit(first, "a")
+    (second / "b.txt").write_text("b\n")
+    env.commit(second, "b")
+    a = start_push(env, first)
+    try:
+        read_until(a, "-----> compiling")
+        b = start_push(env, second)
+        out_b, _ = b.communicate(timeout=300)
+        out_a, _ = a.communicate(timeout=300)
+    finally:
+        for p in (a,):
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    out_b = ANSI.sub("", out_b)
+    assert a.returncode == 0, out_a
+    # the second waited for the first, then was refused without building
+    assert b.returncode != 0, out_b
+    assert "another push came first" in out_b and "-----> Building" not in out_b
+    rev = env.run("git", "rev-parse", "HEAD", cwd=first).stdout.strip()
+    env.wait_serving("twice", rev)
+
+
+@pytest.mark.slow
+def test_a_200mb_repository_is_pushed_built_and_served(env: Env) -> None:
+    work = env.new_app("large", EXAMPLES / "static")
+    data = work / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"part{i}.bin").write_bytes(os.urandom(50 << 20))
+    env.commit(work, "200 MB of data")
+    started = time.monotonic()
+    rc, output = env.push(work)
+    assert rc == 0, output
+    env.wait_serving("large", "Static")
+    print(f"\n200 MB push to first 200: {time.monotonic() - started:.1f}s")
+    assert env.http("large", "/data/part3.bin")[0] == 200

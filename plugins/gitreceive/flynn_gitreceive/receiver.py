@@ -457,7 +457,16 @@ def main(argv: list[str]) -> int:
             return 1
     if not updates:
         return 0
-    receiver = Receiver(app_name, updates[-1][1], dict(os.environ))
+    old, new, ref = updates[-1]
+    current = subprocess.run(["git", "rev-parse", "--verify", "-q", ref],
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    if (current or ZERO_SHA) != old:
+        # another push came first (pushes to one app wait for each other): building this
+        # one would deploy a commit git is about to refuse
+        say(" !     master has moved on since you fetched it: another push came first.")
+        say(" !     Pull (git pull flynn master) and push again.")
+        return 1
+    receiver = Receiver(app_name, new, dict(os.environ))
 
     async def guarded() -> int:
         task = asyncio.current_task()

@@ -26,6 +26,9 @@ import aiohttp
 from flynn_gitreceive.types import REPO_PATH
 
 CHUNK = 1 << 16
+# the largest pack a push may send (GITRECEIVE_MAX_PUSH): what gitreceive's and the build's
+# temporary disks hold with room to spare
+MAX_PUSH = 1 << 30
 
 
 class StoreError(Exception):
@@ -33,8 +36,11 @@ class StoreError(Exception):
 
 
 class RepoStore:
-    def __init__(self, blobstore_url: str, scratch: Path | None = None) -> None:
+    def __init__(
+        self, blobstore_url: str, scratch: Path | None = None, max_push: int = MAX_PUSH
+    ) -> None:
         self.blobstore_url = blobstore_url.rstrip("/")
+        self.max_push = max_push
         self.scratch = scratch
         self._session: aiohttp.ClientSession | None = None
 
@@ -69,6 +75,9 @@ class RepoStore:
             await _git("-C", str(repo), "config", "gc.auto", "0")
             await _git("-C", str(repo), "config", "receive.fsckObjects", "true")
             await _git("-C", str(repo), "config", "http.receivepack", "true")
+            # git's own clear refusal of a push too big to build ("pack exceeds maximum
+            # allowed size"), before anything is stored
+            await _git("-C", str(repo), "config", "receive.maxInputSize", str(self.max_push))
             yield repo
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)

@@ -20,7 +20,7 @@ import sys
 
 from aiohttp import web
 
-from flynn_gitreceive.repos import PushLocks, RepoStore
+from flynn_gitreceive.repos import MAX_PUSH, PushLocks, RepoStore
 from flynn_gitreceive.server import Config, hook_command, make_app
 from flynn_gitreceive.types import BLOBSTORE_URL
 
@@ -51,7 +51,10 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    repos = RepoStore(env.get("BLOBSTORE_URL") or BLOBSTORE_URL)
+    repos = RepoStore(
+        env.get("BLOBSTORE_URL") or BLOBSTORE_URL,
+        max_push=int(env.get("GITRECEIVE_MAX_PUSH") or MAX_PUSH),
+    )
     config = Config(
         keys=key.split(","),
         controller=Client(controller_url, key.split(",")[0]),

@@ -25,6 +25,9 @@ from flynn_host.dev.controller import (
 )
 from flynn_host.dev.host import free_port
 
+# small, so a test can push more than it
+MAX_PUSH = 1_000_000
+
 
 @dataclass
 class GitReceive:
@@ -55,6 +58,7 @@ def gitreceive_process(
         "CONTROLLER_KEY": ctl.key,
         "BLOBSTORE_URL": bs.url,
         "SLUGBUILDER_IMAGE_URI": "file:///nonexistent/slugbuilder/manifest.json",
+        "GITRECEIVE_MAX_PUSH": str(MAX_PUSH),
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and Path(p).is_dir()),
     }
     proc = subprocess.Popen(

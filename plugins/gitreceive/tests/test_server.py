@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gitreceive_proc import GitReceive
+from gitreceive_proc import MAX_PUSH, GitReceive
 
 
 def request(gr: GitReceive, path: str, key: str | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -145,3 +145,17 @@ def test_a_push_to_an_unknown_app_is_not_found(gitreceive: GitReceive, tmp_path:
     out = git("push", repo_url(gitreceive, "ghost"), "master", cwd=work)
     assert out.returncode != 0
     assert "not found" in out.stderr
+
+
+def test_a_push_bigger_than_the_limit_is_refused_by_git(
+    gitreceive: GitReceive, tmp_path: Path
+) -> None:
+    app = controller(gitreceive, "POST", "/apps", {"name": "bulky"})
+    work = new_work_tree(tmp_path)
+    (work / "blob.bin").write_bytes(os.urandom(2 * MAX_PUSH))
+    assert git("add", ".", cwd=work).returncode == 0
+    assert git("commit", "-qm", "big", cwd=work).returncode == 0
+    out = git("push", repo_url(gitreceive, "bulky"), "master", cwd=work)
+    assert out.returncode != 0
+    assert "pack exceeds maximum allowed size" in out.stderr
+    assert stored_repo(gitreceive, app["id"]) == 404
