@@ -24,7 +24,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -428,6 +430,64 @@ def _flynn_cli_demo(c: Cluster, home: str) -> None:
     curl(f"http://{ip}:{port}/")
     run("-a", "hello", "route")
     run("-a", "hello", "deployment")
+
+    say("git push flynn master: the Node.js example, built by its buildpack, live on the router")
+    genv = {
+        k: v for k, v in env.items() if not k.startswith("GIT_")
+    }  # the cluster CA, not $GIT_SSL_CAINFO
+    genv["GIT_TERMINAL_PROMPT"] = "0"
+    work = f"{home}/example"
+    shutil.copytree(devhost.ROOT / "examples" / "nodejs", work)
+
+    def git(*args: str) -> str:
+        print(f"{DIM}${RESET} git {shlex.join(args)}", flush=True)
+        out = subprocess.run(["git", *args], env=genv, cwd=work, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.stdout + out.stderr)
+        sys.stdout.write(text)
+        if out.returncode != 0:
+            raise RuntimeError(f"git {args[0]} failed (exit {out.returncode})")
+        return text
+
+    def quiet_get() -> str:
+        return subprocess.run(["curl", "-s", "--max-time", "5", "--resolve",
+                               f"example.{domain}:80:{ip}", f"http://example.{domain}/"],
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+    setup = (
+        ["init", "-q", "-b", "master"],
+        ["config", "user.email", "demo@example.test"],
+        ["config", "user.name", "demo"],
+        ["add", "."],
+        ["commit", "-qm", "example"],
+    )
+    for args in setup:
+        subprocess.run(["git", *args], env=genv, cwd=work, check=True, capture_output=True)
+    print(f"{DIM}$ cd example && flynn create example{RESET}", flush=True)
+    out = subprocess.run([flynn, "create", "-y", "example"], env=env, cwd=work, text=True,
+                         capture_output=True, timeout=60)  # fmt: skip
+    sys.stdout.write(out.stdout + out.stderr)
+    git("remote", "-v")
+    started = time.monotonic()
+    git("push", "flynn", "master")
+    _wait(lambda: "Node.js" in quiet_get(), "the example app")
+    print(f"(first push to first answer: {time.monotonic() - started:.1f}s)")
+    curl("--resolve", f"example.{domain}:80:{ip}", f"http://example.{domain}/")
+    subprocess.run([flynn, "-a", "example", "route"], env=env, cwd=work)
+    server = f"{work}/server.js"
+    with open(server) as f:
+        code = f.read()
+    with open(server, "w") as f:
+        f.write(code.replace("Node.js", "Node.js (second push)", 1))
+    git("commit", "-qam", "second push")
+    started = time.monotonic()
+    git("push", "flynn", "master")
+    _wait(lambda: "second push" in quiet_get(), "the new release")
+    print(f"(second push, build cache used, to the new release answering: "
+          f"{time.monotonic() - started:.1f}s)")  # fmt: skip
+    curl("--resolve", f"example.{domain}:80:{ip}", f"http://example.{domain}/")
+    run("-a", "example", "run", "--", "bash", "-c", "echo $HOME $(id -un) $(node --version)")
+    run("-a", "example", "delete", "-y")
 
     say("flynn scale web=0, flynn delete: jobs stopped, routes removed, database deprovisioned")
     run("-a", "hello", "scale", "web=0")
