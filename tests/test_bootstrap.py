@@ -522,3 +522,29 @@ def test_hosts_from_a_discovery_token() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_image_uri_names_an_image_of_the_image_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flynn_host.bootstrap.actions import ImageURI
+    from flynn_host.bootstrap.runner import StepError
+    from flynn_host.runtime import images
+
+    manifest = {
+        "_type": images.MANIFEST_TYPE,
+        "entrypoints": {"_default": {"args": ["/bin/sh"]}},
+        "rootfs": [],
+    }
+    (tmp_path / "slugbuilder").mkdir()
+    (tmp_path / "slugbuilder" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("FLYNN_IMAGES", str(tmp_path))
+    data = ImageURI({"id": "x", "action": "image-uri", "image": "slugbuilder"}).run(None)  # type: ignore[arg-type]
+    assert data == {
+        "uri": f"file://{tmp_path}/slugbuilder/manifest.json",
+        "id": images.image_id(manifest),
+    }
+    with pytest.raises(StepError, match="make images"):
+        ImageURI({"id": "x", "action": "image-uri", "image": "nope"}).run(None)  # type: ignore[arg-type]
+    with pytest.raises(StepError, match="image must name"):
+        ImageURI({"id": "x", "action": "image-uri"})

@@ -169,12 +169,13 @@ class ImageURI(Action):
         self.image: str = image
 
     def run(self, state: State) -> Any:
+        from flynn_host.errors import FlynnError
         from flynn_host.runtime import images
 
         path = images.images_dir() / self.image / "manifest.json"
         try:
             manifest, _ = images.load_manifest(str(path), images.images_dir())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, FlynnError) as exc:
             raise StepError(
                 f"image {self.image!r}: {exc} (`make images` builds it into {images.images_dir()})"
             ) from None
