@@ -478,7 +478,7 @@ def _flynn_cli_demo(c: Cluster, home: str) -> None:
     with open(server) as f:
         code = f.read()
     with open(server, "w") as f:
-        f.write(code.replace("Node.js", "Node.js (second push)", 1))
+        f.write(code.replace("Hello from Node.js", "Hello from Node.js (second push)"))
     git("commit", "-qam", "second push")
     started = time.monotonic()
     git("push", "flynn", "master")

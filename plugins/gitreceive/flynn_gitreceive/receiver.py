@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -365,8 +367,6 @@ class Receiver:
                         pass
 
     def close(self) -> None:
-        import shutil
-
         shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -408,8 +408,6 @@ def _wrap(tree: Path, out: Path, env: dict[str, str], buildpack: Path | None) ->
                 info = tarfile.TarInfo(f"env/{name}")
                 raw = str(value).encode()
                 info.size = len(raw)
-                import io
-
                 dst.addfile(info, io.BytesIO(raw))
         if buildpack is not None:
             with tarfile.open(buildpack) as src:
