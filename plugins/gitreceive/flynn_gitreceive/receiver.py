@@ -51,7 +51,9 @@ SLUG_LINE = "FLYNN-SLUG-LAYER "
 # the host metadata that marks a build job (its value: the app's name)
 BUILD_META = "flynn-gitreceive.build"
 WEB_PORT = 8080
-SCALE_TIMEOUT = 20.0  # seconds between job events while the first web job starts
+SCALE_TIMEOUT = 20.0
+# a build running longer is stopped (it holds the app's push lock): gitreceive's BUILD_TIMEOUT
+BUILD_TIMEOUT = 1800.0  # seconds between job events while the first web job starts
 # a BUILDPACK_URL naming a repository of this cluster's own gitreceive
 OWN_GIT_RE = re.compile(r"^https?://git\.[^/]+/([a-z\d]+(?:-[a-z\d]+)*)(?:\.git)?/?(?:#(.+))?$")
 
@@ -185,18 +187,24 @@ class Receiver:
         image_uri = self.env.get("SLUGBUILDER_IMAGE_URI", "")
         if not image_uri:
             raise Rejected("gitreceive has no SLUGBUILDER_IMAGE_URI: the cluster cannot build")
+        limit = float(self.env.get("BUILD_TIMEOUT") or BUILD_TIMEOUT)
         try:
-            status = await builds.run(
-                image_uri,
-                ["/builder/build", self.blobstore + SLUG_LAYERS_PATH],
-                env,
-                metadata,
-                proc.get("resources"),
-                source,
-                self.output,
-            )
+            async with asyncio.timeout(limit):
+                status = await builds.run(
+                    image_uri,
+                    ["/builder/build", self.blobstore + SLUG_LAYERS_PATH],
+                    env,
+                    metadata,
+                    proc.get("resources"),
+                    source,
+                    self.output,
+                )
         except builds.BuildError as exc:
             raise Rejected(str(exc)) from None
+        except TimeoutError:
+            raise Rejected(
+                f"the build took longer than {limit:g} seconds (BUILD_TIMEOUT)"
+            ) from None
         self.output(b"", final=True)
         if self.slug is not None:
             self.blobs.append(self.blobstore + SLUG_LAYERS_PATH + f"{self.slug['id']}.squashfs")
