@@ -31,16 +31,10 @@ CHUNK = 1 << 16
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
+    with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(CHUNK):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            if writer.can_write_eof():
-                writer.write_eof()
 
 
 async def handle(
@@ -76,7 +70,15 @@ async def handle(
         return
     log.info("%s: CONNECT %s", peer, target)
     writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-    await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+    # a tunnel carries TLS, which says itself when it is done: the first side to close ends
+    # both, rather than leaving the other open until the registry's idle timeout
+    pipes = {
+        asyncio.create_task(_pipe(reader, up_writer)),
+        asyncio.create_task(_pipe(up_reader, writer)),
+    }
+    _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
     for w in (writer, up_writer):
         w.close()
 

@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-
-from conftest import Blobstore
+from blobstore_store import Blobstore
 
 DATA = bytes(range(256)) * 40  # 10240 bytes
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from blobstore_store import Blobstore
 
-from conftest import Blobstore
 from flynn_host.dev.host import wait_for
 
 MB = 1 << 20

@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from blobstore_store import Blobstore
 from flynn_blobstore import client
 from flynn_blobstore.client import BlobstoreError, Client
-
-from conftest import Blobstore
 
 
 async def test_put_a_file_and_get_it_back(blobstore: Blobstore, name: str, tmp_path: Path) -> None:
