@@ -69,6 +69,7 @@ bench: dev
 	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/postgres_failover.py
 	$(BIN)/python bench/controller.py
 	$(BIN)/python bench/router.py
+	FLYNN_IMAGES=$(IMAGES) $(BIN)/python bench/build.py
 
 lint: venv
 	$(BIN)/ruff check .
