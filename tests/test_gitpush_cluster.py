@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from flynn_host.dev.cluster import Cluster
 from tests.dev.test_cluster import booted_cluster
+from tests.test_router_cluster import system_job_env
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
@@ -39,13 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 FLYNN = os.path.join(os.path.dirname(sys.executable), "flynn")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def system_job_env(c: Cluster, app: str) -> dict[str, str]:
-    for job in c.client(1).list_jobs(active=True).values():
-        if (job["job"].get("metadata") or {}).get("flynn-controller.app_name") == app:
-            return dict(job["job"]["config"]["env"])
-    raise AssertionError(f"no job of {app}")
 
 
 @dataclass

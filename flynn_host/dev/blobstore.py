@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flynn_host.dev import procs
 from flynn_host.dev.controller import PGServer
 from flynn_host.dev.host import free_port
 
@@ -49,20 +43,6 @@ class BlobstoreProcess:
         raise RuntimeError(f"no VmRSS for process {self.pid}")
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + STATUS_PATH, timeout=2) as r:
-            return bool(r.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-def _pythonpath() -> str:
-    """This interpreter's import path for the child, so it runs the same code as the caller
-    (a worktree's, not the one the virtualenv was installed from)."""
-    return os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
-
-
 @contextlib.contextmanager
 def blobstore_process(
     pg: PGServer | None = None,
@@ -74,36 +54,13 @@ def blobstore_process(
     if (pg is None) == (directory is None):
         raise ValueError("give either a PostgreSQL server or a directory")
     port = free_port()
-    logdir = Path(tempfile.mkdtemp(prefix="flynn-blobstore-"))
-    log = logdir / "blobstore.log"
     env = {**os.environ, "PORT": str(port), "LISTEN_IP": "127.0.0.1", "DISCOVERD": "none",
-           "PYTHONPATH": _pythonpath()}  # fmt: skip
-    args = [sys.executable, "-m", "flynn_host.cli.main", "component", "blobstore"]
+           "PYTHONPATH": procs.import_path()}  # fmt: skip
+    args = procs.component_command("blobstore")
     if pg is not None:
         env.update(pg.env(database))
     else:
         args += ["--dir", str(directory)]
-    proc = subprocess.Popen(
-        args,
-        env=env,
-        stdout=open(log, "ab"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    bs = BlobstoreProcess(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + timeout
-        while not _answers(bs.url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"blobstore did not start:\n{bs.log_text()[-3000:]}")
-            time.sleep(0.1)
-        yield bs
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        shutil.rmtree(logdir, ignore_errors=True)
+    url = f"http://127.0.0.1:{port}"
+    with procs.started("blobstore", args, env, url + STATUS_PATH, timeout) as (proc, log):
+        yield BlobstoreProcess(url, proc, log)

@@ -18,13 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flynn_host.dev import procs
 from flynn_host.dev.host import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -172,14 +171,6 @@ class ControllerProcess:
         return self.log.read_text(errors="replace")
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/ping", timeout=2) as r:
-            return bool(r.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
-
-
 @contextlib.contextmanager
 def controller_process(
     pg: PGServer,
@@ -191,8 +182,6 @@ def controller_process(
     """A controller serving from `pg`'s database `database` on a free loopback port, or on
     `env["PORT"]` when given."""
     port = int((env or {}).get("PORT") or free_port())
-    logdir = Path(tempfile.mkdtemp(prefix="flynn-controller-"))
-    log = logdir / "controller.log"
     full_env = {
         **os.environ,
         **pg.env(database),
@@ -205,31 +194,10 @@ def controller_process(
         "DISCOVERD": "none",
         **(env or {}),
     }
-    bin_dir = Path(sys.executable).parent
-    proc = subprocess.Popen(
-        [str(bin_dir / "flynn-host"), "component", "controller"],
-        env=full_env,
-        stdout=open(log, "ab"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    ctl = ControllerProcess(f"http://127.0.0.1:{port}", key, proc, log, full_env)
-    try:
-        deadline = time.monotonic() + timeout
-        while not _answers(ctl.url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"controller did not start:\n{ctl.log_text()[-3000:]}")
-            time.sleep(0.1)
-        yield ctl
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        shutil.rmtree(logdir, ignore_errors=True)
+    argv = [str(Path(sys.executable).parent / "flynn-host"), "component", "controller"]
+    url = f"http://127.0.0.1:{port}"
+    with procs.started("controller", argv, full_env, url + "/ping", timeout) as (proc, log):
+        yield ControllerProcess(url, key, proc, log, full_env)
 
 
 # --- the controller a bootstrapped development cluster runs ------------------------------------
