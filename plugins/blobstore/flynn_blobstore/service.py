@@ -83,12 +83,9 @@ async def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"blobstore: cannot serve on {args.listen}:{args.port}: {exc}", file=sys.stderr)
             return 1
-        env = os.environ
-        if env.get("DISCOVERD") not in (None, "", "none") and env.get("EXTERNAL_IP"):
-            from flynn_discoverd.client import registered_while_inside
+        from flynn_discoverd.client import registered_in_cluster
 
-            addr = f"{env['EXTERNAL_IP']}:{args.port}"
-            await stack.enter_async_context(registered_while_inside(SERVICE, addr, REGISTER_RETRY))
+        await stack.enter_async_context(registered_in_cluster(SERVICE, args.port, REGISTER_RETRY))
         where = args.dir or "PostgreSQL"
         print(f"blobstore: serving on {args.listen}:{args.port} from {where}", flush=True)
         await stop.wait()

@@ -88,11 +88,9 @@ async def run(config: Config, env: dict[str, str]) -> int:
         except OSError as exc:
             print(f"controller: cannot serve on {listen}:{port}: {exc}", file=sys.stderr)
             return 1
-        if env.get("DISCOVERD") not in (None, "", "none") and env.get("EXTERNAL_IP"):
-            from flynn_discoverd.client import registered_while_inside
+        from flynn_discoverd.client import registered_in_cluster
 
-            addr = f"{env['EXTERNAL_IP']}:{port}"
-            await stack.enter_async_context(registered_while_inside(SERVICE, addr, REGISTER_RETRY))
+        await stack.enter_async_context(registered_in_cluster(SERVICE, port, REGISTER_RETRY))
         print(f"controller: serving on {listen}:{port}", flush=True)
         await stop.wait()
         log.info("stopping")

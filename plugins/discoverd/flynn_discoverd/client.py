@@ -583,3 +583,15 @@ async def registered_while_inside(
         # closing the client deregisters its instance
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), leave_timeout)
+
+
+@contextlib.asynccontextmanager
+async def registered_in_cluster(service: str, port: int, retry: float = 2.0) -> AsyncIterator[None]:
+    """`registered_while_inside(service, "$EXTERNAL_IP:<port>")` for a component job in a
+    cluster (`DISCOVERD` set and not `none`, `EXTERNAL_IP` set); outside one, nothing."""
+    env = os.environ
+    if env.get("DISCOVERD") in (None, "", "none") or not env.get("EXTERNAL_IP"):
+        yield
+        return
+    async with registered_while_inside(service, f"{env['EXTERNAL_IP']}:{port}", retry):
+        yield

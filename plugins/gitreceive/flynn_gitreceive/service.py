@@ -75,11 +75,9 @@ async def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"gitreceive: cannot serve on {args.listen}:{args.port}: {exc}", file=sys.stderr)
             return 1
-        if env.get("DISCOVERD") not in (None, "", "none") and env.get("EXTERNAL_IP"):
-            from flynn_discoverd.client import registered_while_inside
+        from flynn_discoverd.client import registered_in_cluster
 
-            addr = f"{env['EXTERNAL_IP']}:{args.port}"
-            await stack.enter_async_context(registered_while_inside(SERVICE, addr, REGISTER_RETRY))
+        await stack.enter_async_context(registered_in_cluster(SERVICE, args.port, REGISTER_RETRY))
         print(f"gitreceive: serving on {args.listen}:{args.port}", flush=True)
         await stop.wait()
         log.info("stopping")
