@@ -1,0 +1,1 @@
+"""logaggregator: the cluster's log service (docs/logaggregator.md)."""
