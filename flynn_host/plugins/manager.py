@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "router": "flynn_router.plugin",
     "blobstore": "flynn_blobstore.plugin",
     "gitreceive": "flynn_gitreceive.plugin",
+    "logaggregator": "flynn_logaggregator.plugin",
     "bootstrap-actions": "flynn_host.plugins.bootstrap_actions",
 }
 

@@ -1,0 +1,108 @@
+"""What other components import to use the aggregator: `Client` for its API (the controller's
+`/apps/:app/log`, a follower loading a snapshot) and, for the host's log shipper, the wire
+encoder `format_message` with the `Message` and `Cursor` it takes (the same codec the aggregator
+decodes with, flynn_logaggregator.syslog).
+
+    async with Client("http://logaggregator.discoverd") as c:
+        async for m in c.log(app_id, follow=True, lines=10):
+            print(m.to_json())
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from flynn_host.errors import FlynnError
+from flynn_logaggregator.syslog import FrameParser, format_message, parse_message
+from flynn_logaggregator.types import Cursor, Message
+
+__all__ = ["Client", "Cursor", "FrameParser", "Message", "format_message", "parse_message"]
+
+DEFAULT_URL = "http://logaggregator.discoverd"
+READ_LIMIT = 1024 * 1024  # one NDJSON line at most (a 64 KiB message escaped)
+
+
+class Client:
+    def __init__(self, url: str = DEFAULT_URL, session: aiohttp.ClientSession | None = None):
+        self.url = url.rstrip("/")
+        self._own = session is None
+        self._session = session
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                read_bufsize=READ_LIMIT,
+            )
+        return self._session
+
+    async def _lines(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+        async with self.session.get(self.url + path, params=params) as resp:
+            if resp.status != 200:
+                body = await resp.read()
+                try:
+                    err = json.loads(body)
+                    raise FlynnError(err["code"], err["message"], err.get("detail"))
+                except (ValueError, KeyError, TypeError):
+                    raise FlynnError("unknown_error", body.decode(errors="replace")) from None
+            while line := await resp.content.readline():
+                if line.strip():
+                    yield json.loads(line)
+
+    async def log(
+        self,
+        app_id: str,
+        *,
+        follow: bool = False,
+        lines: int | None = None,
+        job_id: str = "",
+        process_type: str = "",
+        stream_types: tuple[str, ...] = (),
+    ) -> AsyncIterator[Message]:
+        """`GET /log/:app_id`: an app's messages (see server.py for what the options mean)."""
+        params: dict[str, str] = {}
+        if follow:
+            params["follow"] = "true"
+        if lines is not None:
+            params["lines"] = str(lines)
+        if job_id:
+            params["job_id"] = job_id
+        if process_type:
+            params["process_type"] = process_type
+        if stream_types:
+            params["stream_types"] = ",".join(stream_types)
+        async for d in self._lines(f"/log/{app_id}", params):
+            yield Message.from_json(d, app_id)
+
+    async def cursors(self) -> dict[str, Cursor]:
+        """Each host's cursor: a host resumes shipping after it."""
+        async with self.session.get(self.url + "/cursors") as resp:
+            resp.raise_for_status()
+            return {h: Cursor.from_json(c) for h, c in (await resp.json()).items()}
+
+    async def snapshot(self) -> tuple[dict[str, Cursor], list[Message]]:
+        """`GET /snapshot`: the cursors and every buffered message, each app's oldest first."""
+        cursors: dict[str, Cursor] = {}
+        msgs: list[Message] = []
+        async for d in self._lines("/snapshot", {}):
+            if "cursors" in d:
+                cursors = {h: Cursor.from_json(c) for h, c in d["cursors"].items()}
+            else:
+                msgs.append(Message.from_json(d))
+        return cursors, msgs
