@@ -50,12 +50,14 @@ class SyslogProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            frames = self.parser.feed(data)
+            self.ingest(self.parser.feed(data))
         except FrameError as exc:
+            self.ingest(exc.frames)
             log.warning("syslog: closing connection from %s: %s", self.peer, exc)
             assert self.transport is not None
             self.transport.abort()
-            return
+
+    def ingest(self, frames: list[bytes]) -> None:
         add = self.aggregator.add
         for frame in frames:
             try:

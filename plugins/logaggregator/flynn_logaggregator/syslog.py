@@ -30,7 +30,12 @@ _SEQ = re.compile(rb'\[flynn seq="(\d{1,20})"\]')
 
 
 class FrameError(ValueError):
-    """The byte stream is not RFC 6587 octet-counted frames within the size limit."""
+    """The byte stream is not RFC 6587 octet-counted frames within the size limit. `frames`:
+    the complete frames that came before the bad one in the same `feed`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.frames: list[bytes] = []
 
 
 class MessageError(ValueError):
@@ -137,9 +142,18 @@ class FrameParser:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        try:
+            self._feed(data, out)
+        except FrameError as exc:
+            exc.frames = out
+            self._buf.clear()
+            raise
+        return out
+
+    def _feed(self, data: bytes, out: list[bytes]) -> None:
         buf = self._buf
         buf += data
-        out: list[bytes] = []
         pos, n = 0, len(buf)
         while pos < n:
             if self._need < 0:
@@ -166,4 +180,3 @@ class FrameParser:
             pos += self._need
             self._need = -1
         del buf[:pos]
-        return out

@@ -87,6 +87,13 @@ def test_several_frames_per_packet_with_newlines() -> None:
     assert [parse_message(f).seq for f in got] == [1, 2, 3]
 
 
+def test_frames_before_garbage_are_kept() -> None:
+    good = format_message(msg(1))
+    with pytest.raises(FrameError) as e:
+        FrameParser().feed(good + b"garbage")
+    assert e.value.frames == [good.partition(b" ")[2]]
+
+
 def test_oversized_frame_is_refused_before_it_is_read() -> None:
     p = FrameParser(max_message=1024)
     with pytest.raises(FrameError, match="over"):
