@@ -24,6 +24,9 @@ PUBLIC_MODULES: dict[str, str] = {
     "flynn_host.client": (
         "the host API's client, key and address: a component's job talks to its host"
     ),
+    "flynn_host.pgmigrate": (
+        "numbered SQL migrations under an advisory lock (the controller's and the blobstore's)"
+    ),
     "flynn_host.atomicfile": "files replaced atomically (flannel's subnet.env)",
     "flynn_host.runtime.volumes": (
         "`VolumeManager`, the base class a `volumes` component may extend"

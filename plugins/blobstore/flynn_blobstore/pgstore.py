@@ -20,15 +20,14 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 from collections.abc import AsyncIterable, AsyncIterator
-from importlib import resources
 from typing import Any
 
 import asyncpg
 
 from flynn_blobstore.store import CHUNK, rechunk
 from flynn_blobstore.types import BlobInfo
+from flynn_host import pgmigrate
 
 log = logging.getLogger("flynn_blobstore.pg")
 
@@ -36,51 +35,15 @@ MIGRATION_LOCK = 0x666C796E6E0B  # "flynn" + 0x0b: pg_advisory_lock keys of this
 INV_WRITE = 0x20000
 INV_READ = 0x40000
 SEEK_SET = 0
-MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+MIGRATIONS = "flynn_blobstore.migrations"
 
 # the advisory lock of a name, held by a PUT or DELETE from its swap until it commits
 LOCK_NAME = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """(number, file name, SQL) of every migration in the package, in order."""
-    found = []
-    for entry in resources.files("flynn_blobstore.migrations").iterdir():
-        m = MIGRATION_FILE.match(entry.name)
-        if m:
-            found.append((int(m.group(1)), entry.name, entry.read_text()))
-    found.sort()
-    if [n for n, _, _ in found] != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"migrations are not numbered 1..n: {[n for n, _, _ in found]}")
-    return found
-
-
 async def migrate(pool: asyncpg.Pool) -> list[int]:
-    """Apply the migrations the database lacks, each in its own transaction."""
-    applied: list[int] = []
-    async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-        try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS blobstore_migrations ("
-                " id integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {r["id"] for r in await conn.fetch("SELECT id FROM blobstore_migrations")}
-            for number, name, sql in migrations():
-                if number in done:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO blobstore_migrations (id, name) VALUES ($1, $2)",
-                        number, name,
-                    )  # fmt: skip
-                log.info("applied migration %s", name)
-                applied.append(number)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
-    return applied
+    """Apply the migrations the database lacks (`flynn_host.pgmigrate`)."""
+    return await pgmigrate.migrate(pool, MIGRATIONS, "blobstore_migrations", MIGRATION_LOCK)
 
 
 class PGReader:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-from importlib import resources
 from typing import Any
 
 import asyncpg
+
+from flynn_host import pgmigrate
 
 log = logging.getLogger("flynn_controller.db")
 
@@ -24,7 +24,7 @@ log = logging.getLogger("flynn_controller.db")
 MIGRATION_LOCK = 0x666C796E6E01  # "flynn" + 1
 EVENT_LOCK = 0x666C796E6E02
 
-MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+MIGRATIONS = "flynn_controller.migrations"
 
 
 def dsn_from_env(env: dict[str, str] | None = None) -> str | None:
@@ -63,42 +63,11 @@ async def create_pool(min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
 
 
 def migrations() -> list[tuple[int, str, str]]:
-    """(number, file name, SQL) of every migration in the package, in order."""
-    found = []
-    for entry in resources.files("flynn_controller.migrations").iterdir():
-        m = MIGRATION_FILE.match(entry.name)
-        if m:
-            found.append((int(m.group(1)), entry.name, entry.read_text()))
-    found.sort()
-    numbers = [n for n, _, _ in found]
-    if numbers != list(range(1, len(numbers) + 1)):
-        raise RuntimeError(f"migrations are not numbered 1..n without gaps: {numbers}")
-    return found
+    """(number, file name, SQL) of every controller migration, in order."""
+    return pgmigrate.migrations(MIGRATIONS)
 
 
 async def migrate(pool: asyncpg.Pool) -> list[int]:
-    """Apply the migrations this database lacks, each in its own transaction; returns their
-    numbers. Safe to call from several processes at once."""
-    applied: list[int] = []
-    async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-        try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " id integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {r["id"] for r in await conn.fetch("SELECT id FROM schema_migrations")}
-            for number, name, sql in migrations():
-                if number in done:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (id, name) VALUES ($1, $2)", number, name
-                    )
-                log.info("applied migration %s", name)
-                applied.append(number)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
-    return applied
+    """Apply the migrations this database lacks; returns their numbers. Safe to call from
+    several processes at once."""
+    return await pgmigrate.migrate(pool, MIGRATIONS, "schema_migrations", MIGRATION_LOCK)
