@@ -98,22 +98,24 @@ def test_packaged_manifest_renders(monkeypatch: pytest.MonkeyPatch) -> None:
         # the hand-over to the scheduler, and its wait
         "scheduler",
         "wait",
-        # the blobstore (Flynn's step 35, and its wait from 49-54), through the controller
+        # then Flynn's steps 35-57: the blobstore, the router, gitreceive (its images' URLs
+        # first), the router's wait, the routes to git and the controller, the log aggregator,
+        # the waits, and the status check of everything
         "deploy-app",
-        "wait",
-        # the router (Flynn's steps 36, 39, 42, 43): deployed through the controller, then
-        # the route to the controller with the cluster certificate, served
         "deploy-app",
-        "wait",
-        "add-route",
-        "wait",
-        # gitreceive (Flynn's steps 37, 44, 45), its images' URLs first, and git.<domain>
         "image-uri",
         "image-uri",
         "deploy-app",
         "wait",
         "add-route",
+        "add-route",
         "wait",
+        "deploy-app",
+        "wait",
+        "wait",
+        "wait",
+        "wait",
+        "status-check",
         "log",
     ]
     discoverd = steps[2]["release"]

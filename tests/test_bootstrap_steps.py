@@ -19,7 +19,7 @@ from flynn_host.bootstrap.manifest import parse_manifest
 from flynn_host.bootstrap.output import json_logger, text_logger
 from flynn_host.bootstrap.runner import Action, ClusterHost, State, StepError, run_steps
 from flynn_host.bootstrap.template import TemplateError, render, render_step
-from flynn_host.bootstrap.wait import Wait
+from flynn_host.bootstrap.wait import StatusCheck, Wait
 from flynn_host.client import HostClient
 
 DATA = {"Singleton": False, "SortedHostIPs": ["10.0.0.1"]}
@@ -217,6 +217,35 @@ def test_wait_resolves_discoverd_names(server: int) -> None:
         ).run(s)
     with pytest.raises(StepError, match="discoverd has no service other"):
         Wait({"id": "w", "action": "wait", "url": "http://other.discoverd/", "timeout": 1}).run(s)
+
+
+def test_status_check_needs_every_service_healthy(server: int) -> None:
+    s = wait_state(server)
+    Handler.routes = {"/services/web/instances": [{"addr": f"127.0.0.1:{server}"}]}
+    checks: dict[str, Any] = {
+        "discoverd": {"host_discoverd": "/ok"},
+        "web": "http://web.discoverd/ok",
+        "routed": {"url": f"http://127.0.0.1:{server}/status/401", "status": 401},
+    }
+    step = {"id": "status-check", "action": "status-check", "checks": checks}
+    assert StatusCheck(step).run(s) == {"healthy": ["discoverd", "routed", "web"]}
+    # one unhealthy service fails the step, named with what it answered; the others are not
+    checks["db"] = f"http://127.0.0.1:{server}/status/503"
+    checks["gone"] = "http://gone.discoverd/"
+    with pytest.raises(StepError) as err:
+        StatusCheck({**step, "timeout": 1}).run(s)
+    assert str(err.value).startswith("unhealthy after 1s: db: ")
+    assert "answered 503 (want 200)" in str(err.value)
+    assert "gone: discoverd has no service gone" in str(err.value)
+    assert "web:" not in str(err.value) and "discoverd:" not in str(err.value)
+    # a host whose discoverd does not answer
+    with pytest.raises(StepError, match="discoverd: .*/nothing-here: HTTP Error 404"):
+        StatusCheck({**step, "checks": {"discoverd": {"host_discoverd": "nothing-here"}},
+                     "timeout": 0.5}).run(s)  # fmt: skip
+    for bad, message in (({}, "checks must map"), ({"checks": {"x": 3}}, "check 'x': expected"),
+                         ({"checks": {"x": "ftp://x/"}}, "check 'x': url 'ftp")):  # fmt: skip
+        with pytest.raises(StepError, match=message):
+            StatusCheck({"id": "s", **bad})
 
 
 @pytest.mark.parametrize(

@@ -146,12 +146,16 @@ class Wait(Action):
                 errors.append(str(exc))
         raise NotYet("; ".join(errors) or "nothing to try")
 
+    def probe(self, state: State) -> None:
+        """One try: NotYet unless the URL answers as wanted now."""
+        self.check_any(self.targets(state))
+
     def run(self, state: State) -> Any:
         deadline = time.monotonic() + self.timeout
         next_report = time.monotonic() + 10
         while True:
             try:
-                self.check_any(self.targets(state))
+                self.probe(state)
                 return None
             except NotYet as exc:
                 last = str(exc)
@@ -159,5 +163,81 @@ class Wait(Action):
                 raise StepError(f"timed out after {self.timeout:g}s waiting for {self.url}: {last}")
             if time.monotonic() > next_report:
                 state.progress(f"waiting for {self.url}: {last}")
+                next_report = time.monotonic() + 10
+            time.sleep(INTERVAL)
+
+
+class HostDiscoverd:
+    """A status check of the discoverd API each host reports (all of them must answer 200)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = "/" + path.lstrip("/")
+
+    def probe(self, state: State) -> None:
+        urls = discoverd_urls(state)
+        if len(urls) < len(state.hosts):
+            raise NotYet(f"{len(state.hosts) - len(urls)} host(s) report no discoverd")
+        for base in urls:
+            try:
+                with urllib.request.urlopen(base + self.path, timeout=REQUEST_TIMEOUT):
+                    pass
+            except (OSError, ValueError) as exc:  # HTTPError is an OSError
+                raise NotYet(f"{base}{self.path}: {exc}") from None
+
+
+class StatusCheck(Action):
+    """Flynn's `status-check`: the last step, every platform service healthy at once.
+
+    `{"checks": {NAME: URL or {"url", "status", "host"} or {"host_discoverd": PATH}},
+    "timeout": 60}`: each check is a `wait` (same URLs, discoverd names and defaults), or with
+    `host_discoverd` a GET of PATH on the discoverd API every host reports (discoverd is not
+    a service in itself); all of them are polled together,
+    every half second, until every one answers as wanted in the same round or `timeout`
+    seconds (default 1 minute, as Flynn's) have passed. A failure names each service that was
+    not healthy and what it answered, so the operator knows where to look.
+    """
+
+    def __init__(self, step: dict[str, Any]) -> None:
+        super().__init__(step)
+        checks = step.get("checks")
+        if not isinstance(checks, dict) or not checks:
+            raise StepError("checks must map service names to URLs")
+        self.checks: dict[str, Wait | HostDiscoverd] = {}
+        for name, spec in checks.items():
+            spec = {"url": spec} if isinstance(spec, str) else spec
+            if not isinstance(spec, dict):
+                raise StepError(f"check {name!r}: expected a URL or an object with a url")
+            if "host_discoverd" in spec:
+                self.checks[name] = HostDiscoverd(str(spec["host_discoverd"]))
+                continue
+            try:
+                self.checks[name] = Wait({"id": f"{self.id}/{name}", **spec})
+            except StepError as exc:
+                raise StepError(f"check {name!r}: {exc}") from None
+        self.timeout = float(step.get("timeout") or 60)
+
+    def failing(self, state: State) -> dict[str, str]:
+        """Each check that does not answer as wanted right now, with what it did."""
+        out = {}
+        for name, check in self.checks.items():
+            try:
+                check.probe(state)
+            except NotYet as exc:
+                out[name] = str(exc)
+        return out
+
+    def run(self, state: State) -> Any:
+        deadline = time.monotonic() + self.timeout
+        next_report = time.monotonic() + 10
+        while True:
+            failing = self.failing(state)
+            if not failing:
+                state.progress(f"{len(self.checks)} services healthy: {', '.join(self.checks)}")
+                return {"healthy": sorted(self.checks)}
+            if time.monotonic() > deadline:
+                detail = "; ".join(f"{name}: {why}" for name, why in failing.items())
+                raise StepError(f"unhealthy after {self.timeout:g}s: {detail}")
+            if time.monotonic() > next_report:
+                state.progress(f"waiting for {', '.join(failing)}")
                 next_report = time.monotonic() + 10
             time.sleep(INTERVAL)

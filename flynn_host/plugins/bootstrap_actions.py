@@ -15,6 +15,7 @@ def flynn_host_bootstrap_actions() -> dict[str, type]:
         "image-uri": actions.ImageURI,
         "log": log.Log,
         "wait": wait.Wait,
+        "status-check": wait.StatusCheck,
         "require-env": actions.RequireEnv,
         "resource-check": actions.ResourceCheck,
         "run-app": runapp.RunApp,

@@ -48,9 +48,13 @@ ROUTER_STEPS = ("router", "router-wait", "controller-route", "controller-route-w
 BLOBSTORE_STEPS = ("blobstore", "blobstore-wait")
 GITRECEIVE_STEPS = ("slugbuilder-image", "slugrunner-image", "gitreceive", "gitreceive-wait",
                     "gitreceive-route", "gitreceive-route-wait")  # fmt: skip
+LOGAGGREGATOR_STEPS = ("logaggregator", "logaggregator-wait")
+# the deployed apps that need the scheduler, and the final check that they are all healthy
+SCHEDULED_STEPS = (*BLOBSTORE_STEPS, *ROUTER_STEPS, *GITRECEIVE_STEPS, *LOGAGGREGATOR_STEPS,
+                   "status-check")  # fmt: skip
 # the apps a booted cluster runs
 SYSTEM_APPS = {"discoverd", "flannel", "postgres", "controller", "blobstore", "router",
-               "gitreceive"}  # fmt: skip
+               "gitreceive", "logaggregator"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -61,11 +65,7 @@ def booted_cluster(n: int, scheduler: bool = True) -> Iterator[Cluster]:
     c = new_cluster()
     try:
         # without the scheduler nothing deploys the blobstore or the router either
-        skip = (
-            ()
-            if scheduler
-            else ("scheduler", "scheduler-wait", *BLOBSTORE_STEPS, *ROUTER_STEPS, *GITRECEIVE_STEPS)
-        )
+        skip = () if scheduler else ("scheduler", "scheduler-wait", *SCHEDULED_STEPS)
         c.up(n, bootstrap=True, host_id_prefix=f"{c.name}h", without_steps=skip)
         yield c
     finally:
