@@ -49,17 +49,27 @@ class RouteSource:
         self.connected = False
 
     async def run(self) -> None:
+        from flynn_discoverd.client import DiscoverdError
+
         delay = RETRY_MIN
         async with aiohttp.ClientSession(auth=self.auth, timeout=HTTP_TIMEOUT) as session:
             while True:
                 try:
                     await self._follow(session)
-                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                except asyncio.CancelledError:
+                    raise
+                except (DiscoverdError, aiohttp.ClientError, OSError, TimeoutError,
+                        ValueError) as exc:  # fmt: skip
                     if self.connected:
                         log.warning("controller route stream: %s; serving the last routes", exc)
                     else:
                         log.info("controller not reachable yet: %s", exc)
                     delay = RETRY_MIN if self.connected else min(delay * 2, RETRY_MAX)
+                except Exception as exc:  # noqa: BLE001 - following must outlive anything
+                    # e.g. discoverd answering an error while a rejoining host's member
+                    # catches up: a router that stopped following would serve no route
+                    log.exception("following the controller's routes: %r; retrying", exc)
+                    delay = min(delay * 2, RETRY_MAX)
                 self.connected = False
                 await asyncio.sleep(delay * random.uniform(1, 1.5))
 

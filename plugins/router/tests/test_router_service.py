@@ -433,3 +433,37 @@ def test_the_router_serves_its_last_routes_while_the_controller_is_away_and_catc
         stack.enter_context(controller_process(pg, env=env))
         took = wait_for(lambda: router.get(late)[0] == 200, 15, "caught up with the controller")
         print(f"caught up {took:.1f} s after the controller was started again")
+
+
+def test_following_routes_outlives_discoverd_errors(world: dict[str, Any]) -> None:
+    """A router on a host that rejoins finds the controller through its host's discoverd,
+    which may answer errors while its member catches up: the router keeps trying."""
+    from flynn_discoverd.client import DiscoverdError
+    from flynn_router.follow import RouteSource
+
+    ctl = world["controller"]
+    app = new_app(ctl)
+    calls = 0
+
+    async def url() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise DiscoverdError("unavailable", "etcd member is not ready", 503)
+        if calls == 2:
+            raise RuntimeError("anything else")
+        return str(ctl.url)
+
+    listed: list[list[Any]] = []
+
+    async def follow() -> None:
+        source = RouteSource(url, ctl.key, listed.append, lambda r: None, lambda r: None)
+        task = asyncio.create_task(source.run())
+        try:
+            await asyncio.wait_for(source.synced.wait(), 30)
+        finally:
+            task.cancel()
+
+    asyncio.run(follow())
+    assert calls == 3
+    assert f"{app['name']}.{DOMAIN}" in {r.domain for r in listed[-1]}
