@@ -1,519 +1,286 @@
-"""`make demo`: the most complete use of flynn-host so far, as a transcript.
+"""`make demo`: the product's main job, as a newcomer would do it, printed as a transcript.
 
-Starts a real daemon (its own port and directories under /tmp), then uses it the way an
-operator would: a job submitted as Flynn's job JSON, `flynn-host run` with output and exit
-status, a crash, an out-of-memory kill, a long-running job listed by `ps`, inspected, its log
-read and stopped, a data volume shared by two jobs, the Debian images imported and run, a
-platform component served from the host's own code, discoverd as a job (etcd, its API and
-DNS, the host registering itself), and the plugin list. Then three hosts in network
-namespaces booted with `flynn-host bootstrap` (discoverd and flannel on each), and a job on
-host 1 reaching a job on host 3 over the overlay by `<service>.discoverd`; the PostgreSQL
-appliance bootstrap started (three nodes, discoverd's leader on the primary), a database for
-an app from its provider API and the app's psql; and the controller bootstrap started, driven
-with the `flynn` CLI as a developer would (an app from the busybox image scaled to three jobs
-spread over the hosts by the scheduler, `ps`, a job killed and replaced, a deploy by `env
-set`, a one-off `run`, a postgres resource used with `pg psql`, the app reached through the
-router over HTTP and HTTPS, routes added live, deletion). The CLI runs on this machine and
-reaches `https://controller.<domain>` through the router, pinned as bootstrap printed. Everything
-is removed at the end, whatever happened.
+Boots a cluster on this machine with `script/cluster up` (3 hosts, or 1 on a machine with less
+than 8 GiB of memory or fewer than 2 CPUs; `DEMO_HOSTS=N` chooses), every host a `flynn-host`
+daemon in its own network namespace, bootstrapped with the whole platform. Then, with the
+`flynn` CLI and git from this machine, as a developer: `flynn cluster add` (the line bootstrap
+printed), `flynn create`, `git push flynn master` of examples/nodejs, curl through the router,
+`flynn scale web=3` and curls answered by the three jobs, `flynn log`, `flynn run`, `flynn env
+set` (a deploy, polled meanwhile: no failed request), `flynn resource add postgres` and a query
+from the app, `flynn route add http`, and the app deleted. Finally `script/cluster down` and a
+check that nothing of the cluster is left on the machine, whatever happened before.
+
+Each command is printed with `$` and its output as the user would see it; what the demo itself
+measures or checks is printed in dim `#` lines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-import urllib.request
-import uuid
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
 
-from flynn_discoverd.service import CLIENT_PORT_OFFSET, PEER_PORT_OFFSET
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from flynn_host.dev import host as devhost
-from flynn_host.dev.busybox import build_busybox_image
-from flynn_host.dev.cluster import Cluster, leftovers
+from flynn_host.dev.cluster import Cluster, leftovers  # noqa: E402
 
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+NAME = "demo"
+APP = "example"
+FLYNN = str(ROOT / ".venv" / "bin" / "flynn")
+ADD_LINE = re.compile(r"^flynn cluster add .*$", re.M)
 
 
 def say(text: str) -> None:
     print(f"\n{BOLD}# {text}{RESET}", flush=True)
 
 
-def sh(d: devhost.Daemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    print(f"{DIM}${RESET} flynn-host {shlex.join(args)}", flush=True)
-    out = d.run_cli(*args)
-    sys.stdout.write(out.stderr)  # progress lines come first
-    sys.stdout.write(out.stdout)
-    if out.returncode:
-        print(f"{DIM}(exit status {out.returncode}){RESET}")
-    if check and out.returncode not in (0, 3):
-        raise SystemExit(f"demo step failed: flynn-host {shlex.join(args)}")
-    return out
+def note(text: str) -> None:
+    print(f"{DIM}# {text}{RESET}", flush=True)
 
 
-def put(url: str, body: object) -> str:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")
-    return urllib.request.urlopen(req).read().decode()
+class Demo:
+    def __init__(self, home: Path, hosts: int) -> None:
+        self.home = home
+        self.hosts = hosts
+        self.domain = f"{NAME}.localflynn"
+        self.ip = ""
+        self.work = home / "nodejs-example"
+        # the machine's own GIT_* settings (e.g. GIT_SSL_CAINFO) would override what
+        # `flynn cluster add` configures for git: the cluster's CA and its credential helper
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        self.env.update({"HOME": str(home), "FLYNNRC": str(home / ".flynnrc"),
+                         "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1"})  # fmt: skip
+        self.timings: list[tuple[str, float]] = []
+
+    # --- running commands as the user would ----------------------------------------------
+
+    def run(self, argv: list[str], show: str | None = None, cwd: Path | None = None,
+            timeout: float = 600, check: bool = True) -> str:  # fmt: skip
+        """Run a command, printing it and its output as it comes (stdout and stderr merged)."""
+        print(f"{DIM}${RESET} {show or shlex.join(argv)}", flush=True)
+        proc = subprocess.Popen(argv, cwd=cwd or self.work, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            line = ANSI.sub("", line)
+            lines.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if time.monotonic() > deadline:
+                proc.kill()
+        code = proc.wait()
+        if check and code != 0:
+            raise SystemExit(f"demo: `{show or shlex.join(argv)}` failed (exit status {code})")
+        return "".join(lines)
+
+    def flynn(self, *args: str, **kw: object) -> str:
+        return self.run([FLYNN, *args], show="flynn " + shlex.join(args), **kw)  # type: ignore[arg-type]
+
+    def curl(self, path: str = "/", host: str | None = None) -> str:
+        host = host or f"{APP}.{self.domain}"
+        argv = ["curl", "-sS", "--max-time", "10", "--resolve", f"{host}:80:{self.ip}",
+                f"http://{host}{path}"]  # fmt: skip
+        return self.run(argv, check=False)
+
+    def get(self, path: str = "/", host: str | None = None) -> tuple[int, str]:
+        """A quiet request through the router: (status, body), status 0 on no answer."""
+        host = host or f"{APP}.{self.domain}"
+        out = subprocess.run(
+            ["curl", "-s", "--max-time", "5", "-w", "\n%{http_code}", "--resolve",
+             f"{host}:80:{self.ip}", f"http://{host}{path}"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        body, _, code = out.stdout.rpartition("\n")
+        return (int(code) if code.isdigit() else 0), body
+
+    def wait_for(self, what: str, check: object, timeout: float = 120) -> float:
+        started = time.monotonic()
+        while not check():  # type: ignore[operator]
+            if time.monotonic() - started > timeout:
+                raise SystemExit(f"demo: timed out after {timeout:g}s waiting for {what}")
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    @contextlib.contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.timings.append((what, time.monotonic() - started))
+
+    # --- the walk-through ---------------------------------------------------------------
+
+    def cluster_up(self) -> str:
+        say(f"{self.hosts} host(s) on this machine, bootstrapped with the whole platform")
+        with self.timed("script/cluster up (daemons + flynn-host bootstrap)"):
+            out = self.run([str(ROOT / "script" / "cluster"), "up", "--name", NAME,
+                            "-n", str(self.hosts)], cwd=ROOT, timeout=1200)  # fmt: skip
+        found = ADD_LINE.search(out)
+        if not found:
+            raise SystemExit("demo: bootstrap printed no `flynn cluster add` line")
+        self.ip = Cluster(name=NAME).ips()[0]
+        return found.group(0)
+
+    def walk(self, add_line: str) -> None:
+        say("the line bootstrap printed, pasted on this machine: the CLI now talks to the cluster")
+        self.run(shlex.split(add_line.replace("flynn ", f"{FLYNN} ", 1)), show=add_line,
+                 cwd=self.home)  # fmt: skip
+        self.flynn("apps", cwd=self.home)
+
+        say("an app from examples/nodejs: git init, flynn create, git push flynn master")
+        shutil.copytree(ROOT / "examples" / "nodejs", self.work)
+        for args in (["init", "-q", "-b", "master"], ["add", "."],
+                     ["-c", "user.name=Demo", "-c", "user.email=demo@example.test",
+                      "commit", "-q", "-m", "Node.js example"]):  # fmt: skip
+            subprocess.run(["git", *args], cwd=self.work, env=self.env, check=True)
+        note(f"cd {self.work} (git init, git add ., git commit)")
+        self.flynn("create", APP)
+        started = time.monotonic()
+        with self.timed("git push (first, no build cache) until the app answers"):
+            self.run(["git", "push", "flynn", "master"], timeout=900)
+            self.wait_for("the app through the router", lambda: self.get()[0] == 200)
+        note(f"push to first 200 through the router: {time.monotonic() - started:.1f}s")
+        self.curl()
+
+        say("flynn scale web=3: three jobs, and the router takes turns between them")
+        self.flynn("scale", "web=3")
+        self.flynn("ps")
+        # one curl, three requests on one connection: one router worker, round robin
+        url = f"http://{APP}.{self.domain}/"
+        out = self.run(["curl", "-sS", "--max-time", "10", "--resolve",
+                        f"{APP}.{self.domain}:80:{self.ip}", url, url, url])  # fmt: skip
+        seen = set(re.findall(r"\(job (\S+)\)", out))
+        if len(seen) != 3:
+            raise SystemExit(f"demo: 3 requests reached {len(seen)} job(s), not 3: {seen}")
+        note("three requests, three different jobs")
+
+        say("flynn log: every job's output, collected from all hosts")
+        self.flynn("log", "-n", "8")
+        self.flynn("log", "-n", "3", "-t", "web", "-r")
+
+        say("flynn run: a one-off job with the app's release")
+        self.flynn("run", "--", "echo", "hello from a one-off job")
+
+        say("flynn env set: a new release, deployed job by job while requests keep flowing")
+        poller = Poller(self)
+        with poller, self.timed("flynn env set (a deploy of 3 jobs)"):
+            self.flynn("env", "set", "GREETING=Bonjour")
+            self.wait_for("the new release", lambda: "Bonjour" in self.get()[1], 60)
+        note(f"{poller.total} requests during the deploy, {len(poller.failed)} failed"
+             + (f": {poller.failed[:3]}" if poller.failed else ""))  # fmt: skip
+        if poller.failed:
+            raise SystemExit("demo: requests failed during the deploy")
+        self.curl()
+        self.flynn("release")
+
+        say("flynn resource add postgres: a database, and the app queries it")
+        self.flynn("resource", "add", "postgres")
+        self.wait_for("the release with the database", lambda: self.get("/db")[0] == 200, 120)
+        self.curl("/db")
+        self.curl("/db")
+        self.flynn("env", "get", "PGDATABASE")
+
+        say("flynn route add http: the app on a domain of its own")
+        domain = "www.example.test"
+        self.flynn("route", "add", "http", domain)
+        self.flynn("route")
+        self.wait_for(f"{domain} on the router", lambda: self.get(host=domain)[0] == 200, 30)
+        self.curl(host=domain)
+
+        say("a second push: the build cache makes it quicker")
+        server = self.work / "server.js"
+        server.write_text(server.read_text().replace("on Flynn!", "on Flynn, pushed again!"))
+        subprocess.run(["git", "-c", "user.name=Demo", "-c", "user.email=demo@example.test",
+                        "commit", "-q", "-am", "second push"], cwd=self.work, env=self.env,
+                       check=True)  # fmt: skip
+        started = time.monotonic()
+        with self.timed("git push (second, build cache) until the new code answers"):
+            self.run(["git", "push", "flynn", "master"], timeout=900)
+            self.wait_for("the new code", lambda: "pushed again" in self.get()[1], 60)
+        note(f"second push to the new code answering: {time.monotonic() - started:.1f}s")
+        self.curl()
+
+        say("flynn delete: the app, its jobs, routes and database go")
+        self.flynn("delete", "-y")
+        self.flynn("apps", cwd=self.home)
+
+
+class Poller:
+    """Requests to the app in a loop (a background thread) while a deploy runs."""
+
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+        self.total = 0
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self) -> None:
+        while not self.stop.is_set():
+            code, body = self.demo.get()
+            self.total += 1
+            if code != 200:
+                self.failed.append(f"{code} {body[:60]!r}")
+            time.sleep(0.05)
+
+    def __enter__(self) -> Poller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def default_hosts() -> int:
+    if os.environ.get("DEMO_HOSTS"):
+        return int(os.environ["DEMO_HOSTS"])
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 3 if mem >= 8 * 2**30 and (os.cpu_count() or 1) >= 2 else 1
 
 
 def main() -> int:
-    build_busybox_image(devhost.IMAGES)
-    for name in ("base", "components", "stack"):
-        if not (devhost.IMAGES / name / "manifest.json").exists():
-            raise SystemExit(f"image {name} is missing in {devhost.IMAGES}: run `make images`")
-    d = devhost.make_daemon(host_id="demo")
-    try:
-        say(f"a flynn-host daemon is running: {d.url}, state under {d.base}")
-        print(json.dumps(d.client.status(), indent=2)[:600], "...")
-
-        say("submit Flynn's job JSON with curl, then read its log")
-        job_id = d.new_job_id()
-        job = devhost.busybox_job(
-            job_id, ["sh", "-c", "echo hello from $HOSTNAME; uname -s; echo to stderr >&2"]
+    images = Path(os.environ.get("FLYNN_IMAGES", "/var/lib/flynn/images"))
+    for name in ("components", "postgres", "stack", "slugbuilder", "slugrunner"):
+        if not (images / name / "manifest.json").exists():
+            raise SystemExit(f"demo: image {name} is missing in {images}: run `make images`")
+    if Cluster(name=NAME).exists():
+        raise SystemExit(
+            f"demo: a cluster '{NAME}' exists already: `script/cluster down --name {NAME}`"
         )
-        req = urllib.request.Request(
-            f"{d.url}/host/jobs/{job_id}", data=json.dumps(job).encode(), method="PUT",
-            headers={"Content-Type": "application/json", **d.auth_headers},
-        )  # fmt: skip
-        print(f"PUT /host/jobs/{job_id} -> {urllib.request.urlopen(req).read().decode()}")
-        final = d.wait_job(job_id)
-        print(f"status={final['status']} exit_status={final['exit_status']}")
-        sh(d, "log", job_id)
-
-        say("flynn-host run: output streams back and the exit status is the job's")
-        sh(d, "run", "busybox", "sh", "-c", "echo the answer is $((6 * 7)); exit 3")
-
-        say("an out-of-memory kill under a 32 MB limit")
-        oom = d.new_job_id()
-        d.client.add_job(
-            devhost.busybox_job(
-                oom, ["dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1"],
-                resources={"memory": {"limit": 32 * 1024 * 1024}},
-            )
-        )  # fmt: skip
-        final = d.wait_job(oom)
-        print(f"status={final['status']} error={final['error']!r}")
-
-        say("a long-running job: ps, inspect, log, stop")
-        web = d.new_job_id()
-        job = devhost.busybox_job(
-            web, ["sh", "-c", "echo listening on $PORT; while true; do sleep 1; done"],
-            ports=[{"port": 0, "proto": "tcp"}],
-        )  # fmt: skip
-        job["metadata"] = {"flynn-controller.app_name": "example", "flynn-controller.type": "web"}
-        d.client.add_job(job)
-        d.wait_job(web, ("running",))
-        time.sleep(0.3)
-        sh(d, "ps")
-        sh(d, "inspect", "--omit-env", web)
-        sh(d, "log", web)
-        sh(d, "stop", web)
-        d.wait_job(web)
-        sh(d, "ps", "-a")
-
-        say("a data volume outlives the job that wrote it")
-        vol = d.client.request("POST", "/storage/providers/default/volumes", {})
-        mount = [{"target": "/data", "volume": vol["id"], "writeable": True}]
-        for args in (["sh", "-c", "date > /data/written-at"], ["cat", "/data/written-at"]):
-            jid = d.new_job_id()
-            d.client.add_job(devhost.busybox_job(jid, args, volumes=mount))
-            d.wait_job(jid)
-        sh(d, "log", jid)
-
-        say("images from Debian packages: import them into the host, run their tools")
-        for name in ("base", "components", "stack"):
-            sh(d, "image", "import", str(devhost.IMAGES / name / "manifest.json"))
-        sh(d, "image", "list")
-        sh(d, "run", "base", "--", "sh", "-c", ". /etc/os-release; echo $PRETTY_NAME")
-        sh(d, "run", "components", "--", "etcd", "--version")
-        sh(d, "run", "stack", "--", "sh", "-c", "node --version; go version; python3 --version")
-
-        say("a platform component as a job: the host's own code, mounted at /.flynn-host")
-        port = devhost.free_port()
-        comp = d.new_job_id()
-        job = {
-            "id": comp,
-            "partition": "system",  # a platform component: it may use the host network
-            "mountspecs": d.client.request("GET", "/host/images/components")["mountspecs"],
-            "config": {
-                "args": ["/.flynn-host/flynn-host", "component", "ping", "--port", str(port)],
-                "host_bundle": True,
-                "host_network": True,
-            },
-        }
-        d.client.add_job(job)
-        d.wait_job(comp, ("running",))
-        url = f"http://127.0.0.1:{port}/.well-known/status"
-        for _ in range(100):
-            try:
-                print(f"GET {url} -> {urllib.request.urlopen(url).read().decode()}")
-                break
-            except OSError:
-                time.sleep(0.1)
-        sh(d, "stop", comp)
-
-        say("discoverd as a job: etcd + Flynn's discoverd API and DNS; the host registers in it")
-        # a free API port whose etcd ports (API port + 1268 and + 1269) are free too
-        (api,) = devhost.free_ports(1, offsets=(CLIENT_PORT_OFFSET, PEER_PORT_OFFSET))
-        dns = devhost.free_port()
-        vol = d.client.request("POST", "/storage/providers/default/volumes", {})
-        node = d.new_job_id()
-        d.client.add_job(
-            {
-                "id": node,
-                "partition": "system",
-                "mountspecs": d.client.request("GET", "/host/images/components")["mountspecs"],
-                "config": {
-                    "args": ["/.flynn-host/flynn-host", "component", "discoverd",
-                             "--data-dir", "/data", "--host", "127.0.0.1",
-                             "--addr", f"127.0.0.1:{api}", "--dns-addr", f"127.0.0.1:{dns}",
-                             "--recursors", "", "--notify", f"{d.url}/host/discoverd"],
-                    "host_bundle": True,
-                    "host_network": True,
-                    "volumes": [{"target": "/data", "volume": vol["id"], "delete_on_stop": True}],
-                },
-                "resources": {"temp_disk": {"limit": 256 * 1024 * 1024}},
-            }
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{api}"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{base}/ping").read()
-                break
-            except OSError:
-                time.sleep(0.1)
-        put(f"{base}/services/web", {})
-        for addr in ("10.1.2.3:8080", "10.1.2.4:8080"):
-            iid = hashlib.md5(f"tcp-{addr}".encode()).hexdigest()
-            print(f"PUT /services/web/instances/{iid[:12]}... -> "
-                  f"{put(f'{base}/services/web/instances/{iid}', {'addr': addr})}")  # fmt: skip
-        for name in ("web.discoverd", "leader.web.discoverd"):
-            out = subprocess.run(["dig", "+short", "@127.0.0.1", "-p", str(dns), name],
-                                 capture_output=True, text=True).stdout.split()  # fmt: skip
-            print(f"dig {name} -> {' '.join(out)}")
-        for _ in range(100):  # the host registers itself once discoverd reported in
-            if len(d.run_cli("list").stdout.splitlines()) > 1:
-                break
-            time.sleep(0.1)
-        sh(d, "list")
-        sh(d, "discover", "web")
-        sh(d, "stop", node)
-        d.wait_job(node)
-
-        say("the plugins this daemon loaded")
-        sh(d, "plugins")
-    finally:
-        say("stopping the daemon and removing everything it made")
-        d.cleanup()
-        leftovers = devhost.mounts_under(d.base)
-        print("nothing left behind" if not leftovers else f"LEFT: {leftovers}")
-    cluster_demo()
+    started = time.monotonic()
+    hosts = default_hosts()
+    with tempfile.TemporaryDirectory(prefix="flynn-demo-") as home:
+        demo = Demo(Path(home), hosts)
+        try:
+            demo.walk(demo.cluster_up())
+        finally:
+            say("script/cluster down: every daemon, job, namespace, bridge, mount and hosts line")
+            with demo.timed("script/cluster down"):
+                demo.run([str(ROOT / "script" / "cluster"), "down", "--name", NAME], cwd=ROOT,
+                         check=False)  # fmt: skip
+            left = leftovers(Cluster(name=NAME))
+            if left:
+                raise SystemExit(f"demo: left behind: {left}")
+            note("nothing left behind")
+    say("timings")
+    for what, seconds in demo.timings:
+        print(f"  {seconds:7.1f}s  {what}")
+    print(f"  {time.monotonic() - started:7.1f}s  the whole demo ({hosts} host(s))")
     return 0
-
-
-def cluster_demo() -> None:
-    """Three hosts in network namespaces, booted with `flynn-host bootstrap`; a job on host 1
-    reaches a job on host 3 over the overlay by `<service>.discoverd`."""
-    say("three hosts on this machine (script/cluster up -n 3): init, daemons, bootstrap")
-    with Cluster(name="demo", say=lambda m: print(f"{DIM}{m}{RESET}", flush=True)) as c:
-        c.up(3, host_id_prefix="demoh")
-        for i in (1, 2, 3):
-            net = c.client(i).status()["network"]
-            print(f"{c.host(i).id} at {c.host(i).ip}: jobs get {net['subnet']} (mtu {net['mtu']})")
-
-        say("a web job on host 3, registered in discoverd as service `web`")
-        web_id = f"{c.host(3).id}-{uuid.uuid4().hex}"
-        page = "mkdir /www && echo hello from $EXTERNAL_IP on $HOSTNAME > /www/index.html"
-        c.client(3).add_job(
-            devhost.busybox_job(web_id, ["sh", "-c", f"{page} && exec httpd -f -p 8080 -h /www"])
-        )
-        for _ in range(100):
-            web = c.client(3).get_job(web_id)
-            if web["status"] == "running":
-                break
-            time.sleep(0.1)
-        print(f"job {web_id} running at {web['internal_ip']}")
-        api = f"http://{c.host(2).ip}:1111"
-        addr = f"{web['internal_ip']}:8080"
-        put(f"{api}/services/web", {})
-        iid = hashlib.md5(f"tcp-{addr}".encode()).hexdigest()
-        put(f"{api}/services/web/instances/{iid}", {"addr": addr})
-
-        say("from a job on host 1: DNS at its bridge, then HTTP over the overlay by name")
-        script = (
-            "cat /etc/resolv.conf; echo EXTERNAL_IP=$EXTERNAL_IP; nslookup web.discoverd; "
-            "wget -q -O- http://web.discoverd:8080/"
-        )
-        argv = ["flynn-host", "run", "busybox", "--", "sh", "-c", script]
-        print(f"{DIM}$ script/cluster exec {c.host(1).id} {shlex.join(argv)}{RESET}", flush=True)
-        out = c.exec(1, argv, capture_output=True, text=True, timeout=60)
-        sys.stdout.write(out.stdout + out.stderr)
-
-        postgres_demo(c)
-        controller_demo(c)
-
-        say("script/cluster down: every namespace, bridge, vxlan device, rule, mount, process")
-    left = leftovers(c)
-    print("nothing left behind" if not left else f"LEFT: {left}")
-
-
-def postgres_demo(c: Cluster) -> None:
-    """The PostgreSQL appliance bootstrap started: its nodes, a database for an app from the
-    provider API, and the app's psql through leader.postgres.discoverd."""
-    from flynn_host.dev import postgres as pg
-
-    say("the PostgreSQL appliance: three nodes on three hosts; discoverd's leader is the primary")
-    pg.wait_for(lambda: pg.healthy(c), 60)
-    members = pg.patroni(c, pg.primary(c), "/cluster")["members"]
-    for m in sorted(members, key=lambda m: m["name"]):
-        print(f"{m['name']}  {m['host']}:{m['port']}  {m['role']}  {m['state']}")
-    print(f"leader.postgres.discoverd -> {pg.leader_addr(c)}")
-
-    say("a database for an app: POST http://postgres-api.discoverd/databases (from a job)")
-    status, body = pg.api_request(c, 1, "POST", "/databases")
-    shown = {
-        k: ("..." if k in ("PGPASSWORD", "DATABASE_URL") else v) for k, v in body["env"].items()
-    }
-    print(f"{status} id={body['id']} env={json.dumps(shown)}")
-
-    say("the app's psql (a job on host 2 with only that env): a table, hstore and PostGIS")
-    script = (
-        "psql -v ON_ERROR_STOP=1 -c 'CREATE TABLE notes (id serial, body text)' "
-        "-c \"INSERT INTO notes (body) VALUES ('written through leader.postgres.discoverd')\" "
-        "-c 'SELECT * FROM notes' -c 'CREATE EXTENSION hstore' -c 'CREATE EXTENSION postgis' "
-        "-c 'SELECT postgis_version()'"
-    )
-    status, out = pg.run_job(c, 2, script, {k: str(v) for k, v in body["env"].items()})
-    sys.stdout.write(out)
-    status, _ = pg.api_request(c, 1, "DELETE", f"/databases?id={body['id']}")
-    print(f"DELETE /databases?id={body['id']}: {status}")
-
-
-def controller_demo(c: Cluster) -> None:
-    """The controller bootstrap started, used with the `flynn` CLI from this machine as a
-    developer would: through the router at https://controller.<domain> (which `script/cluster
-    up` put in /etc/hosts), checked against the pin bootstrap printed."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="flynn-demo-home-") as home:
-        _flynn_cli_demo(c, home)
-
-
-def _system_env(c: Cluster, app: str) -> dict[str, str]:
-    for i in range(1, len(c.hosts) + 1):
-        for job in c.client(i).list_jobs(active=True).values():
-            if (job["job"].get("metadata") or {}).get("flynn-controller.app_name") == app:
-                return dict(job["job"]["config"]["env"])
-    raise RuntimeError(f"no job of {app} in the cluster")
-
-
-def _pin(cert_pem: str) -> str:
-    import base64
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    der = x509.load_pem_x509_certificate(cert_pem.encode()).public_bytes(Encoding.DER)
-    return base64.b64encode(hashlib.sha256(der).digest()).decode()
-
-
-def curl(*args: str) -> str:
-    print(f"{DIM}${RESET} curl {shlex.join(args)}", flush=True)
-    out = subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True,
-                         text=True)  # fmt: skip
-    sys.stdout.write(out.stdout + out.stderr)
-    return out.stdout
-
-
-def _flynn_cli_demo(c: Cluster, home: str) -> None:
-    env = {**os.environ, "HOME": home, "FLYNNRC": f"{home}/.flynnrc"}
-    flynn = str(devhost.ROOT / ".venv" / "bin" / "flynn")
-    router = _system_env(c, "router")
-    pin, key, domain, ip = _pin(router["TLSCERT"]), router["CONTROLLER_KEY"], c.domain, c.ips()[0]
-
-    def run(*args: str, show: str | None = None) -> str:
-        print(f"{DIM}${RESET} {show or 'flynn ' + shlex.join(args)}", flush=True)
-        out = subprocess.run([flynn, *args], env=env, capture_output=True, text=True,
-                             timeout=120, cwd=home)  # fmt: skip
-        sys.stdout.write(out.stdout + out.stderr)
-        if out.returncode != 0:
-            raise RuntimeError(f"flynn {args[0]} failed (exit {out.returncode})")
-        return out.stdout + out.stderr
-
-    say("the controller through the router: the line bootstrap printed, pasted on this machine")
-    print(f"{DIM}# /etc/hosts (script/cluster up): controller.{domain} -> {ip}{RESET}")
-    run("cluster", "add", "-p", pin, "default", domain, key,
-        show=f"flynn cluster add -p {pin} default {domain} {key[:8]}...")  # fmt: skip
-    run("apps")
-    run("provider")
-
-    say("an app: create, a release of the busybox image with a web process, env, meta, limits")
-    run("create", "hello")
-    run("-a", "hello", "info")
-    release = f"{home}/release.json"
-    web = 'echo "$GREETING from $FLYNN_JOB_ID" > /tmp/index.html; exec httpd -f -p 8080 -h /tmp'
-    with open(release, "w") as f:
-        json.dump({"env": {"GREETING": "Hello"},
-                   "processes": {"web": {"cmd": ["sh", "-c", web], "ports": [
-                       {"port": 8080, "proto": "tcp",
-                        "service": {"name": "hello-web", "create": True}}]}}}, f)  # fmt: skip
-    run("-a", "hello", "release", "add", "-t", "flynn", "-f", release,
-        "file:///var/lib/flynn/images/busybox/manifest.json")  # fmt: skip
-    run("-a", "hello", "meta", "set", "owner=demo")
-    run("-a", "hello", "limit", "set", "web", "memory=64MB", "max_fd=2048")
-    run("-a", "hello", "limit")
-
-    say("the scheduler runs it: flynn scale web=3 waits for the 3 jobs, spread over the hosts")
-    run("-a", "hello", "scale", "web=3")
-    ps = run("-a", "hello", "ps")
-    # a job is an instance of hello-web once its port answers
-    _wait(lambda: len(_web_answers(c, "hello-web")) == 3, "3 instances of hello-web")
-    print(f"{DIM}# each job, found through discoverd (service hello-web):{RESET}", flush=True)
-    for addr, text in _web_answers(c, "hello-web"):
-        print(f"  {addr}  {text}", flush=True)
-    killed = ps.splitlines()[1].split()[0]
-    run("-a", "hello", "kill", killed)
-    _wait(
-        lambda: (
-            len(a := _web_answers(c, "hello-web")) == 3 and not any(killed in text for _, text in a)
-        ),
-        "a replacement for the killed job",
-    )
-    run("-a", "hello", "ps")
-
-    say("a deploy: flynn env set makes a release, the deployer replaces the jobs")
-    run("-a", "hello", "env", "set", "GREETING=Bonjour", "LANG=C.UTF-8")
-    run("-a", "hello", "ps")
-    _wait(lambda: all("Bonjour" in t for _, t in _web_answers(c, "hello-web")), "new jobs")
-    for addr, text in _web_answers(c, "hello-web"):
-        print(f"  {addr}  {text}", flush=True)
-    run("-a", "hello", "deployment")
-    run("-a", "hello", "run", "--", "sh", "-c", "echo one-off job on $(hostname): $GREETING")
-    run("-a", "hello", "release")
-
-    say("a PostgreSQL database for it: flynn resource add postgres, then flynn pg psql")
-    run("-a", "hello", "resource", "add", "postgres")
-    run("-a", "hello", "resource")
-    run("-a", "hello", "pg", "psql", "--",
-        "-c", "CREATE TABLE visits (at timestamptz DEFAULT now())",
-        "-c", "INSERT INTO visits DEFAULT VALUES",
-        "-c", "SELECT count(*) AS visits FROM visits")  # fmt: skip
-
-    say("the router: hello.<domain> over HTTP and HTTPS (the cluster certificate), from here")
-    for _ in range(3):
-        curl("--resolve", f"hello.{domain}:80:{ip}", f"http://hello.{domain}/")
-    ca = f"{home}/ca.pem"
-    with open(ca, "w") as f:
-        f.write(_system_env(c, "controller")["CA_CERT"])
-    curl("--cacert", ca, "--resolve", f"hello.{domain}:443:{ip}", f"https://hello.{domain}/")
-
-    say("routes: an HTTP domain and a TCP port, live on the router at once")
-    run("-a", "hello", "route", "add", "http", "hello.example.test")
-    curl("-H", "Host: hello.example.test", f"http://{ip}/")
-    tcp = run("-a", "hello", "route", "add", "tcp")
-    port = int(tcp.split()[-1])
-    added = time.monotonic()
-    for _ in range(300):  # the router opens the port when the route reaches it
-        with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=1):
-            break
-        time.sleep(0.01)
-    print(f"(port {port} open {time.monotonic() - added:.2f}s after `route add` returned)")
-    curl(f"http://{ip}:{port}/")
-    run("-a", "hello", "route")
-    run("-a", "hello", "deployment")
-
-    say("git push flynn master: the Node.js example, built by its buildpack, live on the router")
-    genv = {
-        k: v for k, v in env.items() if not k.startswith("GIT_")
-    }  # the cluster CA, not $GIT_SSL_CAINFO
-    genv["GIT_TERMINAL_PROMPT"] = "0"
-    work = f"{home}/example"
-    shutil.copytree(devhost.ROOT / "examples" / "nodejs", work)
-
-    def git(*args: str) -> str:
-        print(f"{DIM}${RESET} git {shlex.join(args)}", flush=True)
-        out = subprocess.run(["git", *args], env=genv, cwd=work, capture_output=True, text=True,
-                             timeout=600)  # fmt: skip
-        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.stdout + out.stderr)
-        sys.stdout.write(text)
-        if out.returncode != 0:
-            raise RuntimeError(f"git {args[0]} failed (exit {out.returncode})")
-        return text
-
-    def quiet_get() -> str:
-        return subprocess.run(["curl", "-s", "--max-time", "5", "--resolve",
-                               f"example.{domain}:80:{ip}", f"http://example.{domain}/"],
-                              capture_output=True, text=True).stdout  # fmt: skip
-
-    setup = (
-        ["init", "-q", "-b", "master"],
-        ["config", "user.email", "demo@example.test"],
-        ["config", "user.name", "demo"],
-        ["add", "."],
-        ["commit", "-qm", "example"],
-    )
-    for args in setup:
-        subprocess.run(["git", *args], env=genv, cwd=work, check=True, capture_output=True)
-    print(f"{DIM}$ cd example && flynn create example{RESET}", flush=True)
-    out = subprocess.run([flynn, "create", "-y", "example"], env=env, cwd=work, text=True,
-                         capture_output=True, timeout=60)  # fmt: skip
-    sys.stdout.write(out.stdout + out.stderr)
-    git("remote", "-v")
-    started = time.monotonic()
-    git("push", "flynn", "master")
-    _wait(lambda: "Node.js" in quiet_get(), "the example app")
-    print(f"(first push to first answer: {time.monotonic() - started:.1f}s)")
-    curl("--resolve", f"example.{domain}:80:{ip}", f"http://example.{domain}/")
-    subprocess.run([flynn, "-a", "example", "route"], env=env, cwd=work)
-    server = f"{work}/server.js"
-    with open(server) as f:
-        code = f.read()
-    with open(server, "w") as f:
-        f.write(code.replace("Hello from Node.js", "Hello from Node.js (second push)"))
-    git("commit", "-qam", "second push")
-    started = time.monotonic()
-    git("push", "flynn", "master")
-    _wait(lambda: "second push" in quiet_get(), "the new release")
-    print(f"(second push, build cache used, to the new release answering: "
-          f"{time.monotonic() - started:.1f}s)")  # fmt: skip
-    curl("--resolve", f"example.{domain}:80:{ip}", f"http://example.{domain}/")
-    run("-a", "example", "run", "--", "bash", "-c", "echo $HOME $(id -un) $(node --version)")
-    run("-a", "example", "delete", "-y")
-
-    say("flynn scale web=0, flynn delete: jobs stopped, routes removed, database deprovisioned")
-    run("-a", "hello", "scale", "web=0")
-    run("-a", "hello", "delete", "-y")
-    run("apps")
-
-
-def _web_answers(c: Cluster, service: str) -> list[tuple[str, str]]:
-    """(address, answer) of each instance of `service` in discoverd, asked from host 1."""
-    script = (
-        "import json, sys, urllib.request\n"
-        f"url = 'http://{c.host(1).ip}:1111/services/{service}/instances'\n"
-        "for i in json.load(urllib.request.urlopen(url, timeout=5)):\n"
-        "    text = urllib.request.urlopen('http://' + i['addr'], timeout=5).read().decode()\n"
-        "    print(i['addr'], text.strip())\n"
-    )
-    out = c.exec(1, [sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    return [(a, t) for a, _, t in (line.partition(" ") for line in out.stdout.splitlines())]
-
-
-def _wait(check: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(1)
 
 
 if __name__ == "__main__":
