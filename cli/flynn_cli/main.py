@@ -16,7 +16,20 @@ from typing import Any
 import docopt
 from flynn_controller.client import ControllerError
 
-from flynn_cli import apps, cluster, env, gitremote, limit, pg, release, resource, route, run, scale
+from flynn_cli import (
+    apps,
+    cluster,
+    env,
+    gitremote,
+    limit,
+    logs,
+    pg,
+    release,
+    resource,
+    route,
+    run,
+    scale,
+)
 from flynn_cli.context import Context
 from flynn_cli.output import CommandError, Exit
 
@@ -68,8 +81,8 @@ usage: flynn version
 Show flynn version string.
 """
 
-# commands of the 2015 CLI that come with later issues (the scheduler, logs, attach)
-NOT_YET = ("log", "export", "import")
+# commands of the 2015 CLI that come with later issues
+NOT_YET = ("export", "import")
 
 
 @dataclass
@@ -102,6 +115,7 @@ COMMANDS: dict[str, Command] = {
     "info": Command(apps.INFO_USAGE, apps.run_info),
     "kill": Command(scale.KILL_USAGE, scale.run_kill),
     "limit": Command(limit.LIMIT_USAGE, limit.run_limit),
+    "log": Command(logs.LOG_USAGE, logs.run_log),
     "meta": Command(env.META_USAGE, env.run_meta),
     "pg": Command(pg.PG_USAGE, pg.run_pg),
     "provider": Command(resource.PROVIDER_USAGE, resource.run_provider),

@@ -43,7 +43,7 @@ def test_version(home: Home):
     assert home.ok("--version").stdout == f"{__version__}\n"
 
 
-@pytest.mark.parametrize("cmd", ["log", "export", "import"])
+@pytest.mark.parametrize("cmd", ["export", "import"])
 def test_commands_of_later_issues_say_so(home: Home, cmd: str):
     assert home.fail(cmd) == f"'{cmd}' is not available in this version yet\n"
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
+from flynn_logaggregator.client import DEFAULT_URL as LOGAGGREGATOR_URL
 
 from flynn_controller.errors import APIError, NotFound, validation_error
 from flynn_controller.events import EventHub
@@ -33,6 +34,7 @@ class Config:
     ca_cert: str = ""
     name_seed: str = ""
     version: str = "dev"
+    logaggregator_url: str = LOGAGGREGATOR_URL
 
 
 @dataclass

@@ -8,7 +8,8 @@ It speaks to the controller exactly as Flynn's 2015 Go client did (the contract 
 other status is `UnexpectedStatus`, and 307 is followed. A TLS pin (base64 of the SHA-256 of
 the server's leaf certificate) replaces certificate verification when given. Event streams
 are Server-Sent Events read line by line; `events()` resumes after a dropped connection with
-`Last-Event-Id`, like the Go client's ResumingStream.
+`Last-Event-Id`, like the Go client's ResumingStream. An app's log (`app_log`) is read as the
+2015 CLI read it: newline-delimited JSON until the controller ends the body.
 
 JSON objects are plain dicts shaped like the Go types (`App`, `Release`, `Deployment`, ...).
 """
@@ -35,6 +36,7 @@ __all__ = [
     "ControllerError",
     "DeploymentFailed",
     "EventStream",
+    "LogStream",
     "NotFound",
     "PinMismatch",
     "SSEError",
@@ -51,6 +53,7 @@ REQUEST_TIMEOUT = 120.0  # provisioning a resource may take a while; nothing tak
 MAX_REDIRECTS = 10
 DELETE_APP_WAIT = 60.0  # seconds `delete_app` waits for the app_deletion event
 DEFAULT_DEPLOY_TIMEOUT = 30  # seconds between deployment events when the app sets none
+LOG_READ = 64 * 1024  # the most of a log body taken in one read
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +330,63 @@ class EventStream:
             self._raw = None
 
     def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LogStream:
+    """An open `GET /apps/:app/log` body. `batches()` yields the messages that arrived together
+    (so a reader can print them and flush once), each a dict shaped like the logaggregator
+    Message (`timestamp`, `source`, `process_type`, `job_id`, `msg`, `stream`, `host_id`),
+    until the controller ends the body; iterating yields them one by one. Reads wait as long
+    as it takes: a follow may be quiet for hours."""
+
+    def __init__(
+        self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, url: str
+    ) -> None:
+        self.conn = conn
+        self.resp = resp
+        self.url = url
+        self.sock: socket.socket | None = getattr(conn, "flynn_sock", None)
+
+    def batches(self) -> Iterator[list[dict[str, Any]]]:
+        if self.sock is not None:
+            self.sock.settimeout(None)
+        rest = b""
+        while True:
+            try:
+                chunk = self.resp.read1(LOG_READ)
+            except (OSError, http.client.HTTPException) as e:
+                raise ControllerError(f"GET {self.url}: {_describe(e)}") from None
+            if not chunk:
+                break
+            *lines, rest = (rest + chunk).split(b"\n")
+            batch = [self._decode(line) for line in lines if line.strip()]
+            if batch:
+                yield batch
+        if rest.strip():
+            yield [self._decode(rest)]
+
+    def _decode(self, line: bytes) -> dict[str, Any]:
+        try:
+            msg = json.loads(line)
+        except ValueError as e:
+            raise ControllerError(
+                f"GET {self.url}: invalid log message {line[:200]!r}: {e}"
+            ) from None
+        return _obj(msg)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.batches():
+            yield from batch
+
+    def close(self) -> None:
+        self.resp.close()
+        self.conn.close()
+
+    def __enter__(self) -> LogStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -654,6 +714,34 @@ class Client:
 
     def delete_job(self, app: str, job_id: str) -> None:
         self.delete(f"/apps/{_q(app)}/jobs/{_q(job_id)}")
+
+    def app_log(
+        self,
+        app: str,
+        follow: bool = False,
+        job_id: str = "",
+        lines: int | None = None,
+        process_type: str | None = None,
+    ) -> LogStream:
+        """GET /apps/:app/log with only the options given (as the 2015 CLI sends them); the
+        open body, once the controller has answered 200 (not retried)."""
+        params: dict[str, str] = {}
+        if follow:
+            params["follow"] = "true"
+        if job_id:
+            params["job_id"] = job_id
+        if lines is not None:
+            params["lines"] = str(lines)
+        if process_type is not None:
+            params["process_type"] = process_type
+        path = f"/apps/{_q(app)}/log" + ("?" + urllib.parse.urlencode(params) if params else "")
+        conn, resp, url = self._send("GET", path, None, None, self.timeout)
+        try:
+            self._check("GET", url, resp)
+        except BaseException:
+            conn.close()
+            raise
+        return LogStream(conn, resp, url)
 
     async def run_job_attached(
         self, app: str, new_job: dict[str, Any]

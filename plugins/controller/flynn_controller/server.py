@@ -31,6 +31,7 @@ from flynn_controller import (  # noqa: F401
     events_api,
     formations,
     jobs,
+    logs,
     releases,
     resources,
     routes,

@@ -1,13 +1,13 @@
 """`flynn-host component controller`: one `web` process of the controller app.
 
 It reads its settings from the environment Flynn gave the controller (`PORT`, `AUTH_KEY`,
-`DEFAULT_ROUTE_DOMAIN`, `CA_CERT`, `NAME_SEED`; the database from the `PG*` variables of its
-postgres resource, or `DATABASE_URL`), waits for the database, applies the migrations it lacks
-(under an advisory lock: several processes may start together), serves, and registers itself
-in discoverd service `controller` when it runs in a cluster (`DISCOVERD` and `EXTERNAL_IP`
-set). It also runs a task worker (deployments, app deletions) unless `RUN_TASKS=false`, when
-only the `worker` processes (`worker.py`) do. SIGTERM leaves discoverd first, then stops
-serving.
+`DEFAULT_ROUTE_DOMAIN`, `CA_CERT`, `NAME_SEED`, `LOGAGGREGATOR_URL`; the database from the
+`PG*` variables of its postgres resource, or `DATABASE_URL`), waits for the database, applies
+the migrations it lacks (under an advisory lock: several processes may start together),
+serves, and registers itself in discoverd service `controller` when it runs in a cluster
+(`DISCOVERD` and `EXTERNAL_IP` set). It also runs a task worker (deployments, app deletions)
+unless `RUN_TASKS=false`, when only the `worker` processes (`worker.py`) do. SIGTERM leaves
+discoverd first, then stops serving.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import asyncpg
 from aiohttp import web
 
 from flynn_controller import db
-from flynn_controller.api import Config
+from flynn_controller.api import LOGAGGREGATOR_URL, Config
 from flynn_controller.server import make_app
 
 log = logging.getLogger("flynn_controller")
@@ -50,6 +50,7 @@ def config_from(env: dict[str, str]) -> Config:
         ca_cert=env.get("CA_CERT", ""),
         name_seed=env.get("NAME_SEED", ""),
         version=__version__,
+        logaggregator_url=env.get("LOGAGGREGATOR_URL") or LOGAGGREGATOR_URL,
     )
 
 

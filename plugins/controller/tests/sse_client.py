@@ -92,6 +92,7 @@ class SSEStream:
         key: str | None,
         last_event_id: int | None = None,
         headers: dict[str, str] | None = None,
+        accept: str = "text/event-stream",
     ) -> None:
         u = urllib.parse.urlsplit(base_url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
@@ -99,6 +100,7 @@ class SSEStream:
         self.key = key
         self.last_event_id = last_event_id
         self.extra = headers or {}
+        self.accept = accept
         self.sock: socket.socket | None = None
         self.status = 0
         self.headers: dict[str, str] = {}
@@ -120,7 +122,7 @@ class SSEStream:
         lines = [
             f"GET {self.path} HTTP/1.1",
             f"Host: {self.host}:{self.port}",
-            "Accept: text/event-stream",
+            f"Accept: {self.accept}",
             "Content-Type: application/json",
         ]
         if self.key is not None:
@@ -196,6 +198,20 @@ class SSEStream:
             except TimeoutError:
                 break
             got += self._body_bytes()
+        self.raw_body += got
+        return got
+
+    def read_some(self, timeout: float) -> bytes:
+        """The first body bytes to arrive within `timeout` seconds (b"" if none came, or the
+        stream ended)."""
+        deadline = time.monotonic() + timeout
+        got = self._body_bytes()
+        while not got and not self.eof:
+            try:
+                self._rest += self._recv(deadline)
+            except TimeoutError:
+                break
+            got = self._body_bytes()
         self.raw_body += got
         return got
 

@@ -11,7 +11,7 @@ must be said again; timestamps and fields the recording lacks are not compared.
 Left out (recorded, but not this issue's):
 * `job_run`, `job_delete`: running and stopping jobs come with the scheduler (issue 13), and
   `job_list` lists the job `job_run` made (`job_update`, the scheduler's report, is replayed);
-* `app_log`: logs come with the log aggregator's issue.
+* `app_log`: it needs a log aggregator; `test_app_log.py` replays it against one.
 
 The recorded provider URL points nowhere; the provider is registered with the URL of a small
 provider on loopback (`controller_http.fake_provider`), a test double of an *external* service.

@@ -6,10 +6,14 @@ decodes with, flynn_logaggregator.syslog).
     async with Client("http://logaggregator.discoverd") as c:
         async for m in c.log(app_id, follow=True, lines=10):
             print(m.to_json())
+
+A proxy that passes the messages on unchanged (the controller) opens the body itself with
+`log_body`, so it neither decodes nor re-encodes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -52,7 +56,9 @@ class Client:
             )
         return self._session
 
-    async def _lines(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+    @contextlib.asynccontextmanager
+    async def _body(self, path: str, params: dict[str, str]) -> AsyncIterator[aiohttp.StreamReader]:
+        """The body of a 200 answer, open until the block ends; FlynnError for any other."""
         async with self.session.get(self.url + path, params=params) as resp:
             if resp.status != 200:
                 body = await resp.read()
@@ -61,9 +67,40 @@ class Client:
                     raise FlynnError(err["code"], err["message"], err.get("detail"))
                 except (ValueError, KeyError, TypeError):
                     raise FlynnError("unknown_error", body.decode(errors="replace")) from None
-            while line := await resp.content.readline():
+            yield resp.content
+
+    async def _lines(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+        async with self._body(path, params) as body:
+            while line := await body.readline():
                 if line.strip():
                     yield json.loads(line)
+
+    def log_body(
+        self,
+        app_id: str,
+        *,
+        follow: bool = False,
+        lines: int | None = None,
+        job_id: str = "",
+        process_type: str = "",
+        stream_types: tuple[str, ...] = (),
+    ) -> contextlib.AbstractAsyncContextManager[aiohttp.StreamReader]:
+        """`GET /log/:app_id` undecoded: `async with c.log_body(app_id) as body:` gives the
+        NDJSON body as it arrives (one message per line), open until the block ends. Raises
+        FlynnError when the aggregator answers an error (a bad `lines`), and aiohttp's
+        ClientError (an OSError when it cannot connect) when it cannot be reached."""
+        params: dict[str, str] = {}
+        if follow:
+            params["follow"] = "true"
+        if lines is not None:
+            params["lines"] = str(lines)
+        if job_id:
+            params["job_id"] = job_id
+        if process_type:
+            params["process_type"] = process_type
+        if stream_types:
+            params["stream_types"] = ",".join(stream_types)
+        return self._body(f"/log/{app_id}", params)
 
     async def log(
         self,
@@ -76,19 +113,17 @@ class Client:
         stream_types: tuple[str, ...] = (),
     ) -> AsyncIterator[Message]:
         """`GET /log/:app_id`: an app's messages (see server.py for what the options mean)."""
-        params: dict[str, str] = {}
-        if follow:
-            params["follow"] = "true"
-        if lines is not None:
-            params["lines"] = str(lines)
-        if job_id:
-            params["job_id"] = job_id
-        if process_type:
-            params["process_type"] = process_type
-        if stream_types:
-            params["stream_types"] = ",".join(stream_types)
-        async for d in self._lines(f"/log/{app_id}", params):
-            yield Message.from_json(d, app_id)
+        async with self.log_body(
+            app_id,
+            follow=follow,
+            lines=lines,
+            job_id=job_id,
+            process_type=process_type,
+            stream_types=stream_types,
+        ) as body:
+            while line := await body.readline():
+                if line.strip():
+                    yield Message.from_json(json.loads(line), app_id)
 
     async def cursors(self) -> dict[str, Cursor]:
         """Each host's cursor: a host resumes shipping after it."""

@@ -1,0 +1,390 @@
+"""`GET /apps/:app/log` end to end: a real `flynn-host component logaggregator` fed RFC 5424
+frames over its syslog port (what a host's log mux sends), and a real controller process whose
+`LOGAGGREGATOR_URL` points at it — plain NDJSON, `lines`, `follow`, the filters, SSE, the
+errors, and a client that goes away (the controller must drop its request to the aggregator).
+Figures are printed (`-s` shows them)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from controller_http import Api
+from flynn2015 import examples
+from flynn_logaggregator.client import Message, format_message
+from sse_client import SSEStream
+
+from flynn_host.dev import procs
+from flynn_host.dev.controller import ControllerProcess, PGServer, controller_process
+from flynn_host.dev.host import free_port, free_ports
+
+T0 = 1_450_000_000_123_456_789  # 2015-12-13T09:46:40.123456789Z
+
+
+# --- a log aggregator, and a host's messages to it ---------------------------------------------
+@dataclass
+class Aggregator:
+    url: str
+    syslog_port: int
+
+    def send(self, *msgs: Message) -> float:
+        """Ship `msgs` on one connection, as a host's log mux does; when they were sent."""
+        with socket.create_connection(("127.0.0.1", self.syslog_port), timeout=10) as s:
+            s.sendall(b"".join(format_message(m) for m in msgs))
+            return time.monotonic()
+
+    def held(self, app_id: str) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/log/{app_id}", timeout=10) as r:
+            return [json.loads(line) for line in r.read().splitlines() if line.strip()]
+
+    def wait_held(self, app_id: str, n: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 10
+        while len(got := self.held(app_id)) < n:
+            assert time.monotonic() < deadline, f"the aggregator holds {len(got)} of {n}"
+            time.sleep(0.02)
+        return got
+
+
+@pytest.fixture(scope="module")
+def agg() -> Iterator[Aggregator]:
+    api_port, syslog_port = free_ports(2)
+    env = {
+        **os.environ,
+        "PORT_0": str(api_port),
+        "PORT_1": str(syslog_port),
+        "LISTEN_IP": "127.0.0.1",
+        "DISCOVERD": "none",
+        "PYTHONPATH": procs.import_path(),
+    }
+    url = f"http://127.0.0.1:{api_port}"
+    argv = procs.component_command("logaggregator")
+    with procs.started("logaggregator", argv, env, url + "/.well-known/status"):
+        yield Aggregator(url, syslog_port)
+
+
+@pytest.fixture(scope="module")
+def controller(pg: PGServer, agg: Aggregator) -> Iterator[ControllerProcess]:
+    with controller_process(pg, env={"LOGAGGREGATOR_URL": agg.url}) as ctl:
+        yield ctl
+
+
+@dataclass
+class App:
+    name: str
+    id: str
+    host: str  # each app's messages come from a host of its own: its cursor starts afresh
+
+    def msg(self, seq: int, text: str, **kw: Any) -> Message:
+        fields: dict[str, Any] = {
+            "app_id": self.id, "host_id": self.host, "job_id": f"{self.host}-job1",
+            "process_type": "web", "stream": "stdout", "time": T0 + seq * 1000, "seq": seq,
+            "msg": text,
+        }  # fmt: skip
+        fields.update(kw)
+        return Message(**fields)
+
+
+def new_app(api: Api) -> App:
+    name = f"log-{uuid.uuid4().hex[:8]}"
+    app = api.ok("POST", "/apps", {"name": name})
+    return App(name, app["id"], "h" + uuid.uuid4().hex[:8])
+
+
+def ndjson(body: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+def texts(msgs: list[dict[str, Any]]) -> list[str]:
+    return [m["msg"] for m in msgs]
+
+
+@pytest.fixture(scope="module")
+def filled(api: Api, agg: Aggregator) -> App:
+    """An app with five messages of two jobs, two types and both streams."""
+    app = new_app(api)
+    agg.send(
+        app.msg(1, "web one"),
+        app.msg(2, "worker one", process_type="worker", job_id=f"{app.host}-job2"),
+        app.msg(3, "web oops", stream="stderr"),
+        app.msg(4, "worker two", process_type="worker", job_id=f"{app.host}-job2"),
+        app.msg(5, "web two"),
+    )
+    agg.wait_held(app.id, 5)
+    return app
+
+
+class Reader:
+    """One `GET` of a log without `Accept: text/event-stream`, on a connection of its own (the
+    raw socket of `SSEStream`), read as it arrives."""
+
+    def __init__(self, api: Api, path: str) -> None:
+        self.stream = SSEStream(api.url, path, key=api.key, accept="*/*").open()
+        self.status = self.stream.status
+        self.headers = self.stream.headers
+        self.buf = b""
+
+    def lines(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The next `n` messages; AssertionError if they do not come within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.buf.count(b"\n") < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"fewer than {n} lines came: {self.buf!r}"
+            assert not self.stream.eof, f"the body ended after {self.buf!r}"
+            self.buf += self.stream.read_some(left)
+        *got, self.buf = self.buf.split(b"\n", n)
+        return [json.loads(line) for line in got]
+
+    def quiet(self, seconds: float) -> bool:
+        """Nothing arrives for `seconds`."""
+        got = self.stream.read_some(seconds)
+        self.buf += got
+        return not got and not self.stream.eof
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+@contextlib.contextmanager
+def reading(api: Api, path: str) -> Iterator[Reader]:
+    r = Reader(api, path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def upstream_connections(ctl: ControllerProcess, port: int) -> int:
+    """The controller process's established TCP connections to `port` on loopback."""
+    fd_dir = Path(f"/proc/{ctl.proc.pid}/fd")
+    sockets = set()
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            sockets.add(os.readlink(fd))
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[2].split(":")[1], 16) == port and f[3] == "01" and f"socket:[{f[9]}]" in sockets:
+            n += 1
+    return n
+
+
+# --- plain NDJSON ------------------------------------------------------------------------------
+def test_the_log_is_the_aggregators_ndjson_as_text_plain(api: Api, agg: Aggregator, filled: App):
+    r = api("GET", f"/apps/{filled.name}/log")
+    assert r.status == 200 and r.content_type == "text/plain", r
+    got = ndjson(r.body)
+    assert got == agg.held(filled.id)
+    assert got[0] == {
+        "host_id": filled.host, "job_id": f"{filled.host}-job1", "msg": "web one",
+        "process_type": "web", "source": "app", "stream": "stdout",
+        "timestamp": "2015-12-13T09:46:40.123457789Z",
+    }  # fmt: skip
+    assert [m["stream"] for m in got] == ["stdout", "stdout", "stderr", "stdout", "stdout"]
+    # by id as well as by name
+    assert api("GET", f"/apps/{filled.id}/log").body == r.body
+
+
+def test_the_recorded_2015_request_gets_the_recorded_content_type(api: Api, filled: App):
+    recorded = examples()["app_log"]
+    req = recorded["request"]
+    path = "/apps/" + filled.id + "/log"
+    assert req["url"].endswith("/log") and req["method"] == "GET"
+    r = api("GET", path, headers={k: v for k, v in req["headers"].items() if k != "Authorization"})
+    assert r.status == 200
+    assert r.content_type == recorded["response"]["headers"]["Content-Type"] == "text/plain"
+
+
+def test_lines_gives_the_last_n(api: Api, filled: App):
+    def log(query: str) -> list[str]:
+        r = api("GET", f"/apps/{filled.name}/log{query}")
+        assert r.status == 200, r
+        return texts(ndjson(r.body))
+
+    assert log("?lines=2") == ["worker two", "web two"]
+    assert log("?lines=1") == ["web two"]
+    assert log("?lines=0") == log("") == log("?lines=10000")
+    assert len(log("")) == 5
+
+
+def test_filters(api: Api, filled: App):
+    def log(query: str) -> list[str]:
+        r = api("GET", f"/apps/{filled.name}/log?{query}")
+        assert r.status == 200, r
+        return texts(ndjson(r.body))
+
+    job2 = f"{filled.host}-job2"
+    assert log(f"job_id={job2}") == ["worker one", "worker two"]
+    assert log("process_type=web") == ["web one", "web oops", "web two"]
+    assert log("process_type=web&process_type=worker") == ["worker one", "worker two"]  # last
+    assert log(f"process_type=web&job_id={job2}") == []
+    assert log("process_type=worker&lines=1") == ["worker two"]
+    assert log("stream_types=stderr") == ["web oops"]
+
+
+# --- follow ------------------------------------------------------------------------------------
+def test_follow_with_lines_gives_the_backlog_then_new_messages(api: Api, agg: Aggregator):
+    app = new_app(api)
+    agg.send(app.msg(1, "old 1"), app.msg(2, "old 2"), app.msg(3, "old 3"))
+    agg.wait_held(app.id, 3)
+    latencies = []
+    with reading(api, f"/apps/{app.name}/log?follow=true&lines=2") as r:
+        assert r.status == 200 and r.headers["content-type"] == "text/plain"
+        assert texts(r.lines(2)) == ["old 2", "old 3"]
+        assert r.quiet(0.3)
+        for i in range(4, 24):
+            sent = agg.send(app.msg(i, f"new {i}"))
+            assert texts(r.lines(1)) == [f"new {i}"]
+            latencies.append(time.monotonic() - sent)
+    latencies.sort()
+    print(f"\nfollow: a message sent to the aggregator reached the controller's client in"
+          f" {latencies[len(latencies) // 2] * 1000:.1f} ms (median of 20),"
+          f" {latencies[-1] * 1000:.1f} ms at most")  # fmt: skip
+    assert latencies[len(latencies) // 2] < 0.5
+
+
+def test_follow_without_lines_gives_only_new_messages(api: Api, agg: Aggregator):
+    app = new_app(api)
+    agg.send(app.msg(1, "before"))
+    agg.wait_held(app.id, 1)
+    with reading(api, f"/apps/{app.id}/log?follow=true") as r:
+        assert r.status == 200
+        assert r.quiet(0.3)  # headers came at once, the old message does not
+        agg.send(
+            app.msg(2, "after web"),
+            app.msg(3, "after worker", process_type="worker"),
+            app.msg(4, "after web 2"),
+        )
+        assert texts(r.lines(3)) == ["after web", "after worker", "after web 2"]
+
+
+def test_follow_applies_the_filters_to_new_messages(api: Api, agg: Aggregator):
+    app = new_app(api)
+    with reading(api, f"/apps/{app.name}/log?follow=true&process_type=worker") as r:
+        assert r.status == 200
+        agg.send(app.msg(1, "web"), app.msg(2, "worker", process_type="worker"))
+        assert texts(r.lines(1)) == ["worker"]
+        assert r.quiet(0.3)
+
+
+# --- SSE ---------------------------------------------------------------------------------------
+def test_sse_frames_each_message_and_ends_with_eof(api: Api, agg: Aggregator, filled: App):
+    with SSEStream(api.url, f"/apps/{filled.name}/log?lines=2", key=api.key) as s:
+        s.open()
+        assert s.status == 200
+        assert s.headers["content-type"] == "text/event-stream; charset=utf-8"
+        items = s.read_items(timeout=10)
+        assert s.eof, "the stream must end after eof when not following"
+    held = agg.held(filled.id)[-2:]
+    assert [i.data for i in items] == [
+        {"event": "message", "data": held[0]},
+        {"event": "message", "data": held[1]},
+        {"event": "eof"},
+    ]
+    # one `data: ` line of compact JSON and a blank line per message
+    assert s.raw_body.endswith(b'data: {"event":"eof"}\n\n')
+    assert s.raw_body.startswith(b'data: {"event":"message","data":{"host_id":')
+    assert s.raw_body.count(b"\n\n") == 3
+
+
+def test_sse_follow_streams_new_messages(api: Api, agg: Aggregator):
+    app = new_app(api)
+    agg.send(app.msg(1, "old"))
+    agg.wait_held(app.id, 1)
+    with SSEStream(api.url, f"/apps/{app.name}/log?follow=true&lines=1", key=api.key) as s:
+        s.open()
+        assert s.status == 200
+        assert [i.data["data"]["msg"] for i in s.read_items(1)] == ["old"]
+        agg.send(app.msg(2, "new"))
+        items = s.read_items(1)
+        assert [(i.data["event"], i.data["data"]["msg"]) for i in items] == [("message", "new")]
+        assert not s.eof
+
+
+def test_sse_key_in_the_query(api: Api, filled: App):
+    with SSEStream(api.url, f"/apps/{filled.name}/log?key={api.key}", key=None) as s:
+        s.open()
+        assert s.status == 200
+        assert s.read_items(timeout=10)[-1].data == {"event": "eof"}
+
+
+# --- errors ------------------------------------------------------------------------------------
+def test_an_unknown_app_is_a_bare_404(api: Api):
+    for path in ("/apps/no-such-app/log", f"/apps/{uuid.uuid4()}/log?follow=true"):
+        r = api("GET", path)
+        assert (r.status, r.body, r.content_type) == (404, b"", None), r
+
+
+@pytest.mark.parametrize("lines", ["-1", "10001", "x", "1.5"])
+def test_a_bad_lines_is_a_validation_error(api: Api, filled: App, lines: str):
+    for accept in ("*/*", "text/event-stream"):
+        r = api("GET", f"/apps/{filled.name}/log?lines={lines}", headers={"Accept": accept})
+        assert r.status == 400 and r.content_type == "application/json", r
+        err = r.json()
+        assert err["code"] == "validation_error" and err["message"].startswith("lines ")
+        assert err["detail"] == {"field": "lines"} and err["retry"] is False
+
+
+def test_the_aggregators_own_error_is_passed_on(api: Api, filled: App):
+    r = api("GET", f"/apps/{filled.name}/log?stream_types=bogus")
+    assert r.status == 400 and r.json()["code"] == "validation_error", r
+    assert r.json()["message"].startswith("stream_types ")
+
+
+def test_an_unreachable_aggregator_is_a_clear_error(pg: PGServer, api: Api, filled: App):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with controller_process(pg, env={"LOGAGGREGATOR_URL": nowhere}) as ctl:
+        other = Api(ctl)
+        for accept in ("*/*", "text/event-stream"):
+            t = time.monotonic()
+            r = other("GET", f"/apps/{filled.name}/log?follow=true", headers={"Accept": accept})
+            took = time.monotonic() - t
+            assert r.status == 500 and r.content_type == "application/json", r
+            err = r.json()
+            assert err["code"] == "unknown_error" and err["retry"] is False
+            assert err["message"].startswith(f"the log aggregator ({nowhere}) cannot be reached")
+            assert took < 2
+        assert "Traceback" not in ctl.log_text()
+
+
+# --- a client that goes away -------------------------------------------------------------------
+@pytest.mark.parametrize("sse", [False, True], ids=["plain", "sse"])
+def test_a_client_going_away_ends_the_request_to_the_aggregator(
+    api: Api, agg: Aggregator, controller: ControllerProcess, sse: bool
+):
+    app = new_app(api)
+    agg_port = int(agg.url.rsplit(":", 1)[1])
+    assert upstream_connections(controller, agg_port) == 0
+    path = f"/apps/{app.name}/log?follow=true"
+    stream: Any = SSEStream(api.url, path, key=api.key).open() if sse else Reader(api, path)
+    try:
+        deadline = time.monotonic() + 10
+        while upstream_connections(controller, agg_port) != 1:
+            assert time.monotonic() < deadline, "no request to the aggregator"
+            time.sleep(0.02)
+    finally:
+        stream.close()
+        gone = time.monotonic()
+    while upstream_connections(controller, agg_port) != 0:
+        assert time.monotonic() < gone + 10, "the request to the aggregator is still open"
+        time.sleep(0.01)
+    took = time.monotonic() - gone
+    print(f"\n{'sse' if sse else 'plain'}: the controller closed its request to the aggregator"
+          f" {took * 1000:.0f} ms after its client went away")  # fmt: skip
+    # the aggregator still serves the app, and nothing was left behind in the controller
+    agg.send(app.msg(1, "after"))
+    assert texts(agg.wait_held(app.id, 1)) == ["after"]
+    assert texts(ndjson(api("GET", f"/apps/{app.name}/log").body)) == ["after"]
+    log_text = controller.log_text()
+    for bad in ("Traceback", "Unclosed", "Task was destroyed", "Error handling request"):
+        assert bad not in log_text, log_text[-3000:]
