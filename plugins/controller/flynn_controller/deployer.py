@@ -46,7 +46,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from flynn_controller import hosts, tasks
+from flynn_controller import deploylog, hosts, tasks
 from flynn_controller.api import APP_COLUMNS, HUB
 from flynn_controller.events import EventFilter, EventHub, Subscription, emit, newest_id
 from flynn_controller.formations import KEEP, put_formation_row
@@ -122,7 +122,7 @@ async def deployment_event(
         unique_id = f"{row['deployment_id']}|{job['id']}|{data['job_state']}"
     if error:
         data["error"] = error
-    await emit(
+    emitted = await emit(
         conn,
         "deployment",
         str(row["deployment_id"]),
@@ -130,6 +130,8 @@ async def deployment_event(
         app_id=str(row["app_id"]),
         unique_id=unique_id,
     )
+    if emitted:
+        deploylog.note(row, status, job, error)
 
 
 async def _locked(conn: asyncpg.Connection, deployment_id: Any) -> asyncpg.Record | None:

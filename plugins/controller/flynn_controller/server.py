@@ -27,6 +27,7 @@ from aiohttp import web
 from flynn_controller import (  # noqa: F401
     apps,
     deletion,
+    deploylog,
     deployments,
     events_api,
     formations,
@@ -137,6 +138,7 @@ def make_app(pool: asyncpg.Pool, config: Config, run_tasks: bool = True) -> web.
         if worker is not None:
             await worker.close()
         await hub.close()
+        await deploylog.close()
 
     app.cleanup_ctx.append(background)
     return app

@@ -26,7 +26,7 @@ import asyncpg
 from aiohttp import web
 
 # the task handlers: importing them fills tasks.HANDLERS
-from flynn_controller import deletion, deployer, tasks  # noqa: F401
+from flynn_controller import deletion, deployer, deploylog, tasks  # noqa: F401
 from flynn_controller.api import HUB, POOL
 from flynn_controller.events import EventHub
 from flynn_controller.service import wait_for_database
@@ -69,6 +69,7 @@ async def run(env: dict[str, str]) -> int:
         hub = EventHub(pool)
         await hub.start()
         stack.push_async_callback(hub.close)
+        stack.push_async_callback(deploylog.close)
         state = web.Application()  # what task handlers find: the pool and the hub
         state[POOL] = pool
         state[HUB] = hub

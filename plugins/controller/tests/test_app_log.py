@@ -75,7 +75,8 @@ def agg() -> Iterator[Aggregator]:
 
 @pytest.fixture(scope="module")
 def controller(pg: PGServer, agg: Aggregator) -> Iterator[ControllerProcess]:
-    with controller_process(pg, env={"LOGAGGREGATOR_URL": agg.url}) as ctl:
+    env = {"LOGAGGREGATOR_URL": agg.url, "LOGAGGREGATOR_SYSLOG": f"127.0.0.1:{agg.syslog_port}"}
+    with controller_process(pg, env=env) as ctl:
         yield ctl
 
 
@@ -388,3 +389,32 @@ def test_a_client_going_away_ends_the_request_to_the_aggregator(
     log_text = controller.log_text()
     for bad in ("Traceback", "Unclosed", "Task was destroyed", "Error handling request"):
         assert bad not in log_text, log_text[-3000:]
+
+
+def test_deploy_progress_is_in_the_apps_log_from_the_controller(api: Api, agg: Aggregator):
+    """A deployment's steps reach the app's log (source `controller`, type `deploy`) beside
+    the app's own lines; `flynn log` shows them as `controller[deploy.<id>]: ...`. No
+    scheduler runs here, so the new job never comes up and the deployment times out."""
+    app = new_app(api)
+    api.ok("POST", f"/apps/{app.id}", {"deploy_timeout": 1})
+    art = api.ok("POST", "/artifacts", {"type": "docker", "uri": "https://r.test?name=a&id=1"})
+    body = {"artifact": art["id"], "processes": {"web": {"cmd": ["web"]}}}
+    releases = [api.ok("POST", "/releases", body) for _ in range(2)]
+    first = api.ok("POST", f"/apps/{app.name}/deploy", {"id": releases[0]["id"]})
+    api.ok("PUT", f"/apps/{app.name}/formations/{releases[0]['id']}", {"processes": {"web": 1}})
+    second = api.ok("POST", f"/apps/{app.name}/deploy", {"id": releases[1]["id"]})
+    agg.send(app.msg(1, "the app's own line"))
+    deadline = time.monotonic() + 30
+    while not any(m["msg"].startswith("deployment failed") for m in agg.held(app.id)):
+        assert time.monotonic() < deadline, agg.held(app.id)
+        time.sleep(0.1)
+    held = agg.held(app.id)
+    ours = [m for m in held if m["source"] == "controller"]
+    assert {m["process_type"] for m in ours} == {"deploy"}
+    # the first release had nothing to replace: its deployment was complete at once
+    assert [m["msg"] for m in ours if m["job_id"] == first["id"]] == ["deployment complete"]
+    lines = [(m["stream"], m["msg"]) for m in ours if m["job_id"] == second["id"]]
+    assert lines[0] == ("stdout", f"deploying release {releases[1]['id']} with all-at-once: web=1")
+    assert lines[1] == ("stdout", "deployment running")
+    assert lines[-1][0] == "stderr" and lines[-1][1].startswith("deployment failed: ")
+    assert [m["source"] for m in held if m["msg"] == "the app's own line"] == ["app"]

@@ -1,7 +1,8 @@
 """What other components import to use the aggregator: `Client` for its API (the controller's
 `/apps/:app/log`, a follower loading a snapshot) and, for the host's log shipper, the wire
 encoder `format_message` with the `Message` and `Cursor` it takes (the same codec the aggregator
-decodes with, flynn_logaggregator.syslog).
+decodes with, flynn_logaggregator.syslog); `Emitter` for a component that writes lines into
+apps' logs itself (the controller's deploy progress).
 
     async with Client("http://logaggregator.discoverd") as c:
         async for m in c.log(app_id, follow=True, lines=10):
@@ -13,9 +14,12 @@ A proxy that passes the messages on unchanged (the controller) opens the body it
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -24,7 +28,11 @@ from flynn_host.errors import FlynnError
 from flynn_logaggregator.syslog import FrameParser, format_message, parse_message
 from flynn_logaggregator.types import Cursor, Message
 
-__all__ = ["Client", "Cursor", "FrameParser", "Message", "format_message", "parse_message"]
+__all__ = [
+    "Client", "Cursor", "Emitter", "FrameParser", "Message", "format_message", "parse_message"
+]  # fmt: skip
+
+log = logging.getLogger("flynn_logaggregator.client")
 
 DEFAULT_URL = "http://logaggregator.discoverd"
 READ_LIMIT = 1024 * 1024  # one NDJSON line at most (a 64 KiB message escaped)
@@ -141,3 +149,102 @@ class Client:
             else:
                 msgs.append(Message.from_json(d))
         return cursors, msgs
+
+
+class Emitter:
+    """Lines a platform component writes into apps' logs (the controller's deploy progress):
+    `send(message)` never waits; a background task delivers each message to every aggregator
+    instance that `addrs()` returns (the syslog `ip:port`s, e.g. discoverd's instances of
+    `logaggregator`), over one connection per instance.
+
+    Best effort, unlike a host's shipping: such messages carry no sequence number (no cursor
+    to resume from), so a message that finds no aggregator or a broken connection is dropped
+    (logged), and at most `max_queue` wait to be sent (the oldest go first). It never slows
+    the component down.
+    """
+
+    ADDRS_TTL = 5.0  # seconds the instance list is reused
+    CONNECT_TIMEOUT = 2.0
+    WRITE_TIMEOUT = 5.0
+
+    def __init__(self, addrs: Callable[[], Awaitable[list[str]]], max_queue: int = 1000) -> None:
+        self.addrs = addrs
+        self.queue: collections.deque[Message] = collections.deque(maxlen=max_queue)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing queued or being written
+        self._idle.set()
+        self._conns: dict[str, asyncio.StreamWriter] = {}
+        self._known: list[str] = []
+        self._known_at = -self.ADDRS_TTL
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0  # (message, instance) deliveries given up
+
+    def send(self, message: Message) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="log-emitter")
+        if len(self.queue) == self.queue.maxlen:
+            self.dropped += 1  # the oldest makes room
+        self.queue.append(message)
+        self._idle.clear()
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Deliver what is queued (for at most a few seconds), then close the connections."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.WRITE_TIMEOUT)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for writer in self._conns.values():
+            writer.close()
+        self._conns.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.queue:
+                batch = [self.queue.popleft() for _ in range(len(self.queue))]
+                data = b"".join(format_message(m) for m in batch)
+                addrs = await self._instances()
+                if not addrs:
+                    self.dropped += len(batch)
+                    log.info("no log aggregator: %d line(s) dropped", len(batch))
+                for addr in addrs:
+                    if not await self._write(addr, data):
+                        self.dropped += len(batch)
+            self._idle.set()
+
+    async def _instances(self) -> list[str]:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._known_at >= self.ADDRS_TTL:
+            try:
+                self._known = list(await self.addrs())
+                self._known_at = loop.time()
+            except Exception as exc:  # noqa: BLE001 - discoverd away: keep the last list
+                log.info("log aggregators: %s", exc)
+        for gone in set(self._conns) - set(self._known):
+            self._conns.pop(gone).close()
+        return self._known
+
+    async def _write(self, addr: str, data: bytes) -> bool:
+        try:
+            known = self._conns.get(addr)
+            if known is None or known.is_closing():
+                host, _, port = addr.rpartition(":")
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, int(port)), self.CONNECT_TIMEOUT
+                )
+                self._conns[addr] = writer
+            else:
+                writer = known
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), self.WRITE_TIMEOUT)
+            return True
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.info("log aggregator %s: %s; line(s) dropped", addr, exc)
+            if (broken := self._conns.pop(addr, None)) is not None:
+                broken.close()
+            return False

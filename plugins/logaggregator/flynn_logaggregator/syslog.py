@@ -6,7 +6,9 @@ writes them.
 
 PRI 190 is facility 23 (local7), severity 6 (info); MSGID ID1/ID2/ID3 is stdout/stderr/init;
 PROCID is `<process type>.<job id>` or just the job ID; the structured data element
-`[flynn seq="N"]` carries the host's sequence number for cursors (`-` when there is none).
+`[flynn seq="N"]` carries the host's sequence number for cursors (`-` when there is none), and
+`source="controller"` (or another component's name) marks a line a platform component wrote
+about the app rather than the app's own output (`source` in the API; `app` when absent).
 `FrameParser` is a streaming decoder with a fixed bound on what it holds.
 """
 
@@ -18,6 +20,7 @@ from flynn_logaggregator.types import (
     MAX_MESSAGE,
     MSGID_BY_STREAM,
     PRI,
+    SOURCE_APP,
     STDOUT,
     STREAM_BY_MSGID,
     Message,
@@ -26,7 +29,9 @@ from flynn_logaggregator.types import (
 )
 
 _MAX_LEN_DIGITS = len(str(MAX_MESSAGE))
-_SEQ = re.compile(rb'\[flynn seq="(\d{1,20})"\]')
+_FLYNN_SD = re.compile(rb"\[flynn((?: [a-z]+=\"[^\"\\\\\]]*\")*)\]")
+_SEQ = re.compile(rb' seq="(\d{1,20})"')
+_SOURCE = re.compile(rb' source="([a-z][a-z0-9-]{0,31})"')
 
 
 class FrameError(ValueError):
@@ -49,7 +54,10 @@ def _nil(s: str) -> str:
 def format_message(m: Message) -> bytes:
     """`m` as one RFC 6587 frame of an RFC 5424 message (the host side's encoder)."""
     procid = f"{m.process_type}.{m.job_id}" if m.process_type else m.job_id
-    sd = f'[flynn seq="{m.seq}"]' if m.seq else "-"
+    params = (f' seq="{m.seq}"' if m.seq else "") + (
+        f' source="{m.source}"' if m.source != SOURCE_APP else ""
+    )
+    sd = f"[flynn{params}]" if params else "-"
     head = (
         f"<{PRI}>1 {format_time(m.time)} {_nil(m.host_id)} {_nil(m.app_id)} {_nil(procid)} "
         f"{MSGID_BY_STREAM.get(m.stream, 'ID1')} {sd} "
@@ -102,11 +110,14 @@ def parse_message(data: bytes) -> Message:
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageError(str(exc)) from None
     end = _sd_end(rest)
-    seq = 0
+    seq, source = 0, SOURCE_APP
     if end > 1:
-        m = _SEQ.search(rest, 0, end)
-        if m:
-            seq = int(m.group(1))
+        sd = _FLYNN_SD.search(rest, 0, end)
+        if sd:
+            if m := _SEQ.search(sd.group(1)):
+                seq = int(m.group(1))
+            if m := _SOURCE.search(sd.group(1)):
+                source = m.group(1).decode()
     text = rest[end + 1 :] if rest[end : end + 1] == b" " else rest[end:]
     if text.startswith(b"\xef\xbb\xbf"):  # RFC 5424's BOM before UTF-8 text
         text = text[3:]
@@ -122,6 +133,7 @@ def parse_message(data: bytes) -> Message:
         time=time,
         seq=seq,
         msg=text.decode("utf-8", "replace"),
+        source=source,
     )
 
 

@@ -91,11 +91,17 @@ class Cursor:
         return cls(parse_time(str(d["time"])), int(d["seq"]))
 
 
+SOURCE_APP = "app"
+
+
 class Message:
     """One log line of a job. `seq` is the sending host's sequence number (0: none); `time` is
-    nanoseconds since the epoch."""
+    nanoseconds since the epoch; `source` is who wrote it: `app` (a job's output, the default),
+    or a platform component writing about the app (`controller`: deploy progress)."""
 
-    __slots__ = ("app_id", "host_id", "job_id", "process_type", "stream", "time", "seq", "msg")
+    __slots__ = (
+        "app_id", "host_id", "job_id", "process_type", "stream", "time", "seq", "msg", "source"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -107,6 +113,7 @@ class Message:
         time: int,
         seq: int,
         msg: str,
+        source: str = SOURCE_APP,
     ) -> None:
         self.app_id = app_id
         self.host_id = host_id
@@ -116,6 +123,7 @@ class Message:
         self.time = time
         self.seq = seq
         self.msg = msg
+        self.source = source
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
@@ -132,7 +140,7 @@ class Message:
             "job_id": self.job_id,
             "msg": self.msg,
             "process_type": self.process_type,
-            "source": "app",
+            "source": self.source,
             "stream": self.stream,
             "timestamp": format_time(self.time),
         }
@@ -148,4 +156,5 @@ class Message:
             time=parse_time(str(d["timestamp"])),
             seq=int(d.get("seq", 0)),
             msg=str(d.get("msg", "")),
+            source=str(d.get("source") or SOURCE_APP),
         )

@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from flynn_logaggregator.client import Client, format_message
+from flynn_logaggregator.client import Client, Emitter, format_message
 from logagg_proc import LogAggregator, logaggregator_process, message, send
 
 
@@ -181,3 +181,37 @@ def test_memory_bounded_after_200k_messages_to_one_app() -> None:
         assert len(a.lines("/log/big")) == 10_000
         print(f"\n200k messages: {rate:,.0f} msgs/s, RSS {rss / 2**20:.1f} MiB")
         assert rss < 150 * 2**20
+
+
+def test_an_emitter_delivers_to_every_instance_and_never_waits() -> None:
+    """A component's lines (source `controller`) reach each aggregator it is given; with the
+    aggregators gone, `send` still returns at once and the lines are dropped, not queued up."""
+    with logaggregator_process() as a, logaggregator_process() as b:
+        addrs = [f"127.0.0.1:{a.syslog_port}", f"127.0.0.1:{b.syslog_port}"]
+
+        async def instances() -> list[str]:
+            return addrs
+
+        async def main() -> tuple[float, int]:
+            out = Emitter(instances)
+            for i in range(3):
+                out.send(message(0, app="deployed", msg=f"step {i}", source="controller",
+                                 process_type="deploy"))  # fmt: skip
+            await out.close()
+            for agg in (a, b):
+                held = agg.wait_accepted("deployed", 3)
+                assert [m["msg"] for m in held] == ["step 0", "step 1", "step 2"]
+                assert {m["source"] for m in held} == {"controller"}
+            addrs[:] = ["127.0.0.1:1"]  # nothing listens there
+            out = Emitter(instances)
+            out.ADDRS_TTL = 0
+            started = time.monotonic()
+            for i in range(5000):
+                out.send(message(0, app="deployed", msg=f"lost {i}", source="controller"))
+            took = time.monotonic() - started
+            await out.close()
+            return took, out.dropped + len(out.queue)
+
+        took, unsent = asyncio.run(main())
+        assert unsent == 5000, unsent
+        print(f"5000 sends with no aggregator: {took * 1000:.1f} ms in all")

@@ -32,6 +32,19 @@ def test_round_trip_and_flynn_fields() -> None:
     assert parse_message(payload) == m
 
 
+def test_a_source_other_than_the_app_travels_in_the_flynn_element() -> None:
+    m = msg(0, source="controller", process_type="deploy")
+    payload = format_message(m).partition(b" ")[2]
+    assert b' deploy.job ID1 [flynn source="controller"] ' in payload
+    assert parse_message(payload) == m and m.to_json()["source"] == "controller"
+    both = format_message(msg(9, source="router")).partition(b" ")[2]
+    assert b'[flynn seq="9" source="router"]' in both and parse_message(both).seq == 9
+    # a host's lines say nothing of it: they are the app's own; a bad name is ignored
+    assert parse_message(format_message(msg(3)).partition(b" ")[2]).source == "app"
+    odd = b'<190>1 2015-12-14T10:00:00Z h a web.j ID1 [flynn seq="2" source="No Way"] t'
+    assert parse_message(odd).source == "app" and parse_message(odd).seq == 2
+
+
 @pytest.mark.parametrize("stream,msgid", [("stdout", "ID1"), ("stderr", "ID2"), ("init", "ID3")])
 def test_streams(stream: str, msgid: str) -> None:
     payload = format_message(msg(stream=stream)).partition(b" ")[2]
