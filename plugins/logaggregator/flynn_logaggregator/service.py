@@ -101,7 +101,9 @@ async def run(args: argparse.Namespace) -> int:
     url = await leader_url(args)
     if url:
         await load_snapshot(agg, url)
-    runner = web.AppRunner(make_app(agg), shutdown_timeout=5.0)
+    # a follower whose client went away is cancelled at once (its handler unfollows), rather
+    # than waiting for the next message of its app to find the connection closed
+    runner = web.AppRunner(make_app(agg), shutdown_timeout=5.0, handler_cancellation=True)
     await runner.setup()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(runner.cleanup)
