@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from flynn_host.dev.cluster import Cluster
-from tests.dev.test_cluster import booted_cluster
+from tests.dev.test_cluster import SYSTEM_APPS, booted_cluster
 from tests.test_router_cluster import system_job_env
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
@@ -160,6 +160,21 @@ def steps(output: str) -> list[str]:
         if line.startswith(("----->", "=====>")):
             out.append(line)
     return out
+
+
+def test_one_host_runs_the_whole_platform_with_singleton_counts(env: Env) -> None:
+    """The default manifest on one host: every system app, each process type once (the
+    manifest's counts of 2 and 3 clamped to 1), and the status check passed (bootstrap ends
+    only after it)."""
+    jobs = env.cluster.client(1).list_jobs(active=True).values()
+    kinds: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        meta = job["job"].get("metadata") or {}
+        if meta.get("flynn-controller.app_name") in SYSTEM_APPS:
+            key = (meta["flynn-controller.app_name"], meta.get("flynn-controller.type", ""))
+            kinds[key] = kinds.get(key, 0) + 1
+    assert {app for app, _ in kinds} == SYSTEM_APPS
+    assert set(kinds.values()) == {1}, kinds
 
 
 EXAMPLE_APPS = [
