@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 # Ended jobs stay listed (`flynn-host ps -a`) with their logs until this many newer ones ended.
 KEEP_ENDED_JOBS = 500
 STOPPED_WHILE_STARTING = "stopped while starting"
+# seconds before following a job's log again when the shim ended the feed before the job ended
+FOLLOW_AGAIN = 0.05
+# log lines read from the file at a time, catching up
+CATCH_UP_LINES = 5000
 
 
 class StartSlots:
@@ -345,24 +349,37 @@ class JobManager:
         """Wait for a running job to end, feeding its log to plugins meanwhile."""
         jid = job.job.id
         follower = None
+        ended = asyncio.Event()
         if self.on_log is not None:
-            follower = asyncio.create_task(self._follow_logs(jid))
+            follower = asyncio.create_task(self._follow_logs(jid, ended))
         info = await self.backend.wait(jid)
+        ended.set()
         if follower is not None:
             # the shim ends the feed after the last line; give it a moment to get there
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(follower, 5)
-            self._deliver_rest_of_log(jid)
+            # what the feed missed (a job that ended before we connected to its shim, or while
+            # the daemon was down; a feed far behind) comes from the log file
+            await self._catch_up_log(jid)
         job.exit_status = info.status
         job.error = info.error
         self._mark_ended(job, DONE if info.status == 0 and not info.error else CRASHED)
         self._publish("stop", job)
         await self._finish(job)
 
-    async def _follow_logs(self, jid: str) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            async for entry in self.backend.follow_logs(jid, self.log_seq.get(jid, 0)):
-                self._deliver_log(jid, entry)
+    async def _follow_logs(self, jid: str, ended: asyncio.Event) -> None:
+        """Feed the job's lines to plugins as the shim logs them, until the job has ended.
+
+        The shim drops a follower that falls far behind rather than slow the job down (a job
+        can print faster than the plugins take its lines): then the lines missed are read from
+        the log file at the plugins' pace, and the feed followed again from the last one."""
+        while not ended.is_set():
+            with contextlib.suppress(OSError):
+                async for entry in self.backend.follow_logs(jid, self.log_seq.get(jid, 0)):
+                    self._deliver_log(jid, entry)
+            if not ended.is_set():
+                await self._catch_up_log(jid)
+                await asyncio.sleep(FOLLOW_AGAIN)
 
     def _deliver_log(self, jid: str, entry: dict[str, Any]) -> None:
         assert self.on_log is not None
@@ -372,12 +389,24 @@ class JobManager:
         except Exception:
             log.exception("job log hook failed")
 
-    def _deliver_rest_of_log(self, jid: str) -> None:
-        """Lines the live feed missed (a job that ended before we connected to its shim, or
-        that ended while the daemon was down) come from the log file."""
-        path = str(self.backend.log_path(jid))
-        for entry in logs.read_entries(path, since=self.log_seq.get(jid, 0)):
-            self._deliver_log(jid, entry)
+    async def _catch_up_log(self, jid: str) -> None:
+        """Deliver the lines after the last one delivered from the log file, a chunk at a time
+        (read in a thread), until the end of the file. Lines rotated out of the file before we
+        got to them are gone: the feed goes on after the gap."""
+        reader = logs.LogReader(str(self.backend.log_path(jid)))
+        try:
+            while True:
+                since = self.log_seq.get(jid, 0)
+                entries = await asyncio.to_thread(reader.read, since + 1, CATCH_UP_LINES)
+                if entries and entries[0]["n"] > since + 1:
+                    log.warning("job %s: log lines %d-%d were rotated out before they were "
+                                "delivered", jid, since + 1, entries[0]["n"] - 1)  # fmt: skip
+                for entry in entries:
+                    self._deliver_log(jid, entry)
+                if len(entries) < CATCH_UP_LINES:
+                    return
+        finally:
+            reader.close()
 
     async def _finish(self, job: ActiveJob) -> None:
         jid = job.job.id
