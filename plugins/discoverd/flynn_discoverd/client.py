@@ -554,18 +554,22 @@ def _normalise_url(url: str) -> str:
 
 @contextlib.asynccontextmanager
 async def registered_while_inside(
-    service: str, addr: str, retry: float = 2.0, leave_timeout: float = 2.0
+    service: str,
+    addr: str,
+    retry: float = 2.0,
+    leave_timeout: float = 2.0,
+    meta: dict[str, str] | None = None,
 ) -> AsyncIterator[None]:
-    """While inside: `addr` is an instance of `service` (found through $DISCOVERD), registered
-    in the background and retried every `retry` seconds until discoverd answers, so the caller
-    serves meanwhile. Leaving deregisters it (waiting at most `leave_timeout`: discoverd may be
-    gone already)."""
+    """While inside: `addr` is an instance of `service` (found through $DISCOVERD) with `meta`,
+    registered in the background and retried every `retry` seconds until discoverd answers, so
+    the caller serves meanwhile. Leaving deregisters it (waiting at most `leave_timeout`:
+    discoverd may be gone already)."""
     client = Client()
 
     async def register() -> None:
         while True:
             try:
-                await client.add_service_and_register(service, addr)
+                await client.add_service_and_register(service, addr, meta=meta)
             except Exception as exc:  # noqa: BLE001 - discoverd not up yet: keep trying
                 log.warning("registering %s in discoverd failed, retrying: %s", service, exc)
                 await asyncio.sleep(retry)
@@ -586,12 +590,15 @@ async def registered_while_inside(
 
 
 @contextlib.asynccontextmanager
-async def registered_in_cluster(service: str, port: int, retry: float = 2.0) -> AsyncIterator[None]:
-    """`registered_while_inside(service, "$EXTERNAL_IP:<port>")` for a component job in a
-    cluster (`DISCOVERD` set and not `none`, `EXTERNAL_IP` set); outside one, nothing."""
+async def registered_in_cluster(
+    service: str, port: int, retry: float = 2.0, meta: dict[str, str] | None = None
+) -> AsyncIterator[None]:
+    """`registered_while_inside(service, "$EXTERNAL_IP:<port>", meta=meta)` for a component job
+    in a cluster (`DISCOVERD` set and not `none`, `EXTERNAL_IP` set); outside one, nothing."""
     env = os.environ
     if env.get("DISCOVERD") in (None, "", "none") or not env.get("EXTERNAL_IP"):
         yield
         return
-    async with registered_while_inside(service, f"{env['EXTERNAL_IP']}:{port}", retry):
+    addr = f"{env['EXTERNAL_IP']}:{port}"
+    async with registered_while_inside(service, addr, retry, meta=meta):
         yield

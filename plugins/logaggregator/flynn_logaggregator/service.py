@@ -2,8 +2,9 @@
 listener on `$PORT_1` (default 3000), both on `$LISTEN_IP` (default 0.0.0.0).
 
 In a cluster (`DISCOVERD` and `EXTERNAL_IP` set) it registers itself in discoverd service
-`$SERVICE_NAME` (default `logaggregator`) with its syslog address, `$EXTERNAL_IP:$PORT_1`: that
-is what hosts ship to. Before serving, an instance that is not the first loads `GET /snapshot`
+`$SERVICE_NAME` (default `logaggregator`) with its syslog address, `$EXTERNAL_IP:$PORT_1`, and
+its API port in the instance meta `api_port`: that is what hosts ship to, and where they ask
+for their cursors. Before serving, an instance that is not the first loads `GET /snapshot`
 from the service's leader (the oldest instance), at the leader's IP and this instance's API
 port — every instance of the app has the same ports, as in Flynn. `LOGAGGREGATOR_LEADER_URL`
 names the leader's API directly instead (tests, or a manual copy).
@@ -118,8 +119,11 @@ async def run(args: argparse.Namespace) -> int:
         stack.callback(syslog.close)
         from flynn_discoverd.client import registered_in_cluster
 
+        # hosts ship to the registered syslog address and ask the API port beside it for
+        # their cursors (docs/logmux.md)
+        meta = {"api_port": str(args.api_port)}
         await stack.enter_async_context(
-            registered_in_cluster(args.service, args.syslog_port, REGISTER_RETRY)
+            registered_in_cluster(args.service, args.syslog_port, REGISTER_RETRY, meta=meta)
         )
         print(f"logaggregator: API on {args.listen}:{args.api_port}, syslog on "
               f"{args.listen}:{args.syslog_port}", flush=True)  # fmt: skip
