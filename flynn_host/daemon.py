@@ -89,7 +89,7 @@ class Host:
         self.config = config
         self.pm = pm
         self.layers = LayerStore(config.layer_cache, config.layer_mounts, config.image_dirs)
-        self.layers.resolver = DiscoverdResolver(lambda: self._discoverd_urls())
+        self.layers.resolver = DiscoverdResolver(lambda: self.discoverd_urls())
         self.images = ImageStore(config.volpath, self.layers)
         self.network = JobNetwork(config)
         self.components = choose_components(pm, config, config.components)
@@ -112,7 +112,7 @@ class Host:
         )
         self.keep_jobs = False
         self.discoverd = DiscoverdRegistration(config)
-        self.services = JobServices(self._discoverd_urls, config.external_ip,
+        self.services = JobServices(self.discoverd_urls, config.external_ip,
                                     self._services_registered)  # fmt: skip
 
     def _services_registered(self, job_id: str) -> None:
@@ -121,7 +121,9 @@ class Host:
             job.services_registered = True
             self.jobs.publish("registered", job_id)
 
-    def _discoverd_urls(self) -> list[str] | None:
+    def discoverd_urls(self) -> list[str] | None:
+        """Where discoverd answers, this host's own first; None until discoverd's job has told
+        the host (`POST /host/discoverd`)."""
         info = self.discoverd.info
         return self.discoverd.urls() if info and info.get("url") else None
 

@@ -71,6 +71,9 @@ class Host(Protocol):
     @property
     def keep_jobs(self) -> bool: ...
     def status(self) -> dict[str, Any]: ...
+    def discoverd_urls(self) -> list[str] | None:
+        """Where discoverd answers (this host's first), or None until the host knows."""
+        ...
 
 
 # --- registration: while the plugin manager is built -------------------------------------------
@@ -139,7 +142,9 @@ def flynn_host_job_log(host: Host, job_id: str, entry: dict[str, Any]) -> None:
     job's log file. `entry` is `{"n": seq, "t": RFC3339 time, "s": "stdout"|"stderr", "m": text,
     "p": true if the line had no newline}`. Delivery is at least once: after a daemon restart a
     few lines may be offered again (compare `n`). Must not block. Return value is ignored.
-    The host only follows job output when at least one plugin implements this hook.
+    The host only follows job output when at least one plugin implements this hook. A host
+    that falls behind a job catches up from its log file; lines rotated out of the file before
+    that are never offered (`n` jumps).
 
     firstresult: no — every implementation is called.
     """

@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = "flynn.plugins"
 BUILTIN_PLUGINS: dict[str, str] = {
     "runc": "flynn_host.plugins.runc",
     "directory-volumes": "flynn_host.plugins.directory_volumes",
+    "logmux": "flynn_host.plugins.logmux",
     "ping": "flynn_ping.plugin",
     "discoverd": "flynn_discoverd.plugin",
     "flannel": "flynn_flannel.plugin",
