@@ -31,7 +31,7 @@ import bisect
 import logging
 import time as _time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,14 +78,15 @@ class Run:
 
 class Ring:
     """The newest sequenced lines, as encoded frames, oldest first, in seq order (seqs may skip:
-    lines only in the index). Lists with a moving head, compacted now and then, so appending,
-    dropping the oldest and slicing are all cheap."""
+    lines only in the index). Arrays and a list with a moving head, compacted now and then, so
+    appending, dropping the oldest and slicing are all cheap (a line costs its frame, a list
+    slot and 16 bytes of seq and time)."""
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self.seqs: list[int] = []
-        self.times: list[int] = []
+        self.seqs = array("q")
+        self.times = array("q")
         self.frames: list[bytes] = []
         self.head = 0
         self.bytes = 0
@@ -110,12 +111,12 @@ class Ring:
             del self.seqs[: self.head], self.times[: self.head], self.frames[: self.head]
             self.head = 0
 
-    def take(self, seq: int, limit: int) -> tuple[list[int], list[bytes]]:
+    def take(self, seq: int, limit: int) -> tuple[Sequence[int], list[bytes]]:
         """The times and frames of lines `seq, seq+1, ...` while the ring holds each of them
         (at most `limit`); empty when it does not hold `seq`."""
         seqs, i = self.seqs, bisect.bisect_left(self.seqs, seq, self.head)
         if i == len(seqs) or seqs[i] != seq:
-            return [], []
+            return (), []
         end = min(len(seqs), i + limit)
         # seqs strictly increase, so `seqs[j] - seq - (j - i)` is 0 up to the first gap and
         # positive from there on: the slice is gapless iff it is 0 at its end

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -25,12 +26,21 @@ import pytest
 from flynn_logaggregator.types import parse_time
 
 from flynn_host.dev import procs
-from flynn_host.dev.host import Daemon, busybox_job, free_ports, mounts_under, wait_for
+from flynn_host.dev.host import (
+    Daemon,
+    busybox_job,
+    free_ports,
+    mounts_under,
+    require_programs,
+    wait_for,
+)
 from flynn_host.runtime.logs import read_entries
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runc)")
 
 APP = "app1"
+# a job printing 1, 2, 3, ... five times a second
+TICKS = ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 0.2; done"]
 
 
 # --- real aggregators, on fixed ports so a restarted one is found at the same address ----------
@@ -179,6 +189,13 @@ def job_pace(d: Daemon, job_id: str) -> float:
     return len(entries) / max(span, 1e-3)
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def daemon_with(make_daemon: Any, *aggs: Aggregator, **env: str) -> Daemon:
     setting = ",".join(a.setting for a in aggs)
     d: Daemon = make_daemon(env={"FLYNN_LOGMUX_AGGREGATORS": setting, **env},
@@ -232,7 +249,7 @@ def test_a_line_arrives_within_a_second(make_daemon, aggregators):
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    job_id = app_job(d, ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"])
+    job_id = app_job(d, TICKS)
     listener.join(60)
     d.client.stop_job(job_id)
     assert len(arrivals) == 30
@@ -260,7 +277,7 @@ def test_an_aggregator_restarted_empty_gets_every_line_once(make_daemon, aggrega
     # the host sent everything its ring holds to the aggregator that knew nothing of it
     assert numbers(got) == list(range(1, total + 1))
     assert followed[-1] == total and contiguous(followed)
-    assert [s["connections"] for s in logmux_status(d)["shippers"]] == [2]
+    assert [s["connections"] >= 2 for s in logmux_status(d)["shippers"]] == [True]
 
 
 def test_a_stopped_aggregator_slows_no_job_and_misses_nothing(make_daemon, aggregators):
@@ -331,6 +348,8 @@ def test_a_million_lines_while_an_aggregator_restarts_from_its_leader(make_daemo
     # backlog), b's streams cover every line
     assert set(before) | set(snapshot) | set(after) == set(range(1, n + 1))
     assert numbers(b.messages()) == list(range(1, n + 1))  # b's buffer: each line once
+    assert d.proc is not None
+    rss = rss_mib(d.proc.pid)
     shippers = {s["addr"]: s for s in logmux_status(d)["shippers"]}
     assert shippers[b.addr]["connections"] >= 2
     assert shippers[a.addr]["lost"] == shippers[b.addr]["lost"] == 0
@@ -338,7 +357,8 @@ def test_a_million_lines_while_an_aggregator_restarts_from_its_leader(make_daemo
         f"\n{n:,} lines at both aggregators in {elapsed:.1f}s: {n / elapsed:,.0f} lines/s "
         f"(the job printed {job_pace(d, job_id):,.0f} lines/s; b was restarted after "
         f"{len(before):,} lines and loaded {len(snapshot):,} from a; "
-        f"{shippers[b.addr]['sent_from_files']:,} lines to b came from the log file)"
+        f"{shippers[b.addr]['sent_from_files']:,} lines to b came from the log file; the "
+        f"daemon's RSS afterwards {rss:.0f} MiB)"
     )
 
 
@@ -414,3 +434,48 @@ def test_stopping_the_daemon_leaves_nothing(make_daemon, aggregators):
     jobs_dir = d.base / "work" / "jobs"
     assert not jobs_dir.exists() or list(jobs_dir.iterdir()) == []
     assert job_id in (d.base / "state.json").read_text()
+
+
+def test_flynn_log_f_shows_a_web_jobs_line_within_a_second(make_daemon, aggregators, tmp_path):
+    """The whole path a user sees: a web job's line, shipped by its host to the aggregator,
+    read by the controller's `GET /apps/:app/log` and printed by `flynn log -f`."""
+    require_programs("/usr/lib/postgresql/15/bin/postgres")
+    from flynn_controller.client import Client as Controller
+
+    from flynn_host.dev.controller import controller_process, pg_server
+
+    agg = aggregators()
+    with pg_server() as pg, controller_process(pg, env={"LOGAGGREGATOR_URL": agg.url}) as ctl:
+        app = Controller(ctl.url, ctl.key).create_app({"name": "shipped"})
+        d = daemon_with(make_daemon, agg)
+        job_id = app_job(d, TICKS, app=app["id"])
+        wait_for(lambda: agg.messages(app["id"]), 30, "the job's first line")
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYNN", "GIT_"))}
+        env.update(HOME=str(home), FLYNNRC=str(home / ".flynnrc"))
+        flynn = str(Path(sys.executable).parent / "flynn")
+        subprocess.run([flynn, "cluster", "add", "--no-git", "test", ctl.url, ctl.key], env=env,
+                       check=True, capture_output=True)  # fmt: skip
+        proc = subprocess.Popen([flynn, "-a", "shipped", "log", "-f", "-n", "1"], env=env,
+                                stdout=subprocess.PIPE, cwd=home)  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            proc.stdout.readline()  # the backlog's line: printed once the follow is in place
+            arrivals = []
+            for _ in range(10):
+                line = proc.stdout.readline().decode()
+                arrivals.append((time.time(), line))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        d.client.stop_job(job_id)
+    latencies = []
+    for at, line in arrivals:
+        stamp, _, rest = line.partition(" ")
+        assert rest.startswith(f"app[web.{job_id}]: "), line
+        latencies.append(at - parse_time(stamp) / 1e9)
+    latencies.sort()
+    print(f"\nflynn log -f: a web job's line printed {latencies[5] * 1000:.1f} ms (median of 10), "
+          f"{latencies[-1] * 1000:.1f} ms at most, after the job printed it")  # fmt: skip
+    assert latencies[-1] < 1.0
