@@ -60,21 +60,30 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """The settings in `env` (the daemon's environment); ValueError naming a bad one (the
+        daemon then refuses to start, saying so)."""
         env = dict(os.environ if env is None else env)
-        api_port = int(env.get("FLYNN_LOGMUX_API_PORT") or DEFAULT_API_PORT)
+
+        def number(name: str, default: int) -> int:
+            raw = env.get(name) or str(default)
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"{name}: {raw!r} is not a positive number")
+            return int(raw)
+
+        api_port = number("FLYNN_LOGMUX_API_PORT", DEFAULT_API_PORT)
         aggregators = {}
         for item in (env.get("FLYNN_LOGMUX_AGGREGATORS") or "").split(","):
             addr, _, api = item.strip().partition("=")
             if not addr:
                 continue
-            if ":" not in addr:
+            if not addr.rpartition(":")[2].isdigit():
                 raise ValueError(f"FLYNN_LOGMUX_AGGREGATORS: {addr!r} is not HOST:PORT")
             aggregators[addr] = api or api_url(addr.rpartition(":")[0], api_port)
         return cls(
             aggregators=aggregators,
             api_port=api_port,
-            ring_messages=int(env.get("FLYNN_LOGMUX_RING_MESSAGES") or RING_MESSAGES),
-            ring_bytes=int(env.get("FLYNN_LOGMUX_RING_BYTES") or RING_BYTES),
+            ring_messages=number("FLYNN_LOGMUX_RING_MESSAGES", RING_MESSAGES),
+            ring_bytes=number("FLYNN_LOGMUX_RING_BYTES", RING_BYTES),
         )
 
 
@@ -87,13 +96,16 @@ class LogMux:
     def __init__(self, host: Host, settings: Settings) -> None:
         self.host = host
         self.settings = settings
-        self.sequencer = Sequencer(host.config.id, self.resolve, settings.ring_messages,
-                                   settings.ring_bytes)  # fmt: skip
+        self.sequencer = self._new_sequencer()
         self.state_file = host.config.state.with_name(host.config.state.name + ".logmux")
         self.shippers: dict[str, Shipper] = {}
         self._discovered: set[str] = set()
         self._follower: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # shippers being stopped
+
+    def _new_sequencer(self) -> Sequencer:
+        s = self.settings
+        return Sequencer(self.host.config.id, self.resolve, s.ring_messages, s.ring_bytes)
 
     def resolve(self, job_id: str) -> JobInfo | None:
         """A job's lines are shipped when it belongs to an app and does not disable its log."""
@@ -111,9 +123,14 @@ class LogMux:
     async def start(self) -> None:
         state = self._load_state()
         if state is not None:
-            self.sequencer.restore(state)
-            log.info("logmux: resumed the saved sequence at seq %d", self.sequencer.next_seq)
-        else:
+            try:
+                self.sequencer.restore(state)
+                log.info("logmux: resumed the saved sequence at seq %d", self.sequencer.next_seq)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("logmux: ignoring the saved sequence in %s: %s", self.state_file, exc)
+                self.sequencer = self._new_sequencer()
+                state = None
+        if state is None:
             await self._rebuild_from_files()
         for addr, url in self.settings.aggregators.items():
             self._add(addr, url)
@@ -160,10 +177,14 @@ class LogMux:
         limit = self.settings.ring_messages
         share = max(RECOVER_BYTES // len(jobs), 256 * 1024)
 
+        newest: dict[str, int] = {}  # each job's newest line
+
         def read() -> list[tuple[int, int, JobInfo, dict[str, Any]]]:
             per_job = []
             for k, info in enumerate(jobs):
                 entries = tail_entries(info.log_path, limit, share)
+                if entries:
+                    newest[info.job_id] = entries[-1]["n"]
                 per_job.append([(parse_time(e["t"]), k, info, e) for e in entries])
             merged = list(heapq.merge(*per_job, key=lambda x: (x[0], x[1])))
             return merged[-limit:]
@@ -171,6 +192,10 @@ class LogMux:
         merged = await asyncio.to_thread(read)
         for _, _, info, entry in merged:
             self.sequencer.offer(info.job_id, entry)
+        # a job whose lines were all older than the newest `limit`: what the hook offers
+        # again of it is old too
+        for info in jobs:
+            info.last_n = max(info.last_n, newest.get(info.job_id, 0))
         log.info("logmux: no saved sequence: took up the newest %d lines of %d running jobs",
                  len(merged), len(jobs))  # fmt: skip
 

@@ -4,6 +4,7 @@ rotation (`flynn_host.runtime.logs.LogReader`, `tail_entries`, `read_entries` wi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from flynn_logaggregator.client import Cursor, FrameParser, Message, parse_message
 
 from flynn_host.logmux.sequencer import BLOCK_RUNS, Index, JobInfo, Ring, Sequencer
+from flynn_host.logmux.service import Settings
 from flynn_host.runtime.logs import LogReader, LogWriter, read_entries, tail_entries
 
 
@@ -215,3 +217,84 @@ def test_tail_entries(tmp_path: Path) -> None:
     kept = [e["n"] for e in read_entries(str(path))]
     assert [e["n"] for e in tail_entries(str(path), 10**6, 10**7)] == kept
     assert len(tail_entries(str(path), 10**6, 1000)) < 100  # the byte bound
+
+
+def test_settings() -> None:
+    s = Settings.from_env({
+        "FLYNN_LOGMUX_AGGREGATORS": "10.0.0.5:514, 10.0.0.6:3000=http://10.0.0.6:5000",
+        "FLYNN_LOGMUX_API_PORT": "8080",
+        "FLYNN_LOGMUX_RING_MESSAGES": "500",
+    })  # fmt: skip
+    assert s.aggregators == {"10.0.0.5:514": "http://10.0.0.5:8080",
+                             "10.0.0.6:3000": "http://10.0.0.6:5000"}  # fmt: skip
+    assert (s.ring_messages, s.ring_bytes) == (500, 32 * 1024 * 1024)
+    assert Settings.from_env({}).aggregators == {} and Settings.from_env({}).api_port == 80
+    for bad in ({"FLYNN_LOGMUX_AGGREGATORS": "nohostport"}, {"FLYNN_LOGMUX_RING_BYTES": "-1"},
+                {"FLYNN_LOGMUX_API_PORT": "eighty"}):  # fmt: skip
+        with pytest.raises(ValueError, match="FLYNN_LOGMUX_"):
+            Settings.from_env(bad)
+
+
+# --- the service's start and stop, with a stand-in for the daemon's Host ------------------------
+
+
+def fake_host(tmp_path: Path, jobs: list[str]) -> Any:
+    from types import SimpleNamespace as NS
+
+    active = {
+        jid: NS(ended=False, job=NS(metadata={"flynn-controller.app": "app1"}, config={}))
+        for jid in jobs
+    }
+    return NS(
+        config=NS(id="h1", state=tmp_path / "state.json"),
+        jobs=NS(jobs=active),
+        backend=NS(log_path=lambda jid: tmp_path / f"{jid}.log"),
+        discoverd_urls=lambda: None,
+    )
+
+
+async def test_a_restart_without_a_saved_sequence_takes_up_the_newest_lines(tmp_path: Path):
+    from flynn_host.logmux.service import LogMux
+
+    host = fake_host(tmp_path, ["h1-old", "h1-new"])
+    write_lines(tmp_path / "h1-old.log", 1, 50, max_bytes=10**6)  # older lines...
+    write_lines(tmp_path / "h1-new.log", 1, 50, max_bytes=10**6)  # ...than these
+    mux = LogMux(host, Settings(ring_messages=20))
+    await mux.start()
+    try:
+        msgs = ring_messages(mux.sequencer)
+        assert [(m.job_id, m.msg) for m in msgs] == [("h1-new", str(i)) for i in range(31, 51)]
+        # what the hook offers again, of either job, is not sequenced twice
+        mux.sequencer.offer("h1-old", entry(50))
+        mux.sequencer.offer("h1-new", entry(50))
+        mux.sequencer.offer("h1-old", entry(51))
+        assert mux.sequencer.duplicates == 2 and len(mux.sequencer.ring) == 20
+    finally:
+        await mux.stop()
+    saved = json.loads((tmp_path / "state.json.logmux").read_text())
+    assert saved["jobs"]["h1-old"]["last_n"] == 51
+    # the next start resumes the saved sequence (and the file goes)
+    again = LogMux(host, Settings(ring_messages=20))
+    await again.start()
+    try:
+        assert not (tmp_path / "state.json.logmux").exists()
+        assert again.sequencer.next_seq >= saved["next_seq"]
+        again.sequencer.offer("h1-old", entry(51))
+        assert again.sequencer.duplicates == 1
+    finally:
+        await again.stop()
+
+
+async def test_a_bad_saved_sequence_is_ignored(tmp_path: Path):
+    from flynn_host.logmux.service import LogMux
+
+    host = fake_host(tmp_path, ["h1-a"])
+    write_lines(tmp_path / "h1-a.log", 1, 5, max_bytes=10**6)
+    for bad in ("{not json", '{"version": 1, "host_id": "h1", "jobs": {}}'):
+        (tmp_path / "state.json.logmux").write_text(bad)
+        mux = LogMux(host, Settings())
+        await mux.start()  # starts, from the log files
+        try:
+            assert len(mux.sequencer.ring) == 5
+        finally:
+            await mux.stop()
