@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +19,11 @@ import pytest
 from cli_home import FLYNN, Home
 from flynn_cli.logs import log_time
 from flynn_controller.client import Client
-from flynn_logaggregator.client import Message, format_message
+from flynn_logaggregator.client import Message
 
-from flynn_host.dev import procs
 from flynn_host.dev.controller import ControllerProcess, controller_process, pg_server
-from flynn_host.dev.host import free_ports, missing_programs
+from flynn_host.dev.host import missing_programs
+from flynn_host.dev.logaggregator import LogAggregator, logaggregator_process
 
 pytestmark = pytest.mark.skipif(
     bool(missing_programs("/usr/lib/postgresql/15/bin/postgres")), reason="needs PostgreSQL 15"
@@ -35,46 +33,14 @@ T0 = 1_450_000_000_123_456_789  # 2015-12-13T09:46:40.123456789Z
 STAMP = "2015-12-13T09:46:40"
 
 
-@dataclass
-class Aggregator:
-    url: str
-    syslog_port: int
-
-    def send(self, *msgs: Message) -> float:
-        """Ship `msgs` on one connection, as a host's log mux does; when they were sent."""
-        with socket.create_connection(("127.0.0.1", self.syslog_port), timeout=10) as s:
-            s.sendall(b"".join(format_message(m) for m in msgs))
-            return time.monotonic()
-
-    def wait_held(self, app_id: str, n: int) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            with urllib.request.urlopen(f"{self.url}/log/{app_id}", timeout=10) as r:
-                if len(r.read().splitlines()) >= n:
-                    return
-            assert time.monotonic() < deadline, f"the aggregator never held {n} messages"
-            time.sleep(0.02)
+@pytest.fixture(scope="module")
+def agg() -> Iterator[LogAggregator]:
+    with logaggregator_process() as a:
+        yield a
 
 
 @pytest.fixture(scope="module")
-def agg() -> Iterator[Aggregator]:
-    api_port, syslog_port = free_ports(2)
-    env = {
-        **os.environ,
-        "PORT_0": str(api_port),
-        "PORT_1": str(syslog_port),
-        "LISTEN_IP": "127.0.0.1",
-        "DISCOVERD": "none",
-        "PYTHONPATH": procs.import_path(),
-    }
-    url = f"http://127.0.0.1:{api_port}"
-    argv = procs.component_command("logaggregator")
-    with procs.started("logaggregator", argv, env, url + "/.well-known/status"):
-        yield Aggregator(url, syslog_port)
-
-
-@pytest.fixture(scope="module")
-def controller(agg: Aggregator) -> Iterator[ControllerProcess]:
+def controller(agg: LogAggregator) -> Iterator[ControllerProcess]:
     with pg_server() as pg, controller_process(pg, env={"LOGAGGREGATOR_URL": agg.url}) as ctl:
         yield ctl
 
@@ -108,7 +74,7 @@ def new_app(controller: ControllerProcess) -> App:
 
 
 @pytest.fixture(scope="module")
-def app(controller: ControllerProcess, agg: Aggregator) -> App:
+def app(controller: ControllerProcess, agg: LogAggregator) -> App:
     """An app with a web job's stdout, a worker's stderr and a one-off job's output."""
     a = new_app(controller)
     agg.send(
@@ -162,7 +128,7 @@ def test_process_type_and_job_filters(cli: Home, app: App):
     assert cli.ok("-a", app.name, "log", "-t", "web", "host1-job2").stdout == ""
 
 
-def test_follow_prints_a_message_as_it_arrives(cli: Home, agg: Aggregator, controller):
+def test_follow_prints_a_message_as_it_arrives(cli: Home, agg: LogAggregator, controller):
     a = new_app(controller)
     agg.send(a.msg(0, "first"))
     agg.wait_held(a.id, 1)

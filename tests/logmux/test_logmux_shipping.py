@@ -34,6 +34,7 @@ from flynn_host.dev.host import (
     require_programs,
     wait_for,
 )
+from flynn_host.dev.logaggregator import aggregator_env
 from flynn_host.runtime.logs import read_entries
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runc)")
@@ -70,9 +71,7 @@ class Aggregator:
 
     def start(self, **extra_env: str) -> None:
         self.starts += 1
-        env = {**os.environ, "PORT_0": str(self.api_port), "PORT_1": str(self.syslog_port),
-               "LISTEN_IP": "127.0.0.1", "DISCOVERD": "none", "PYTHONPATH": procs.import_path(),
-               **extra_env}  # fmt: skip
+        env = aggregator_env(self.api_port, self.syslog_port, **extra_env)
         log = open(self.base / f"{self.name}-{self.starts}.log", "ab")  # noqa: SIM115
         with log:
             self.proc = subprocess.Popen(procs.component_command("logaggregator"), env=env,

@@ -9,10 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,59 +19,25 @@ from typing import Any
 import pytest
 from controller_http import Api
 from flynn2015 import examples
-from flynn_logaggregator.client import Message, format_message
+from flynn_logaggregator.client import Message
 from sse_client import SSEStream
 
-from flynn_host.dev import procs
 from flynn_host.dev.controller import ControllerProcess, PGServer, controller_process
-from flynn_host.dev.host import free_port, free_ports
+from flynn_host.dev.host import free_port
+from flynn_host.dev.logaggregator import LogAggregator, logaggregator_process
 
 T0 = 1_450_000_000_123_456_789  # 2015-12-13T09:46:40.123456789Z
 
 
 # --- a log aggregator, and a host's messages to it ---------------------------------------------
-@dataclass
-class Aggregator:
-    url: str
-    syslog_port: int
-
-    def send(self, *msgs: Message) -> float:
-        """Ship `msgs` on one connection, as a host's log mux does; when they were sent."""
-        with socket.create_connection(("127.0.0.1", self.syslog_port), timeout=10) as s:
-            s.sendall(b"".join(format_message(m) for m in msgs))
-            return time.monotonic()
-
-    def held(self, app_id: str) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.url}/log/{app_id}", timeout=10) as r:
-            return [json.loads(line) for line in r.read().splitlines() if line.strip()]
-
-    def wait_held(self, app_id: str, n: int) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + 10
-        while len(got := self.held(app_id)) < n:
-            assert time.monotonic() < deadline, f"the aggregator holds {len(got)} of {n}"
-            time.sleep(0.02)
-        return got
+@pytest.fixture(scope="module")
+def agg() -> Iterator[LogAggregator]:
+    with logaggregator_process() as a:
+        yield a
 
 
 @pytest.fixture(scope="module")
-def agg() -> Iterator[Aggregator]:
-    api_port, syslog_port = free_ports(2)
-    env = {
-        **os.environ,
-        "PORT_0": str(api_port),
-        "PORT_1": str(syslog_port),
-        "LISTEN_IP": "127.0.0.1",
-        "DISCOVERD": "none",
-        "PYTHONPATH": procs.import_path(),
-    }
-    url = f"http://127.0.0.1:{api_port}"
-    argv = procs.component_command("logaggregator")
-    with procs.started("logaggregator", argv, env, url + "/.well-known/status"):
-        yield Aggregator(url, syslog_port)
-
-
-@pytest.fixture(scope="module")
-def controller(pg: PGServer, agg: Aggregator) -> Iterator[ControllerProcess]:
+def controller(pg: PGServer, agg: LogAggregator) -> Iterator[ControllerProcess]:
     env = {"LOGAGGREGATOR_URL": agg.url, "LOGAGGREGATOR_SYSLOG": f"127.0.0.1:{agg.syslog_port}"}
     with controller_process(pg, env=env) as ctl:
         yield ctl
@@ -111,7 +74,7 @@ def texts(msgs: list[dict[str, Any]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def filled(api: Api, agg: Aggregator) -> App:
+def filled(api: Api, agg: LogAggregator) -> App:
     """An app with five messages of two jobs, two types and both streams."""
     app = new_app(api)
     agg.send(
@@ -181,7 +144,7 @@ def upstream_connections(ctl: ControllerProcess, port: int) -> int:
 
 
 # --- plain NDJSON ------------------------------------------------------------------------------
-def test_the_log_is_the_aggregators_ndjson_as_text_plain(api: Api, agg: Aggregator, filled: App):
+def test_the_log_is_the_aggregators_ndjson_as_text_plain(api: Api, agg: LogAggregator, filled: App):
     r = api("GET", f"/apps/{filled.name}/log")
     assert r.status == 200 and r.content_type == "text/plain", r
     got = ndjson(r.body)
@@ -234,7 +197,7 @@ def test_filters(api: Api, filled: App):
 
 
 # --- follow ------------------------------------------------------------------------------------
-def test_follow_with_lines_gives_the_backlog_then_new_messages(api: Api, agg: Aggregator):
+def test_follow_with_lines_gives_the_backlog_then_new_messages(api: Api, agg: LogAggregator):
     app = new_app(api)
     agg.send(app.msg(1, "old 1"), app.msg(2, "old 2"), app.msg(3, "old 3"))
     agg.wait_held(app.id, 3)
@@ -254,7 +217,7 @@ def test_follow_with_lines_gives_the_backlog_then_new_messages(api: Api, agg: Ag
     assert latencies[len(latencies) // 2] < 0.5
 
 
-def test_follow_without_lines_gives_only_new_messages(api: Api, agg: Aggregator):
+def test_follow_without_lines_gives_only_new_messages(api: Api, agg: LogAggregator):
     app = new_app(api)
     agg.send(app.msg(1, "before"))
     agg.wait_held(app.id, 1)
@@ -269,7 +232,7 @@ def test_follow_without_lines_gives_only_new_messages(api: Api, agg: Aggregator)
         assert texts(r.lines(3)) == ["after web", "after worker", "after web 2"]
 
 
-def test_follow_applies_the_filters_to_new_messages(api: Api, agg: Aggregator):
+def test_follow_applies_the_filters_to_new_messages(api: Api, agg: LogAggregator):
     app = new_app(api)
     with reading(api, f"/apps/{app.name}/log?follow=true&process_type=worker") as r:
         assert r.status == 200
@@ -279,7 +242,7 @@ def test_follow_applies_the_filters_to_new_messages(api: Api, agg: Aggregator):
 
 
 # --- SSE ---------------------------------------------------------------------------------------
-def test_sse_frames_each_message_and_ends_with_eof(api: Api, agg: Aggregator, filled: App):
+def test_sse_frames_each_message_and_ends_with_eof(api: Api, agg: LogAggregator, filled: App):
     with SSEStream(api.url, f"/apps/{filled.name}/log?lines=2", key=api.key) as s:
         s.open()
         assert s.status == 200
@@ -298,7 +261,7 @@ def test_sse_frames_each_message_and_ends_with_eof(api: Api, agg: Aggregator, fi
     assert s.raw_body.count(b"\n\n") == 3
 
 
-def test_sse_follow_streams_new_messages(api: Api, agg: Aggregator):
+def test_sse_follow_streams_new_messages(api: Api, agg: LogAggregator):
     app = new_app(api)
     agg.send(app.msg(1, "old"))
     agg.wait_held(app.id, 1)
@@ -361,7 +324,7 @@ def test_an_unreachable_aggregator_is_a_clear_error(pg: PGServer, api: Api, fill
 # --- a client that goes away -------------------------------------------------------------------
 @pytest.mark.parametrize("sse", [False, True], ids=["plain", "sse"])
 def test_a_client_going_away_ends_the_request_to_the_aggregator(
-    api: Api, agg: Aggregator, controller: ControllerProcess, sse: bool
+    api: Api, agg: LogAggregator, controller: ControllerProcess, sse: bool
 ):
     app = new_app(api)
     agg_port = int(agg.url.rsplit(":", 1)[1])
@@ -391,7 +354,7 @@ def test_a_client_going_away_ends_the_request_to_the_aggregator(
         assert bad not in log_text, log_text[-3000:]
 
 
-def test_deploy_progress_is_in_the_apps_log_from_the_controller(api: Api, agg: Aggregator):
+def test_deploy_progress_is_in_the_apps_log_from_the_controller(api: Api, agg: LogAggregator):
     """A deployment's steps reach the app's log (source `controller`, type `deploy`) beside
     the app's own lines; `flynn log` shows them as `controller[deploy.<id>]: ...`. No
     scheduler runs here, so the new job never comes up and the deployment times out."""
