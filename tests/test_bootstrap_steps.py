@@ -260,3 +260,48 @@ def test_status_check_needs_every_service_healthy(server: int) -> None:
 def test_wait_rejects_bad_fields(step: dict[str, Any], message: str) -> None:
     with pytest.raises(StepError, match=message):
         Wait({"id": "w", "action": "wait", **step})
+
+
+class Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers Flynn's 500 `retry: true` twice, then 200; `/never` always answers `retry:
+    false`."""
+
+    calls: dict[str, int] = {}
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        n = Flaky.calls[self.path] = Flaky.calls.get(self.path, 0) + 1
+        retry = self.path != "/never"
+        if n <= 2 or not retry:
+            code = 500
+            body = {"code": "unknown_error", "message": f"try {n}", "retry": retry}
+        else:
+            code, body = 200, {"ok": n}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_request_answered_retry_true_is_made_again() -> None:
+    from flynn_host.bootstrap import services
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        resp = services.request(State(hosts=[]), "POST", base + "/flaky", {}, retry_for=30)
+        assert (resp.status, resp.body, Flaky.calls["/flaky"]) == (200, {"ok": 3}, 3)
+        # `retry: false` is an answer: returned at once
+        resp = services.request(State(hosts=[]), "POST", base + "/never", {}, retry_for=30)
+        assert (resp.status, Flaky.calls["/never"]) == (500, 1)
+        # out of time: the last answer
+        Flaky.calls.clear()
+        resp = services.request(State(hosts=[]), "POST", base + "/flaky", {}, retry_for=0)
+        assert (resp.status, resp.body["message"]) == (500, "try 1")
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -56,8 +56,10 @@ def request(
     retry_for: float | None = None,
 ) -> Response:
     """One HTTP request (a JSON body, HTTP Basic auth with password `key` when given) to the
-    first instance of `url`'s service that answers, whatever its status. StepError when none
-    answered within `retry_for` seconds (default `RETRY_FOR`)."""
+    first instance of `url`'s service that answers, whatever its status — except a 5xx whose
+    Flynn error says `"retry": true`, which is tried again (its last answer is returned when
+    time is up). StepError when none answered within `retry_for` seconds (default
+    `RETRY_FOR`)."""
     parts = urllib.parse.urlsplit(url)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {"Accept": "application/json", "Host": parts.netloc}
@@ -76,9 +78,16 @@ def request(
             targets, errors = [], [str(exc)]
         for base in targets:
             try:
-                return _send(base, method, path, data, headers)
+                resp = _send(base, method, path, data, headers)
             except (OSError, http.client.HTTPException) as exc:
                 errors.append(f"{base}: {exc}")
+                continue
+            # Flynn's error JSON with `retry: true` says the same request may succeed later
+            # (the service could not reach another one yet): try again while there is time
+            retryable = isinstance(resp.body, dict) and resp.body.get("retry") is True
+            if not (resp.status >= 500 and retryable) or time.monotonic() > deadline:
+                return resp
+            errors.append(f"{base}: {resp.status} {describe(resp)}")
         if time.monotonic() > deadline:
             raise StepError(f"{method} {url}: no answer: {'; '.join(errors)}")
         time.sleep(0.5)
