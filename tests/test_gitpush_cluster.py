@@ -211,6 +211,15 @@ def test_each_example_is_pushed_built_and_served(
     assert "* [new branch]      master -> master" in output
     env.wait_serving(name, text)
     assert env.build_jobs_running() == []
+    # the app's log has the build's output (shipped from the build job's host) and the
+    # controller's deploy progress beside the app's own lines
+    deadline = time.monotonic() + 30
+    while True:
+        log = env.flynn("-a", name, "log")
+        if f"{buildpack} app detected" in log and "controller[deploy." in log:
+            break
+        assert time.monotonic() < deadline, log[-3000:]
+        time.sleep(0.5)
 
 
 def test_a_second_push_deploys_without_a_failed_request_and_uses_the_cache(env: Env) -> None:
