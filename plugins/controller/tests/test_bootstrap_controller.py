@@ -27,7 +27,8 @@ from tests.dev.test_cluster import booted_cluster
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")
 
-APPS = {"controller", "postgres", "flannel", "discoverd", "router", "blobstore", "gitreceive"}
+APPS = {"controller", "postgres", "flannel", "discoverd", "router", "blobstore", "gitreceive",
+        "logaggregator"}  # fmt: skip
 
 CALL = """
 import base64, json, sys, urllib.request, urllib.error
@@ -110,7 +111,7 @@ def test_the_controller_knows_what_bootstrap_started(cluster: Cluster) -> None:
                     "controller": {"web": 1, "worker": 1, "scheduler": 1},
                     "flannel": {"app": 1}, "discoverd": {"app": 1},
                     "router": {"app": 1}, "blobstore": {"web": 1},
-                    "gitreceive": {"app": 1}}[name]  # fmt: skip
+                    "gitreceive": {"app": 1}, "logaggregator": {"app": 1}}[name]  # fmt: skip
         assert formation["processes"] == expected, name
     # the controller's release is the env it runs with, its database included
     status, release = get(cluster, f"{base}/releases/{by_name['controller']['release']}", key)
