@@ -26,6 +26,7 @@ SOURCE = "controller"
 PROCESS_TYPE = "deploy"
 
 _emitter: Emitter | None = None
+_closers: list[Any] = []  # what the address source opened (a discoverd client), for `close`
 
 
 def _addrs_source() -> Any:
@@ -41,6 +42,7 @@ def _addrs_source() -> Any:
     from flynn_discoverd.client import Client
 
     client = Client()
+    _closers.append(client.close)
 
     async def from_discoverd() -> list[str]:
         return [i.addr for i in await client.instances("logaggregator")]
@@ -63,6 +65,8 @@ async def close() -> None:
     if _emitter is not None:
         await _emitter.close()
         _emitter = None
+    while _closers:
+        await _closers.pop()()
 
 
 def text(row: Any, status: str, job: dict[str, Any] | None = None, error: str | None = None) -> str:

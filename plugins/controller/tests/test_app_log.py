@@ -381,3 +381,35 @@ def test_deploy_progress_is_in_the_apps_log_from_the_controller(api: Api, agg: L
     assert lines[1] == ("stdout", "deployment running")
     assert lines[-1][0] == "stderr" and lines[-1][1].startswith("deployment failed: ")
     assert [m["source"] for m in held if m["msg"] == "the app's own line"] == ["app"]
+
+
+def test_deploy_lines_without_an_aggregator_are_dropped_and_nothing_is_left_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a cluster the aggregators come from discoverd; none reachable: the line is dropped
+    (a deploy never waits for it) and `close` closes what was opened, the discoverd client's
+    session included."""
+    import asyncio
+    import gc
+    import warnings
+
+    from flynn_controller import deploylog
+
+    monkeypatch.delenv("LOGAGGREGATOR_SYSLOG", raising=False)
+    monkeypatch.setenv("DISCOVERD", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    row = {"app_id": uuid.uuid4(), "deployment_id": uuid.uuid4(), "new_release_id": "r1",
+           "strategy": "all-at-once", "processes": {"web": 1}}  # fmt: skip
+
+    async def deploy() -> tuple[int, int]:
+        deploylog.note(row, "pending")
+        emitter = deploylog.emitter()
+        assert emitter is not None
+        await deploylog.close()
+        return emitter.dropped, len(emitter.queue)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dropped, queued = asyncio.run(deploy())
+        gc.collect()  # what was left open says so when it is collected
+    assert (dropped, queued) == (1, 0) and deploylog._emitter is None
+    assert not [w for w in caught if "Unclosed" in str(w.message)], caught
