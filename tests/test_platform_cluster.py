@@ -27,6 +27,7 @@ from flynn_host.dev import etchosts
 from flynn_host.dev import postgres as pg
 from flynn_host.dev.cluster import Cluster
 from flynn_host.dev.host import IMAGES
+from flynn_host.dev.host import wait_for as host_wait_for
 from tests.dev.test_cluster import SYSTEM_APPS, booted_cluster
 from tests.test_gitpush_cluster import EXAMPLES, FLYNN, Env
 from tests.test_router_cluster import system_job_env
@@ -78,17 +79,11 @@ class Platform(Env):
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 120) -> float:
-    """Seconds until `check()` is true; fails the test after `timeout`."""
+    """Seconds until `check()` is true (the shared `flynn_host.dev.host.wait_for`, polling
+    every half second and taking any exception as "not yet")."""
     started = time.monotonic()
-    last: Any = None
-    while time.monotonic() - started < timeout:
-        try:
-            if check():
-                return time.monotonic() - started
-        except Exception as exc:  # noqa: BLE001 - kept for the message
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last error: {last})")
+    host_wait_for(check, timeout, what, every=0.5, ignoring=(Exception,))
+    return time.monotonic() - started
 
 
 def platform_env(c: Cluster, home: Path) -> Platform:
